@@ -1,0 +1,98 @@
+"""LoraConfig: what an adapter is, validated the moment it is made."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Union
+
+INIT_CHOICES = (True, False, "kaiming", "gaussian", "xavier")
+LORA_DTYPE_CHOICES = (None, "float32", "bfloat16", "float16", "float64")
+
+
+def _invalid(field_name: str, value, valid: str) -> ValueError:
+    return ValueError(f"LoraConfig.{field_name}={value!r} is invalid: {valid}")
+
+
+def _as_name_list(field_name: str, value) -> Optional[List[str]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise _invalid(field_name, value, "expected a module name, or a list of non-empty names")
+    if not value:
+        raise _invalid(field_name, value, "expected at least one module name (or None)")
+    return list(value)
+
+
+@dataclass
+class LoraConfig:
+    """Settings of one LoRA adapter.
+
+    r: rank (> 0); lora_alpha: scaling numerator (> 0); the delta is scaled by
+    lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+    init_lora_weights: True/"kaiming" (A kaiming-uniform), "gaussian" (A ~ N(0, 1/r)),
+    "xavier" (A xavier-uniform), all with B = 0 so a new adapter changes nothing; False draws
+    both A and B at random (for tests). Fans come from the full, unsharded shapes.
+    lora_dtype: storage dtype of the factors; None keeps the base weight's dtype.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: Optional[Union[List[str], str]] = None
+    exclude_modules: Optional[Union[List[str], str]] = None
+    init_lora_weights: Union[bool, str] = True
+    use_rslora: bool = False
+    seed: int = 0
+    lora_dtype: Optional[str] = None
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise _invalid("r", self.r, "expected a positive integer rank, e.g. 8 or 16")
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or not math.isfinite(self.lora_alpha)
+            or self.lora_alpha <= 0
+        ):
+            raise _invalid("lora_alpha", self.lora_alpha, "expected a finite number > 0")
+        if (
+            isinstance(self.lora_dropout, bool)
+            or not isinstance(self.lora_dropout, (int, float))
+            or not 0.0 <= self.lora_dropout < 1.0
+        ):
+            raise _invalid("lora_dropout", self.lora_dropout, "expected a probability in [0, 1)")
+        self.target_modules = _as_name_list("target_modules", self.target_modules)
+        self.exclude_modules = _as_name_list("exclude_modules", self.exclude_modules)
+        if not any(
+            self.init_lora_weights is choice
+            or (isinstance(choice, str) and self.init_lora_weights == choice)
+            for choice in INIT_CHOICES
+        ):
+            raise _invalid(
+                "init_lora_weights",
+                self.init_lora_weights,
+                "expected one of True, False, 'kaiming', 'gaussian', 'xavier'",
+            )
+        if not isinstance(self.use_rslora, bool):
+            raise _invalid("use_rslora", self.use_rslora, "expected True or False")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise _invalid("seed", self.seed, "expected an integer >= 0")
+        if self.lora_dtype not in LORA_DTYPE_CHOICES:
+            raise _invalid(
+                "lora_dtype",
+                self.lora_dtype,
+                "expected None (the base weight's dtype) or one of "
+                "'float32', 'bfloat16', 'float16', 'float64'",
+            )
+
+    @property
+    def scaling(self) -> float:
+        if self.use_rslora:
+            return self.lora_alpha / math.sqrt(self.r)
+        return self.lora_alpha / self.r
+
+    def to_dict(self) -> dict:
+        return asdict(self)

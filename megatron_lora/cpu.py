@@ -1,0 +1,213 @@
+"""Run megatron-core 0.16 on CPU with gloo.
+
+megatron-core assumes CUDA in a handful of places that have nothing to do with the
+mathematics: where it allocates buffers (``torch.cuda.current_device()``), where it keeps
+per-rank dropout streams (the CUDA RNG tracker), and where it synchronises a device queue.
+:func:`make_cpu_ready` adjusts exactly those places for the current process so that
+tensor-parallel and sequence-parallel layers run on CPU over gloo, bit for bit the same
+arithmetic as on one device. It changes no numerics: every patched function still does what
+the original promised, only on the CPU.
+
+Users call it once per process, before building models, to debug a TP/SP LoRA setup on a
+laptop; the test suite uses it for every multi-process check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+# The private names patched below were read from megatron-core 0.16.x; a different version
+# may move them, so say so instead of failing somewhere deep inside a forward pass.
+SUPPORTED_MEGATRON_CORE = ("0.16.",)
+
+_READY = False
+
+
+class CudaAvailableError(RuntimeError):
+    """Raised when the CPU adjustments are asked for on a machine that has a GPU."""
+
+
+def _make_cpu_rng_tracker_class(base_cls):
+    """A drop-in for megatron's ``CudaRNGStatesTracker`` that keeps CPU generator states.
+
+    megatron forks named RNG streams (one per TP rank for dropout inside the TP region) by
+    swapping the CUDA generator state. On CPU the generator dropout draws from is the CPU
+    default generator, so the same swap is done on it. Seeding, forking and state capture for
+    activation recompute keep megatron's semantics: every TP rank gets its own stream.
+    """
+
+    class CpuRNGStatesTracker(base_cls):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(seed)
+            self.states_[name] = generator.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name="model-parallel-rng"):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            outer_name = self._current_state_name
+            if outer_name != "default-rng":
+                self.states_[outer_name] = outer_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if outer_name != "default-rng":
+                    outer_state = self.states_[outer_name]
+                torch.set_rng_state(outer_state)
+                self._current_state_name = outer_name
+
+    CpuRNGStatesTracker.__name__ = "CpuRNGStatesTracker"
+    CpuRNGStatesTracker.__qualname__ = "CpuRNGStatesTracker"
+    return CpuRNGStatesTracker
+
+
+def make_cpu_ready(allow_with_cuda: bool = False) -> None:
+    """Make this process able to run megatron-core's parallel layers on CPU with gloo.
+
+    Idempotent. Call it before building any megatron-core module. Refuses to run when CUDA is
+    available (the patches would silently move work off the GPU) unless ``allow_with_cuda``.
+    """
+    global _READY
+    if _READY:
+        return
+    if torch.cuda.is_available() and not allow_with_cuda:
+        raise CudaAvailableError(
+            "megatron_lora.cpu.make_cpu_ready() was called on a machine where CUDA is "
+            "available; it would redirect megatron-core's CUDA allocations to the CPU. "
+            "Run on the GPU instead, or pass allow_with_cuda=True to force CPU execution."
+        )
+
+    import megatron.core
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    version = getattr(megatron.core, "__version__", "unknown")
+    if not version.startswith(SUPPORTED_MEGATRON_CORE):
+        raise RuntimeError(
+            f"megatron_lora.cpu supports megatron-core {SUPPORTED_MEGATRON_CORE[0]}x, found "
+            f"{version}; the private names it adjusts may have moved."
+        )
+
+    # 1. Buffers: megatron allocates with device=torch.cuda.current_device().
+    torch.cuda.current_device = lambda: "cpu"
+    # 1b. dist_checkpointing synchronises a device queue that does not exist on CPU.
+    torch.cuda.synchronize = lambda device=None: None
+
+    # 2. RNG: megatron looks the tracker class up by name when the tracker is (re)created, and
+    # activation recompute saves/restores "the CUDA state" through these two helpers.
+    mcore_random.CudaRNGStatesTracker = _make_cpu_rng_tracker_class(
+        mcore_random.CudaRNGStatesTracker
+    )
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    mcore_random.initialize_rng_tracker(force_reset=True)
+
+    _READY = True
+
+
+def init_gloo_process_group(
+    rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: Optional[int] = None
+) -> None:
+    """Initialise torch.distributed over gloo for one CPU process (env:// when no port)."""
+    if master_port is not None:
+        os.environ["MASTER_ADDR"] = master_addr
+        os.environ["MASTER_PORT"] = str(master_port)
+    torch.distributed.init_process_group(backend="gloo", rank=rank, world_size=world_size)
+
+
+# --- spawning a CPU process group ------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawned_entry(rank, world_size, port, fn, args, results, threads):
+    import traceback
+
+    try:
+        torch.set_num_threads(threads)
+        make_cpu_ready()
+        init_gloo_process_group(rank, world_size, master_port=port)
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException:  # report everything, including assertion errors, to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def spawn_gloo(fn, world_size: int, args=(), timeout: float = 300.0, threads: int = 1):
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh CPU processes joined by gloo.
+
+    Each process is made CPU-ready and given its own gloo process group on a free loopback
+    port. Returns the list of return values by rank. Raises RuntimeError with the failing
+    rank's traceback, or TimeoutError after ``timeout`` seconds; either way only the processes
+    started here are ended.
+    """
+    import multiprocessing as mp
+    import queue
+    import time
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(
+            target=_spawned_entry,
+            args=(rank, world_size, port, fn, args, results, threads),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    values, deadline = {}, time.monotonic() + timeout
+    try:
+        while len(values) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{getattr(fn, '__name__', fn)} did not finish on {world_size} ranks within "
+                    f"{timeout:.0f} s (finished ranks: {sorted(values)})"
+                )
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [p for p in processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(
+                        f"a spawned rank exited with code {dead[0].exitcode} before reporting"
+                    )
+                continue
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")
+            values[rank] = value
+        return [values[rank] for rank in range(world_size)]
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)

@@ -1,0 +1,349 @@
+"""LoraParallelLinear: LoRA on one megatron-core ColumnParallelLinear / RowParallelLinear.
+
+The delta s·(x Aᵀ) Bᵀ is always produced in the same parallel state as the base output
+(replicated, sharded or partial) and added before whatever reduction the base output still
+faces, so it rides on the base layer's own collectives (DESIGN.md 4):
+
+* row:    the partial x_i A_iᵀ Bᵀ is added to the partial x_i W_iᵀ before the one all-reduce
+          (or reduce-scatter under SP): zero extra collectives;
+* column: without SP the input's backward all-reduce is shared; under SP the r-wide h_local
+          travels in the base's own all-gather of x (and dh in its reduce-scatter of dx):
+          zero extra collectives; with gather_output the sum is gathered once.
+
+This fast path computes the base with its local weight directly (exactly what megatron-core
+does, trainable or frozen). Where megatron would take a path we do not mirror (fused
+gradient accumulation of a trainable weight, deferred embedding wgrad, activation offloading,
+a subclass with its own forward), the base layer is called as a black box and LoRA does its
+own r-sized collectives: still exact, slightly more communication.
+
+Replicated factors (A of a column layer, B of a row layer) end backward holding this rank's
+partial gradient; finalize_lora_grads sums them over the layer's TP group once per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from .config import LoraConfig
+from .init import full_lora_factors, shard_columns, shard_rows
+from .parallel import (
+    COLUMN,
+    ParallelLayout,
+    gather_sequence_with_low_rank,
+    project_down_shared_input_grad,
+    project_up_from_partial_sum,
+)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+class LoraFactor(torch.nn.Module):
+    """One LoRA factor: a bare ``.weight`` (no bias, no forward), named like PEFT's."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}"
+
+
+class LoraParallelLinear(torch.nn.Module):
+    """Wraps a megatron-core parallel linear; returns exactly what the base returns.
+
+    ``lora_A[name].weight`` / ``lora_B[name].weight`` hold this rank's shard of the logical
+    ``[r, in]`` / ``[out, r]`` factors: column layers keep A replicated and B split by output
+    rows like the base weight; row layers keep A split by input columns and B replicated.
+    """
+
+    def __init__(
+        self,
+        base_layer: torch.nn.Module,
+        adapter_name: str = "default",
+        lora_config: Optional[LoraConfig] = None,
+        *,
+        module_name: str = "",
+        packed_gate_up: bool = False,
+        fused_collectives: bool = True,
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layout = ParallelLayout(base_layer, packed_gate_up=packed_gate_up)
+        self.module_name = module_name
+        self.fused_collectives = fused_collectives
+        self.lora_A = torch.nn.ModuleDict()
+        self.lora_B = torch.nn.ModuleDict()
+        self.lora_dropout = torch.nn.ModuleDict()
+        self.scaling: Dict[str, float] = {}
+        self.lora_configs: Dict[str, LoraConfig] = {}
+        self.active_adapters: List[str] = []
+        self.update_layer(adapter_name, lora_config if lora_config is not None else LoraConfig())
+
+    # --- adapters ------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: LoraConfig) -> None:
+        """Add (or replace) the adapter ``adapter_name`` and make it active."""
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"lora_config must be a LoraConfig, got {type(config).__name__}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(
+                f"adapter_name={adapter_name!r} is invalid: expected a non-empty name without '.'"
+            )
+        layout = self.layout
+        full_a, full_b = full_lora_factors(
+            config, self.module_name, adapter_name, layout.in_features, layout.out_features
+        )
+        if layout.kind == COLUMN:
+            local_a = full_a
+            local_b = shard_rows(full_b, layout.rank, layout.world_size, layout.packed_gate_up)
+        else:
+            local_a = shard_columns(full_a, layout.rank, layout.world_size)
+            local_b = full_b
+        base_weight = self._base_weight_or_none()
+        device = base_weight.device if base_weight is not None else torch.device("cpu")
+        dtype = _DTYPES[config.lora_dtype] if config.lora_dtype else (
+            base_weight.dtype if base_weight is not None else torch.float32
+        )
+        factor_a = LoraFactor(local_a.to(device=device, dtype=dtype).contiguous())
+        factor_b = LoraFactor(local_b.to(device=device, dtype=dtype).contiguous())
+        self._mark_parallel_attributes(factor_a.weight, factor_b.weight, base_weight)
+        self.lora_A[adapter_name] = factor_a
+        self.lora_B[adapter_name] = factor_b
+        self.lora_dropout[adapter_name] = (
+            torch.nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else torch.nn.Identity()
+        )
+        self.scaling[adapter_name] = config.scaling
+        self.lora_configs[adapter_name] = config
+        if adapter_name not in self.active_adapters:
+            self.active_adapters.append(adapter_name)
+
+    def set_adapter(self, adapter_names) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.lora_A]
+        if unknown:
+            raise ValueError(
+                f"unknown adapter(s) {unknown}; this layer has {sorted(self.lora_A.keys())}"
+            )
+        self.active_adapters = names
+
+    def _mark_parallel_attributes(self, weight_a, weight_b, base_weight) -> None:
+        """The attributes megatron-core's optimizer, DDP and grad-norm code read."""
+        if self.layout.kind == COLUMN:
+            sharded, sharded_dim, replicated = weight_b, 0, weight_a
+        else:
+            sharded, sharded_dim, replicated = weight_a, 1, weight_b
+        set_tensor_model_parallel_attributes(sharded, True, sharded_dim, 1)
+        # A replicated factor is no TP shard: megatron's grad norm then counts it on TP rank 0
+        # only (once). Its gradient is partial on every rank, which finalize_lora_grads
+        # completes; we deliberately do not set `sequence_parallel`, or megatron's
+        # finalize_model_grads would sum it a second time (and only when SP is on).
+        set_tensor_model_parallel_attributes(replicated, False, -1, 1)
+        replicated.lora_partial_grad_group = self.layout.group
+        allreduce = getattr(base_weight, "allreduce", True) if base_weight is not None else True
+        for weight in (weight_a, weight_b):
+            weight.allreduce = allreduce  # expert weights are reduced over the expert-DP group
+            weight.is_lora = True
+
+    def replicated_lora_parameters(self) -> List[torch.nn.Parameter]:
+        factors = self.lora_A if self.layout.kind == COLUMN else self.lora_B
+        return [factors[name].weight for name in factors]
+
+    # --- helpers -----------------------------------------------------------------------
+    def _base_weight_or_none(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "weight", None)
+
+    def _active(self) -> List[str]:
+        return [name for name in self.active_adapters if name in self.lora_A]
+
+    def _dropout_rng(self, sharded: bool):
+        """Replicated inputs draw from the default stream (the same on every TP rank, as
+        megatron seeds it); sharded inputs fork the per-rank TP stream."""
+        if not sharded:
+            return contextlib.nullcontext()
+        return get_cuda_rng_tracker().fork(self.layout.rng_tracker_name)
+
+    def _dropped(self, adapter: str, x: torch.Tensor, sharded: bool) -> torch.Tensor:
+        dropout = self.lora_dropout[adapter]
+        if isinstance(dropout, torch.nn.Identity) or not self.training:
+            return x
+        with self._dropout_rng(sharded):
+            return dropout(x)
+
+    def _weight_a(self, adapter: str, dtype) -> torch.Tensor:
+        # factors are cast to the activation dtype, never the activations to fp32
+        return self.lora_A[adapter].weight.to(dtype)
+
+    def _weight_b(self, adapter: str, dtype) -> torch.Tensor:
+        return self.lora_B[adapter].weight.to(dtype)
+
+    def _down(self, adapter: str, x: torch.Tensor, sharded: bool) -> torch.Tensor:
+        """s · dropout(x) Aᵀ (scaling applied on the r-wide side, where it is cheapest)."""
+        h = F.linear(self._dropped(adapter, x, sharded), self._weight_a(adapter, x.dtype))
+        return h * self.scaling[adapter]
+
+    def _uses_fast_path(self, weight: Optional[torch.Tensor]) -> bool:
+        base = self.base_layer
+        if not self.fused_collectives or weight is None:
+            return False
+        own_forward = ColumnParallelLinear if self.layout.kind == COLUMN else RowParallelLinear
+        if type(base).forward is not own_forward.forward:
+            return False
+        config = base.config
+        if getattr(config, "defer_embedding_wgrad_compute", False):
+            return False
+        if getattr(config, "_cpu_offloading_context", None) is not None:
+            return False
+        if weight.requires_grad and getattr(base, "gradient_accumulation_fusion", False):
+            return False  # megatron accumulates straight into main_grad with a fused kernel
+        return True
+
+    # --- forward -----------------------------------------------------------------------
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        adapters = self._active()
+        if self.layout.kind == COLUMN:
+            if not adapters:
+                return self.base_layer(
+                    input_, weight=weight, runtime_gather_output=runtime_gather_output
+                )
+            gather_output = (
+                self.base_layer.gather_output
+                if runtime_gather_output is None
+                else runtime_gather_output
+            )
+            local_weight = weight if weight is not None else self.base_layer.weight
+            if self._uses_fast_path(local_weight):
+                output = self._column_fast(input_, local_weight, adapters)
+            else:
+                output = self._column_fallback(input_, weight, adapters)
+            if gather_output:
+                # gather base + delta once, not twice
+                output = gather_from_tensor_model_parallel_region(output, group=self.layout.group)
+            output_bias = self.base_layer.bias if self.base_layer.skip_bias_add else None
+            return output, output_bias
+
+        if weight is not None or runtime_gather_output is not None:
+            raise TypeError("RowParallelLinear.forward takes only the input tensor")
+        if not adapters:
+            return self.base_layer(input_)
+        if self._uses_fast_path(self.base_layer.weight):
+            return self._row_fast(input_, adapters)
+        return self._row_fallback(input_, adapters)
+
+    def _column_fast(self, x, weight, adapters):
+        layout, base = self.layout, self.base_layer
+        bias = base.bias if not base.skip_bias_add else None
+        if layout.sequence_parallel and layout.world_size > 1:
+            h_locals = [self._down(a, x, sharded=True) for a in adapters]
+            x_full, h_fulls = gather_sequence_with_low_rank(x, h_locals, layout.group)
+        else:
+            if layout.reduces_input_grad:
+                x = copy_to_tensor_model_parallel_region(x, group=layout.group)
+            x_full = x
+            h_fulls = [self._down(a, x, sharded=False) for a in adapters]
+        output = F.linear(x_full, weight, bias)
+        for adapter, h in zip(adapters, h_fulls):
+            output = output + F.linear(h, self._weight_b(adapter, h.dtype))
+        return output
+
+    def _column_fallback(self, x, weight, adapters):
+        layout = self.layout
+        output, _ = self.base_layer(x, weight=weight, runtime_gather_output=False)
+        for adapter in adapters:
+            if layout.sequence_parallel and layout.world_size > 1:
+                h = gather_from_sequence_parallel_region(
+                    self._down(adapter, x, sharded=True),
+                    tensor_parallel_output_grad=True,
+                    group=layout.group,
+                )
+            elif layout.reduces_input_grad:
+                h = project_down_shared_input_grad(
+                    self._dropped(adapter, x, sharded=False),
+                    self._weight_a(adapter, x.dtype),
+                    layout.group,
+                ) * self.scaling[adapter]
+            else:
+                h = self._down(adapter, x, sharded=False)
+            output = output + F.linear(h, self._weight_b(adapter, h.dtype))
+        return output
+
+    def _row_fast(self, x, adapters):
+        layout, base = self.layout, self.base_layer
+        if not base.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x, group=layout.group)
+        sharded = layout.input_is_sharded
+        partial = F.linear(x, base.weight)
+        for adapter in adapters:
+            h = self._down(adapter, x, sharded=sharded)
+            partial = partial + F.linear(h, self._weight_b(adapter, h.dtype))
+        if layout.explicit_expert_comm:
+            output = partial  # the token dispatcher reduces expert outputs
+        elif layout.sequence_parallel:
+            output = reduce_scatter_to_sequence_parallel_region(partial, group=layout.group)
+        else:
+            output = reduce_from_tensor_model_parallel_region(partial, group=layout.group)
+        return self._row_bias(output)
+
+    def _row_fallback(self, x, adapters):
+        layout, base = self.layout, self.base_layer
+        output, _ = base(x)
+        if not base.input_is_parallel:
+            # the base's scatter is internal to it, so LoRA needs its own (fallback only)
+            x = scatter_to_tensor_model_parallel_region(x, group=layout.group)
+        sharded = layout.input_is_sharded
+        for adapter in adapters:
+            h_partial = self._down(adapter, x, sharded=sharded)
+            weight_b = self._weight_b(adapter, h_partial.dtype)
+            if layout.explicit_expert_comm or layout.world_size == 1:
+                delta = F.linear(h_partial, weight_b)
+            elif layout.sequence_parallel:
+                h = reduce_scatter_to_sequence_parallel_region(h_partial, group=layout.group)
+                delta = F.linear(h, weight_b)
+            else:
+                delta = project_up_from_partial_sum(h_partial, weight_b, layout.group)
+            output = output + delta
+        return output, (base.bias if base.skip_bias_add else None)
+
+    def _row_bias(self, output):
+        base = self.base_layer
+        if base.skip_bias_add:
+            return output, base.bias
+        if base.bias is not None:
+            output = output + base.bias
+        return output, None
+
+    # --- weights -------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """This rank's local s·B Aᵀ-shaped delta, in the base weight's dtype and shape."""
+        if adapter_name not in self.lora_A:
+            raise ValueError(
+                f"unknown adapter {adapter_name!r}; this layer has {sorted(self.lora_A.keys())}"
+            )
+        base_weight = self._base_weight_or_none()
+        weight_a = self.lora_A[adapter_name].weight
+        compute_dtype = torch.promote_types(weight_a.dtype, torch.float32)
+        weight_b = self.lora_B[adapter_name].weight.to(compute_dtype)
+        delta = (weight_b @ weight_a.to(compute_dtype)) * self.scaling[adapter_name]
+        return delta.to(base_weight.dtype if base_weight is not None else weight_a.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.layout.describe()}, adapters={list(self.lora_A.keys())}"

@@ -1,0 +1,280 @@
+"""Reading a base layer's parallel layout, and the few autograd collectives LoRA needs.
+
+Everything here takes its settings from the wrapped megatron-core layer itself (its own TP
+group, its own sequence-parallel flag), never from a second config that could disagree.
+
+The collectives follow megatron-core's ``tensor_parallel/mappings.py``: each one a small
+autograd function whose backward is the adjoint of its forward. They look
+``torch.distributed`` functions up at call time so that tools counting collectives see them.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+COLUMN = "column"
+ROW = "row"
+
+
+class ParallelLayoutError(ValueError):
+    """The wrapped layer's parallel state cannot be read or is inconsistent."""
+
+
+def _require(layer, name):
+    if not hasattr(layer, name):
+        raise ParallelLayoutError(
+            f"cannot read the parallel layout of {type(layer).__name__}: it has no attribute "
+            f"{name!r}; expected a megatron-core ColumnParallelLinear or RowParallelLinear"
+        )
+    return getattr(layer, name)
+
+
+class ParallelLayout:
+    """The parallel layout of one megatron-core parallel linear, read live from the layer.
+
+    Settings a user may flip after wrapping (``sequence_parallel``, ``skip_bias_add``,
+    ``gather_output``) are properties that read the base layer on every access; sizes and
+    the process group are checked once here.
+    """
+
+    def __init__(self, base_layer, packed_gate_up: bool = False):
+        self.base = base_layer
+        if isinstance(base_layer, ColumnParallelLinear):
+            self.kind = COLUMN
+        elif isinstance(base_layer, RowParallelLinear):
+            self.kind = ROW
+        else:
+            raise ParallelLayoutError(
+                f"{type(base_layer).__name__} is not a megatron-core ColumnParallelLinear or "
+                "RowParallelLinear"
+            )
+        group = _require(base_layer, "tp_group")
+        if group is None or not hasattr(group, "size") or not hasattr(group, "rank"):
+            raise ParallelLayoutError(
+                f"{type(base_layer).__name__}.tp_group is {group!r}, not a torch.distributed "
+                "ProcessGroup; build the layer after initialising the process group (or pass "
+                "tp_group=...)"
+            )
+        self.group = group
+        self.world_size = group.size()
+        self.rank = group.rank()
+        self.in_features = int(_require(base_layer, "input_size"))
+        self.out_features = int(_require(base_layer, "output_size"))
+        for attr in ("sequence_parallel", "skip_bias_add", "is_expert", "explicit_expert_comm"):
+            _require(base_layer, attr)
+        if self.kind == COLUMN:
+            _require(base_layer, "gather_output")
+            _require(base_layer, "allreduce_dgrad")
+            split_features, name = self.out_features, "output_size"
+        else:
+            _require(base_layer, "input_is_parallel")
+            split_features, name = self.in_features, "input_size"
+        if split_features % self.world_size:
+            raise ParallelLayoutError(
+                f"{type(base_layer).__name__}.{name}={split_features} is not divisible by its "
+                f"tensor-parallel size {self.world_size}"
+            )
+        weight = getattr(base_layer, "weight", None)
+        if weight is not None and tuple(weight.shape) != self.local_weight_shape:
+            raise ParallelLayoutError(
+                f"{type(base_layer).__name__}.weight has shape {tuple(weight.shape)} but its "
+                f"sizes (in={self.in_features}, out={self.out_features}) and TP size "
+                f"{self.world_size} imply {self.local_weight_shape}"
+            )
+        if packed_gate_up and (self.kind != COLUMN or self.out_features % (2 * self.world_size)):
+            raise ParallelLayoutError(
+                f"packed gate/up layout needs a column-parallel layer whose output_size "
+                f"({self.out_features}) divides by 2 x TP size ({2 * self.world_size})"
+            )
+        self.packed_gate_up = packed_gate_up
+
+    # --- sizes -------------------------------------------------------------------------
+    @property
+    def local_in_features(self) -> int:
+        return self.in_features // self.world_size if self.kind == ROW else self.in_features
+
+    @property
+    def local_out_features(self) -> int:
+        return self.out_features // self.world_size if self.kind == COLUMN else self.out_features
+
+    @property
+    def local_weight_shape(self) -> Tuple[int, int]:
+        return (self.local_out_features, self.local_in_features)
+
+    # --- live settings -----------------------------------------------------------------
+    @property
+    def explicit_expert_comm(self) -> bool:
+        return bool(self.base.explicit_expert_comm)
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """True when this layer itself gathers (column) or reduce-scatters (row) the sequence."""
+        return bool(self.base.sequence_parallel) and not self.explicit_expert_comm
+
+    @property
+    def reduces_input_grad(self) -> bool:
+        """Column layers without SP: the input is replicated and its gradient all-reduced."""
+        return (
+            self.kind == COLUMN
+            and bool(self.base.allreduce_dgrad)
+            and not self.explicit_expert_comm
+        )
+
+    @property
+    def input_is_sharded(self) -> bool:
+        """Whether the LoRA branch sees a per-rank shard (so dropout draws per shard)."""
+        if self.world_size == 1:
+            return False
+        if self.kind == ROW:
+            return True
+        return self.sequence_parallel
+
+    @property
+    def rng_tracker_name(self) -> str:
+        from megatron.core.tensor_parallel.random import (
+            get_expert_parallel_rng_tracker_name,
+        )
+
+        if self.base.is_expert:
+            return get_expert_parallel_rng_tracker_name()
+        return "model-parallel-rng"
+
+    def describe(self) -> str:
+        extra = "SP" if self.sequence_parallel else "no SP"
+        if self.base.is_expert:
+            extra += ", expert"
+        return f"{self.kind}-parallel, TP={self.world_size} (rank {self.rank}), {extra}"
+
+
+# --- flat collectives (looked up at call time) --------------------------------------------
+
+
+def _all_gather_first_dim(tensor: torch.Tensor, group) -> torch.Tensor:
+    world = group.size()
+    if world == 1:
+        return tensor
+    out = torch.empty(
+        (tensor.shape[0] * world,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
+    )
+    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter_first_dim(tensor: torch.Tensor, group) -> torch.Tensor:
+    world = group.size()
+    if world == 1:
+        return tensor
+    if tensor.shape[0] % world:
+        raise ValueError(
+            f"sequence length {tensor.shape[0]} is not divisible by the TP size {world}"
+        )
+    out = torch.empty(
+        (tensor.shape[0] // world,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
+    )
+    dist.reduce_scatter_tensor(out, tensor.contiguous(), group=group)
+    return out
+
+
+def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
+    if group.size() > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+# --- autograd collectives --------------------------------------------------------------------
+
+
+class _GatherSequenceWithLowRank(torch.autograd.Function):
+    """Under SP, gather the input and the LoRA down-projections in ONE all-gather.
+
+    forward:  [x_local | h_local_1 | ...] --all-gather(seq)--> x_full, h_full_1, ...
+    backward: [dx | dh_1 | ...] --reduce-scatter(seq)--> dx_local, dh_local_1, ...
+
+    The base layer already does exactly this all-gather / reduce-scatter for x; appending the
+    r-wide columns of h costs r/in more bytes and no extra collective. x_full is returned as a
+    strided view of the gathered buffer (a GEMM reads it in place); each h_full is copied out
+    so that saving it for backward does not keep the whole buffer alive.
+    """
+
+    @staticmethod
+    def forward(ctx, group, x_local, *h_locals):
+        widths = [x_local.shape[-1]] + [h.shape[-1] for h in h_locals]
+        ctx.group, ctx.widths = group, widths
+        packed = torch.cat([x_local] + list(h_locals), dim=-1)
+        full = _all_gather_first_dim(packed, group)
+        parts = list(torch.split(full, widths, dim=-1))
+        return (parts[0],) + tuple(p.contiguous() for p in parts[1:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # autograd materialises the gradient of an unused output as zeros, so none is None
+        local = _reduce_scatter_first_dim(torch.cat(grads, dim=-1), ctx.group)
+        return (None,) + tuple(torch.split(local, ctx.widths, dim=-1))
+
+
+def gather_sequence_with_low_rank(
+    x_local: torch.Tensor, h_locals: Sequence[torch.Tensor], group
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    outputs = _GatherSequenceWithLowRank.apply(group, x_local, *h_locals)
+    return outputs[0], list(outputs[1:])
+
+
+class _ProjectDownSharedInputGrad(torch.autograd.Function):
+    """h = x Aᵀ for a replicated x whose gradient must be summed over TP (no SP).
+
+    Used when the base layer is called as a black box: it all-reduces its own part of dx, and
+    the LoRA part is reduced here at rank r (dh) rather than at the hidden size (dx). A's
+    gradient stays this rank's partial sum, like every other replicated LoRA factor, for
+    finalize_lora_grads to complete.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_a, group):
+        ctx.save_for_backward(x, weight_a)
+        ctx.group = group
+        return torch.matmul(x, weight_a.t())
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, weight_a = ctx.saved_tensors
+        grad_h = grad_h.contiguous()
+        grad_a = grad_h.reshape(-1, grad_h.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+        grad_h_total = _all_reduce(grad_h.clone(), ctx.group)
+        grad_x = grad_h_total.matmul(weight_a)
+        return grad_x, grad_a, None
+
+
+def project_down_shared_input_grad(x, weight_a, group):
+    return _ProjectDownSharedInputGrad.apply(x, weight_a, group)
+
+
+class _ProjectUpFromPartialSum(torch.autograd.Function):
+    """delta = (Σ_ranks h_i) Bᵀ for row layers called as a black box (no SP).
+
+    The all-reduce is r-sized. B's gradient is kept as this rank's partial Σ-term gᵀ h_i so
+    that, like every replicated factor, finalize_lora_grads sums it once over TP.
+    """
+
+    @staticmethod
+    def forward(ctx, h_partial, weight_b, group):
+        ctx.save_for_backward(h_partial, weight_b)
+        h_total = _all_reduce(h_partial.clone(), group)
+        return torch.matmul(h_total, weight_b.t())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h_partial, weight_b = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(
+            h_partial.reshape(-1, h_partial.shape[-1])
+        )
+        grad_h = grad_out.matmul(weight_b)
+        return grad_h, grad_b, None
+
+
+def project_up_from_partial_sum(h_partial, weight_b, group):
+    return _ProjectUpFromPartialSum.apply(h_partial, weight_b, group)

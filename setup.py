@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_lora",
+    version="0.1.0",
+    description="Exact LoRA for megatron-core models under tensor, sequence and expert parallelism",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_lora", "megatron_lora.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # install the CPU or CUDA build of torch you want first; any 2.4+ satisfies this
+        "torch>=2.4",
+        # megatron_lora.cpu patches private names of this line of releases
+        "megatron-core>=0.16,<0.17",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9"],
+        "te": ["transformer-engine[pytorch]"],
+    },
+)
