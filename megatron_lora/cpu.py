@@ -119,6 +119,36 @@ def make_cpu_ready(allow_with_cuda: bool = False) -> None:
     _READY = True
 
 
+def _is_cuda(device) -> bool:
+    return isinstance(device, (str, torch.device)) and str(device).startswith("cuda")
+
+
+class _CudaArgumentsToCpu(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_arguments_to_cpu():
+    """Scoped: map hard-coded ``device='cuda'`` / ``.cuda()`` in megatron-core code to CPU.
+
+    megatron's optimizer, grad-norm and schedule code name CUDA explicitly. Use this around
+    those calls only; process-wide it would slow every torch call.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    with _CudaArgumentsToCpu():
+        yield
+
+
 def init_gloo_process_group(
     rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: Optional[int] = None
 ) -> None:
