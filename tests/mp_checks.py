@@ -452,8 +452,8 @@ def collective_counts(rank, world, group):
     lora = LoraConfig(r=RANK, lora_alpha=7.0, init_lora_weights=False)
     dtype = torch.float32
     found = {}
-    for path, sp in itertools.product(("fast", "fallback"), (False, True)):
-        seq_local = SEQ // world if sp else SEQ
+    for path, sp in itertools.product(("fast", "fallback"), (False, True) if world > 1 else (False,)):
+        seq_local = SEQ // world if sp else SEQ  # a column input is sequence-sharded under SP
         specs = {
             "column": dict(kind="column", in_f=HIDDEN, out_f=FFN, gather_output=False),
             "column-gather": dict(kind="column", in_f=HIDDEN, out_f=FFN, gather_output=True),
@@ -467,7 +467,7 @@ def collective_counts(rank, world, group):
             layer, _, _ = build_layer(kind, in_f, out_f, world=world, rank=rank, sp=sp, dtype=dtype,
                                       bias=True, skip=False, lora=lora, fused=path == "fast", **spec)
             width = in_f // world if (kind == "row" and spec.get("input_is_parallel", True)) else in_f
-            x = torch.randn(seq_local, BATCH, width)
+            x = torch.randn(seq_local if kind == "column" else SEQ, BATCH, width)
             found[f"{path}-{'sp' if sp else 'nosp'}-{label}"] = {
                 "base": _count_step(lambda t: with_bias(layer.base_layer(t)), x),
                 "lora": _count_step(lambda t: with_bias(layer(t)), x),

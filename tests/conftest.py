@@ -1,0 +1,39 @@
+"""Spawns one gloo process group per TP size for the whole session and shares its results.
+
+Importing torch and megatron-core costs ~4 s per process, so every multi-process check of a
+TP size runs in the same spawn (tests/mp_checks.py) and the tests below only read numbers.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import mp_checks  # noqa: E402
+
+SECTIONS = ("parity", "init", "dropout", "collectives", "ddp", "errors")
+SPAWN_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="session")
+def spawned():
+    """spawned(tp) -> per-rank result dicts of every section, computed once per TP size."""
+    from megatron_lora.cpu import spawn_gloo
+
+    cache = {}
+
+    def get(tp):
+        if tp not in cache:
+            try:
+                cache[tp] = spawn_gloo(
+                    mp_checks.run_all, tp, args=(SECTIONS,), timeout=SPAWN_TIMEOUT_S
+                )
+            except (RuntimeError, TimeoutError) as error:
+                cache[tp] = error  # fail every dependent test at once, without re-spawning
+        if isinstance(cache[tp], Exception):
+            raise cache[tp]
+        return cache[tp]
+
+    return get
