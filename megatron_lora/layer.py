@@ -41,11 +41,12 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from .config import LoraConfig
+from .fused import linear_with_lora, linear_with_low_rank_up
 from .init import full_lora_factors, shard_columns, shard_rows
 from .parallel import (
     COLUMN,
     ParallelLayout,
-    gather_sequence_with_low_rank,
+    column_sequence_parallel_linear,
     project_down_shared_input_grad,
     project_up_from_partial_sum,
 )
@@ -182,9 +183,12 @@ class LoraParallelLinear(torch.nn.Module):
             return contextlib.nullcontext()
         return get_cuda_rng_tracker().fork(self.layout.rng_tracker_name)
 
+    def _dropout_active(self, adapter: str) -> bool:
+        return self.training and not isinstance(self.lora_dropout[adapter], torch.nn.Identity)
+
     def _dropped(self, adapter: str, x: torch.Tensor, sharded: bool) -> torch.Tensor:
         dropout = self.lora_dropout[adapter]
-        if isinstance(dropout, torch.nn.Identity) or not self.training:
+        if not self._dropout_active(adapter):
             return x
         with self._dropout_rng(sharded):
             return dropout(x)
@@ -249,21 +253,38 @@ class LoraParallelLinear(torch.nn.Module):
             return self._row_fast(input_, adapters)
         return self._row_fallback(input_, adapters)
 
+    def _fast_linear(self, x, weight, bias, adapters):
+        """Base GEMM with the LoRA terms accumulated into it (see fused.py).
+
+        One adapter without active dropout: the whole x Wᵀ + s(x Aᵀ)Bᵀ is one node. Otherwise
+        the (scaled) down-projections of all adapters are stacked to one [.., Σr] tensor and
+        added through a single GEMM against the stacked B's.
+        """
+        if len(adapters) == 1 and not self._dropout_active(adapters[0]):
+            adapter = adapters[0]
+            return linear_with_lora(x, weight, bias, self._weight_a(adapter, x.dtype),
+                                    self._weight_b(adapter, x.dtype), self.scaling[adapter])
+        h_fulls = [self._down(a, x, sharded=self.layout.input_is_sharded) for a in adapters]
+        h = h_fulls[0] if len(h_fulls) == 1 else torch.cat(h_fulls, dim=-1)
+        return linear_with_low_rank_up(x, weight, bias, h, self._stacked_weight_b(adapters, x.dtype))
+
+    def _stacked_weight_b(self, adapters, dtype) -> torch.Tensor:
+        """[out, Σr]: one GEMM adds every active adapter's up-projection."""
+        weights_b = [self._weight_b(a, dtype) for a in adapters]
+        return weights_b[0] if len(weights_b) == 1 else torch.cat(weights_b, dim=1)
+
     def _column_fast(self, x, weight, adapters):
         layout, base = self.layout, self.base_layer
         bias = base.bias if not base.skip_bias_add else None
         if layout.sequence_parallel and layout.world_size > 1:
             h_locals = [self._down(a, x, sharded=True) for a in adapters]
-            x_full, h_fulls = gather_sequence_with_low_rank(x, h_locals, layout.group)
-        else:
-            if layout.reduces_input_grad:
-                x = copy_to_tensor_model_parallel_region(x, group=layout.group)
-            x_full = x
-            h_fulls = [self._down(a, x, sharded=False) for a in adapters]
-        output = F.linear(x_full, weight, bias)
-        for adapter, h in zip(adapters, h_fulls):
-            output = output + F.linear(h, self._weight_b(adapter, h.dtype))
-        return output
+            h_local = h_locals[0] if len(h_locals) == 1 else torch.cat(h_locals, dim=-1)
+            return column_sequence_parallel_linear(
+                x, h_local, weight, bias, self._stacked_weight_b(adapters, x.dtype), layout.group
+            )
+        if layout.reduces_input_grad:
+            x = copy_to_tensor_model_parallel_region(x, group=layout.group)
+        return self._fast_linear(x, weight, bias, adapters)
 
     def _column_fallback(self, x, weight, adapters):
         layout = self.layout
@@ -290,11 +311,7 @@ class LoraParallelLinear(torch.nn.Module):
         layout, base = self.layout, self.base_layer
         if not base.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, group=layout.group)
-        sharded = layout.input_is_sharded
-        partial = F.linear(x, base.weight)
-        for adapter in adapters:
-            h = self._down(adapter, x, sharded=sharded)
-            partial = partial + F.linear(h, self._weight_b(adapter, h.dtype))
+        partial = self._fast_linear(x, base.weight, None, adapters)
         if layout.explicit_expert_comm:
             output = partial  # the token dispatcher reduces expert outputs
         elif layout.sequence_parallel:

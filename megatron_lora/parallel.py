@@ -223,6 +223,72 @@ def gather_sequence_with_low_rank(
     return outputs[0], list(outputs[1:])
 
 
+class _ColumnSequenceParallelLinear(torch.autograd.Function):
+    """Column layer under SP: gather [x_local | h_local] once, then y = x Wᵀ (+b) + h Bᵀ.
+
+    Each rank's block of the gathered buffer is laid out contiguously as [x_j | h_j], so the
+    GEMMs read it in place, one sequence chunk at a time, writing straight into the output
+    rows. Backward writes dx_j = g_j W and dh_j = g_j B straight into the one buffer that is
+    reduce-scattered: the base's one all-gather / reduce-scatter, r/in wider, and no extra
+    activation-sized copy. Only h (r wide) is kept for backward, plus x when the base weight
+    itself is trainable.
+    """
+
+    @staticmethod
+    def forward(ctx, x_local, h_local, weight, bias, weight_b, group):
+        world = group.size()
+        rows, n_x = x_local.shape[0] * x_local.shape[1], x_local.numel()
+        in_f, r = x_local.shape[-1], h_local.shape[-1]
+        packed = torch.cat([x_local.reshape(-1), h_local.reshape(-1)])
+        full = torch.empty(world * packed.numel(), dtype=packed.dtype, device=packed.device)
+        dist.all_gather_into_tensor(full, packed, group=group)
+        full = full.view(world, packed.numel())
+        out = torch.empty((world * rows, weight.shape[0]), dtype=x_local.dtype, device=x_local.device)
+        h_full = torch.empty((world * rows, r), dtype=h_local.dtype, device=h_local.device)
+        for j in range(world):
+            x_j, h_j = full[j, :n_x].view(rows, in_f), full[j, n_x:].view(rows, r)
+            out_j = out[j * rows:(j + 1) * rows]
+            if bias is None:
+                torch.mm(x_j, weight.t(), out=out_j)
+            else:
+                torch.addmm(bias, x_j, weight.t(), out=out_j)
+            out_j.addmm_(h_j, weight_b.t())
+            h_full[j * rows:(j + 1) * rows] = h_j
+        keep_x = full[:, :n_x] if ctx.needs_input_grad[2] else None
+        ctx.save_for_backward(weight, weight_b, h_full, keep_x)
+        ctx.group, ctx.shapes, ctx.has_bias = group, (x_local.shape, h_local.shape), bias is not None
+        return out.view(world * x_local.shape[0], *x_local.shape[1:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, weight_b, h_full, keep_x = ctx.saved_tensors
+        group, (x_shape, h_shape) = ctx.group, ctx.shapes
+        world = group.size()
+        g = grad_output.reshape(-1, grad_output.shape[-1])
+        rows, in_f, r = g.shape[0] // world, x_shape[-1], h_shape[-1]
+        n_x = rows * in_f
+        packed = torch.empty((world, n_x + rows * r), dtype=g.dtype, device=g.device)
+        for j in range(world):
+            g_j = g[j * rows:(j + 1) * rows]
+            torch.mm(g_j, weight, out=packed[j, :n_x].view(rows, in_f))
+            torch.mm(g_j, weight_b, out=packed[j, n_x:].view(rows, r))
+        local = torch.empty(packed.shape[1], dtype=g.dtype, device=g.device)
+        dist.reduce_scatter_tensor(local, packed.reshape(-1), group=group)
+        grad_x = local[:n_x].view(x_shape)
+        grad_h = local[n_x:].view(h_shape)
+        grad_b = torch.mm(g.t(), h_full) if ctx.needs_input_grad[4] else None
+        grad_weight = None
+        if keep_x is not None:
+            grad_weight = torch.mm(g.t(), keep_x.reshape(world, rows, in_f).reshape(-1, in_f))
+        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, grad_h, grad_weight, grad_bias, grad_b, None
+
+
+def column_sequence_parallel_linear(x_local, h_local, weight, bias, weight_b, group):
+    """See _ColumnSequenceParallelLinear (x_local, h_local: [seq/t, batch, .])."""
+    return _ColumnSequenceParallelLinear.apply(x_local, h_local, weight, bias, weight_b, group)
+
+
 class _ProjectDownSharedInputGrad(torch.autograd.Function):
     """h = x Aᵀ for a replicated x whose gradient must be summed over TP (no SP).
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import mp_checks  # noqa: E402
 
-SECTIONS = ("parity", "init", "dropout", "collectives", "ddp", "errors")
+SECTIONS = ("parity", "multi_adapter", "init", "dropout", "collectives", "ddp", "errors")
 SPAWN_TIMEOUT_S = 420
 
 

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from megatron_lora.diagnostics import CollectiveCounter
+
 SEQ, BATCH, HIDDEN, FFN, RANK = 8, 2, 16, 24, 5  # r=5 divides no TP size on purpose
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -267,6 +269,61 @@ def parity_matrix(rank, world, group):
     return results
 
 
+# --- several active adapters -------------------------------------------------------------------
+
+
+def multi_adapter(rank, world, group):
+    """Two active adapters (different r and alpha) are summed, exactly, on every path."""
+    from megatron_lora import LoraConfig, finalize_lora_grads
+
+    second = LoraConfig(r=3, lora_alpha=5.0, init_lora_weights=False, seed=4)
+    dtype = torch.float64
+    results = {}
+    sps = (False, True) if world > 1 else (False,)
+    for kind, sp, path in itertools.product(("column", "row"), sps, ("fast", "fallback")):
+        in_f, out_f = (HIDDEN, FFN) if kind == "column" else (FFN, HIDDEN)
+        layer, w, _ = build_layer(kind, in_f, out_f, world=world, rank=rank, sp=sp, dtype=dtype,
+                                  bias=False, skip=False, name="m", fused=path == "fast")
+        layer.update_layer("second", second)
+        assert layer.active_adapters == ["default", "second"]
+        first = layer.lora_configs["default"]
+        generator = torch.Generator().manual_seed(12)
+        x = torch.randn(SEQ, BATCH, in_f, generator=generator, dtype=dtype)
+        dy = torch.randn(SEQ, BATCH, out_f, generator=generator, dtype=dtype)
+        factors = {}
+        rx = leaf(x)
+        ref = rx @ w.t()
+        for name, config in (("default", first), ("second", second)):
+            from megatron_lora.init import full_lora_factors
+
+            full_a, full_b = (leaf(t.to(dtype)) for t in full_lora_factors(config, "m", name, in_f, out_f))
+            factors[name] = (full_a, full_b)
+            ref = ref + config.scaling * (rx @ full_a.t()) @ full_b.t()
+        ref.backward(dy)
+        if kind == "column":
+            x_local, local_out = (x.chunk(world, 0)[rank] if sp else x), (lambda t: t.chunk(world, -1)[rank])
+            expect_dx = rx.grad.chunk(world, 0)[rank] if sp else rx.grad
+        else:
+            x_local = x.chunk(world, -1)[rank]
+            local_out = (lambda t: t.chunk(world, 0)[rank]) if sp else (lambda t: t)
+            expect_dx = rx.grad.chunk(world, -1)[rank]
+        x_local = leaf(x_local)
+        out, _ = layer(x_local)
+        out.backward(local_out(dy))
+        finalize_lora_grads(layer)
+        metrics = {"out": rel_err(out, local_out(ref.detach())), "dx": rel_err(x_local.grad, expect_dx)}
+        for name, (full_a, full_b) in factors.items():
+            got_a, got_b = layer.lora_A[name].weight.grad, layer.lora_B[name].weight.grad
+            if kind == "column":
+                metrics[f"dA-{name}"] = rel_err(got_a, full_a.grad)
+                metrics[f"dB-{name}"] = rel_err(got_b, full_b.grad.chunk(world, 0)[rank])
+            else:
+                metrics[f"dA-{name}"] = rel_err(got_a, full_a.grad.chunk(world, 1)[rank])
+                metrics[f"dB-{name}"] = rel_err(got_b, full_b.grad)
+        results[f"{kind}-{'sp' if sp else 'nosp'}-{path}"] = metrics
+    return results
+
+
 # --- initialisation invariance ---------------------------------------------------------------
 
 
@@ -395,46 +452,6 @@ def dropout_checks(rank, world, group):
 
 
 # --- collectives -----------------------------------------------------------------------------
-
-
-class CollectiveCounter:
-    """Records every torch.distributed collective (name, elements) while active."""
-
-    NAMES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather",
-             "reduce_scatter", "broadcast", "all_to_all_single", "_all_gather_base",
-             "_reduce_scatter_base", "send", "recv", "isend", "irecv")
-
-    def __init__(self):
-        self.calls = []
-        self._saved = []
-
-    def _wrap(self, name, original):
-        def counted(*args, **kwargs):
-            tensor = args[1] if name in ("all_gather_into_tensor", "reduce_scatter_tensor",
-                                         "_all_gather_base", "_reduce_scatter_base") else args[0]
-            numel = tensor.numel() if isinstance(tensor, torch.Tensor) else sum(t.numel() for t in tensor)
-            self.calls.append((name, numel))
-            return original(*args, **kwargs)
-        return counted
-
-    def __enter__(self):
-        import torch.distributed as dist
-        from megatron.core.tensor_parallel import mappings
-
-        for name in self.NAMES:
-            original = getattr(dist, name)
-            self._saved.append((dist, name, original))
-            setattr(dist, name, self._wrap(name, original))
-        for attr in ("dist_all_gather_func", "dist_reduce_scatter_func"):
-            original = getattr(mappings, attr)
-            name = "all_gather_into_tensor" if "gather" in attr else "reduce_scatter_tensor"
-            self._saved.append((mappings, attr, original))
-            setattr(mappings, attr, self._wrap(name, original))
-        return self
-
-    def __exit__(self, *exc):
-        for owner, name, original in reversed(self._saved):
-            setattr(owner, name, original)
 
 
 def _count_step(module_fn, x):
@@ -609,6 +626,7 @@ def run_all(rank, world, sections):
     group = setup_parallel(world)
     checks = {
         "parity": parity_matrix,
+        "multi_adapter": multi_adapter,
         "init": init_factors,
         "dropout": dropout_checks,
         "collectives": collective_counts,

@@ -36,3 +36,14 @@ def test_output_input_grad_and_lora_grads_match_tp1(spawned, tp, case_id, dtype)
             else:
                 assert value <= TOLERANCE[dtype], f"rank {rank}: {name} error {value:.3g}"
         assert {"out", "dx", "dA"} <= set(metrics) or {"out", "dx", "dA1"} <= set(metrics)
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_several_active_adapters_are_summed_exactly(spawned, tp):
+    for rank, result in enumerate(spawned(tp)):
+        cases = result["multi_adapter"]
+        assert len(cases) == (8 if tp > 1 else 4)
+        for label, metrics in cases.items():
+            assert {"dA-default", "dB-second"} <= set(metrics)
+            for name, value in metrics.items():
+                assert value <= 1e-10, (rank, label, name, value)

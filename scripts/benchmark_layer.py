@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""What LoRA costs on a tensor-parallel MLP: step time, peak memory and collectives.
+
+A megatron-core ColumnParallelLinear -> GELU -> RowParallelLinear block (the MLP shape) is run
+forward and backward at TP=N (gloo processes on CPU, or the GPU when --device cuda at TP=1),
+frozen base alone vs. the same frozen base + LoRA, measured in the same run and interleaved
+step by step. The frozen base still back-propagates activation gradients (its input requires
+grad), as inside a real model. The LoRA step includes finalize_lora_grads.
+
+    python scripts/benchmark_layer.py                 # TP=2, SP off and on, CPU
+    python scripts/benchmark_layer.py --rank 16 --iters 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def build_block(args, world, sp, device):
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_lora import LoraConfig, dispatch_megatron
+
+    dtype = getattr(torch, args.dtype)
+    config = ModelParallelConfig(tensor_model_parallel_size=world, sequence_parallel=sp,
+                                 use_cpu_initialization=True, params_dtype=dtype)
+    init = lambda weight: torch.nn.init.normal_(weight, std=0.02)  # noqa: E731
+    fc1 = ColumnParallelLinear(args.hidden, args.ffn, config=config, init_method=init, bias=False,
+                               gather_output=False).to(device)
+    fc2 = RowParallelLinear(args.ffn, args.hidden, config=config, init_method=init, bias=False,
+                            input_is_parallel=True, skip_bias_add=False).to(device)
+    for param in list(fc1.parameters()) + list(fc2.parameters()):
+        param.requires_grad_(False)
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, init_lora_weights=False,
+                      lora_dtype="float32")
+    lora_fc1 = dispatch_megatron(fc1, "default", lora, module_name="mlp.linear_fc1")
+    lora_fc2 = dispatch_megatron(fc2, "default", lora, module_name="mlp.linear_fc2")
+    base = lambda x: fc2(F.gelu(fc1(x)[0]))[0]  # noqa: E731
+    with_lora = lambda x: lora_fc2(F.gelu(lora_fc1(x)[0]))[0]  # noqa: E731
+    return base, with_lora, [lora_fc1, lora_fc2]
+
+
+def worker(rank, world, args, sp, device_name):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_lora import finalize_lora_grads
+    from megatron_lora.diagnostics import CollectiveCounter, PeakTensorMemory
+
+    device = torch.device(device_name)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    model_parallel_cuda_manual_seed(0)
+    torch.manual_seed(0)
+    base, with_lora, lora_layers = build_block(args, world, sp, device)
+    lora_params = [p for layer in lora_layers for n, p in layer.named_parameters() if "lora_" in n]
+    seq = args.seq // world if sp else args.seq
+    dtype = getattr(torch, args.dtype)
+    x = torch.randn(seq, args.batch, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(seq, args.batch, args.hidden, device=device, dtype=dtype)
+
+    def step(use_lora):
+        x.grad = None
+        for param in lora_params:
+            param.grad = None
+        y = (with_lora if use_lora else base)(x)
+        y.backward(dy)
+        if use_lora:
+            finalize_lora_grads(lora_layers)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if world > 1:
+            torch.distributed.barrier()
+
+    for _ in range(args.warmup):
+        step(False)
+        step(True)
+    times = {False: [], True: []}
+    for _ in range(args.iters):
+        for use_lora in (False, True):
+            sync()
+            start = time.perf_counter()
+            step(use_lora)
+            sync()
+            times[use_lora].append(time.perf_counter() - start)
+
+    memory, collectives = {}, {}
+    resident = sum(t.numel() * t.element_size() for t in [x, dy] + [
+        p for p in (list(lora_layers[0].base_layer.parameters()) + list(lora_layers[1].base_layer.parameters()))])
+    lora_resident = sum(p.numel() * p.element_size() for p in lora_params)
+    for use_lora in (False, True):
+        step(use_lora)  # grads exist, as in training after the first step
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step(use_lora)
+            memory[use_lora] = torch.cuda.max_memory_allocated() - before + resident
+        else:
+            with PeakTensorMemory() as tracker:
+                step(use_lora)
+            memory[use_lora] = tracker.peak + resident + (lora_resident if use_lora else 0)
+        with CollectiveCounter() as counter:
+            step(use_lora)
+        collectives[use_lora] = counter.calls
+    return {
+        "base_ms": 1e3 * statistics.median(times[False]),
+        "lora_ms": 1e3 * statistics.median(times[True]),
+        "base_mem": memory[False],
+        "lora_mem": memory[True],
+        "base_collectives": collectives[False],
+        "lora_collectives": collectives[True],
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--sp", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=1536)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and args.tp != 1:
+        parser.error("--device cuda runs one process: use --tp 1 (TP>1 parity is proven on CPU)")
+
+    print(f"MLP hidden={args.hidden} ffn={args.ffn} seq={args.seq} batch={args.batch} "
+          f"r={args.rank} TP={args.tp} {args.dtype} on {args.device}; medians of {args.iters} steps")
+    print(f"{'layout':<8}{'base ms':>10}{'LoRA ms':>10}{'time x':>9}{'base MiB':>10}"
+          f"{'LoRA MiB':>10}{'mem x':>8}{'colls base':>12}{'colls LoRA':>12}")
+    sps = {"off": [False], "on": [True], "both": [False, True]}[args.sp]
+    for sp in sps:
+        if sp and args.tp == 1:
+            continue
+        if args.device == "cuda":
+            from megatron_lora.cpu import init_gloo_process_group
+            from megatron_lora.cpu import free_port
+
+            if not torch.distributed.is_initialized():
+                init_gloo_process_group(0, 1, master_port=free_port())
+            results = [worker(0, 1, args, sp, "cuda")]
+        else:
+            from megatron_lora.cpu import spawn_gloo
+
+            results = spawn_gloo(worker, args.tp, args=(args, sp, "cpu"), timeout=900)
+        # a step is as slow as its slowest rank
+        base_ms = max(r["base_ms"] for r in results)
+        lora_ms = max(r["lora_ms"] for r in results)
+        base_mem = max(r["base_mem"] for r in results) / 2**20
+        lora_mem = max(r["lora_mem"] for r in results) / 2**20
+        base_calls, lora_calls = results[0]["base_collectives"], results[0]["lora_collectives"]
+        print(f"{'SP' if sp else 'no SP':<8}{base_ms:>10.2f}{lora_ms:>10.2f}"
+              f"{lora_ms / base_ms:>9.3f}{base_mem:>10.2f}{lora_mem:>10.2f}"
+              f"{lora_mem / base_mem:>8.3f}{len(base_calls):>12}{len(lora_calls):>12}")
+        base_elems = sum(n for _, n in base_calls)
+        lora_elems = sum(n for _, n in lora_calls)
+        print(f"{'':<8}collectives per step: base {[c for c, _ in base_calls]}, "
+              f"LoRA {[c for c, _ in lora_calls]}; elements sent x{lora_elems / base_elems:.3f}")
+
+
+if __name__ == "__main__":
+    main()
