@@ -10,7 +10,7 @@ autograd function whose backward is the adjoint of its forward. They look
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
@@ -153,32 +153,6 @@ class ParallelLayout:
 # --- flat collectives (looked up at call time) --------------------------------------------
 
 
-def _all_gather_first_dim(tensor: torch.Tensor, group) -> torch.Tensor:
-    world = group.size()
-    if world == 1:
-        return tensor
-    out = torch.empty(
-        (tensor.shape[0] * world,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
-    )
-    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
-    return out
-
-
-def _reduce_scatter_first_dim(tensor: torch.Tensor, group) -> torch.Tensor:
-    world = group.size()
-    if world == 1:
-        return tensor
-    if tensor.shape[0] % world:
-        raise ValueError(
-            f"sequence length {tensor.shape[0]} is not divisible by the TP size {world}"
-        )
-    out = torch.empty(
-        (tensor.shape[0] // world,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
-    )
-    dist.reduce_scatter_tensor(out, tensor.contiguous(), group=group)
-    return out
-
-
 def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
     if group.size() > 1:
         dist.all_reduce(tensor, group=group)
@@ -186,41 +160,6 @@ def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
 
 
 # --- autograd collectives --------------------------------------------------------------------
-
-
-class _GatherSequenceWithLowRank(torch.autograd.Function):
-    """Under SP, gather the input and the LoRA down-projections in ONE all-gather.
-
-    forward:  [x_local | h_local_1 | ...] --all-gather(seq)--> x_full, h_full_1, ...
-    backward: [dx | dh_1 | ...] --reduce-scatter(seq)--> dx_local, dh_local_1, ...
-
-    The base layer already does exactly this all-gather / reduce-scatter for x; appending the
-    r-wide columns of h costs r/in more bytes and no extra collective. x_full is returned as a
-    strided view of the gathered buffer (a GEMM reads it in place); each h_full is copied out
-    so that saving it for backward does not keep the whole buffer alive.
-    """
-
-    @staticmethod
-    def forward(ctx, group, x_local, *h_locals):
-        widths = [x_local.shape[-1]] + [h.shape[-1] for h in h_locals]
-        ctx.group, ctx.widths = group, widths
-        packed = torch.cat([x_local] + list(h_locals), dim=-1)
-        full = _all_gather_first_dim(packed, group)
-        parts = list(torch.split(full, widths, dim=-1))
-        return (parts[0],) + tuple(p.contiguous() for p in parts[1:])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        # autograd materialises the gradient of an unused output as zeros, so none is None
-        local = _reduce_scatter_first_dim(torch.cat(grads, dim=-1), ctx.group)
-        return (None,) + tuple(torch.split(local, ctx.widths, dim=-1))
-
-
-def gather_sequence_with_low_rank(
-    x_local: torch.Tensor, h_locals: Sequence[torch.Tensor], group
-) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    outputs = _GatherSequenceWithLowRank.apply(group, x_local, *h_locals)
-    return outputs[0], list(outputs[1:])
 
 
 class _ColumnSequenceParallelLinear(torch.autograd.Function):
@@ -237,7 +176,7 @@ class _ColumnSequenceParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_local, h_local, weight, bias, weight_b, group):
         world = group.size()
-        rows, n_x = x_local.shape[0] * x_local.shape[1], x_local.numel()
+        rows, n_x = x_local.numel() // x_local.shape[-1], x_local.numel()
         in_f, r = x_local.shape[-1], h_local.shape[-1]
         packed = torch.cat([x_local.reshape(-1), h_local.reshape(-1)])
         full = torch.empty(world * packed.numel(), dtype=packed.dtype, device=packed.device)
