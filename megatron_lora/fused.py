@@ -22,9 +22,10 @@ def _base_matmul(x2d, weight, bias):
     return torch.addmm(bias, x2d, weight.t())
 
 
-def _base_grads(ctx, g, x2d, weight, bias_index=2, weight_index=1):
-    grad_weight = torch.mm(g.t(), x2d) if ctx.needs_input_grad[weight_index] else None
-    grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[bias_index] else None
+def _base_grads(ctx, g, x2d):
+    """Gradients of the base weight (input 1) and bias (input 2), when they are trainable."""
+    grad_weight = torch.mm(g.t(), x2d) if ctx.needs_input_grad[1] else None
+    grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_weight, grad_bias
 
 
@@ -51,7 +52,7 @@ class _LinearWithLora(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(g, weight).addmm_(grad_h, weight_a).view(x.shape)
-        grad_weight, grad_bias = _base_grads(ctx, g, x2d, weight)
+        grad_weight, grad_bias = _base_grads(ctx, g, x2d)
         return grad_x, grad_weight, grad_bias, grad_a, grad_b, None
 
 
@@ -76,7 +77,7 @@ class _LinearWithLowRankUp(torch.autograd.Function):
             if ctx.needs_input_grad[0] else None
         grad_h = torch.mm(g, weight_b).view(h.shape) if ctx.needs_input_grad[3] else None
         grad_b = torch.mm(g.t(), _as_2d(h)) if ctx.needs_input_grad[4] else None
-        grad_weight, grad_bias = _base_grads(ctx, g, _as_2d(x) if x is not None else None, weight)
+        grad_weight, grad_bias = _base_grads(ctx, g, _as_2d(x) if x is not None else None)
         return grad_x, grad_weight, grad_bias, grad_h, grad_b
 
 

@@ -264,9 +264,13 @@ class LoraParallelLinear(torch.nn.Module):
             adapter = adapters[0]
             return linear_with_lora(x, weight, bias, self._weight_a(adapter, x.dtype),
                                     self._weight_b(adapter, x.dtype), self.scaling[adapter])
-        h_fulls = [self._down(a, x, sharded=self.layout.input_is_sharded) for a in adapters]
-        h = h_fulls[0] if len(h_fulls) == 1 else torch.cat(h_fulls, dim=-1)
+        h = self._stacked_down(adapters, x, sharded=self.layout.input_is_sharded)
         return linear_with_low_rank_up(x, weight, bias, h, self._stacked_weight_b(adapters, x.dtype))
+
+    def _stacked_down(self, adapters, x, sharded: bool) -> torch.Tensor:
+        """[.., Σr]: every active adapter's scaled down-projection, side by side."""
+        hs = [self._down(a, x, sharded=sharded) for a in adapters]
+        return hs[0] if len(hs) == 1 else torch.cat(hs, dim=-1)
 
     def _stacked_weight_b(self, adapters, dtype) -> torch.Tensor:
         """[out, Σr]: one GEMM adds every active adapter's up-projection."""
@@ -277,10 +281,8 @@ class LoraParallelLinear(torch.nn.Module):
         layout, base = self.layout, self.base_layer
         bias = base.bias if not base.skip_bias_add else None
         if layout.sequence_parallel and layout.world_size > 1:
-            h_locals = [self._down(a, x, sharded=True) for a in adapters]
-            h_local = h_locals[0] if len(h_locals) == 1 else torch.cat(h_locals, dim=-1)
             return column_sequence_parallel_linear(
-                x, h_local, weight, bias, self._stacked_weight_b(adapters, x.dtype), layout.group
+                x, self._stacked_down(adapters, x, sharded=True), weight, bias, self._stacked_weight_b(adapters, x.dtype), layout.group
             )
         if layout.reduces_input_grad:
             x = copy_to_tensor_model_parallel_region(x, group=layout.group)

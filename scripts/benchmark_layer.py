@@ -96,20 +96,23 @@ def worker(rank, world, args, sp, device_name):
             times[use_lora].append(time.perf_counter() - start)
 
     memory, collectives = {}, {}
-    resident = sum(t.numel() * t.element_size() for t in [x, dy] + [
-        p for p in (list(lora_layers[0].base_layer.parameters()) + list(lora_layers[1].base_layer.parameters()))])
-    lora_resident = sum(p.numel() * p.element_size() for p in lora_params)
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    base_params = [p for layer in lora_layers for p in layer.base_layer.parameters()]
+    resident = nbytes([x, dy] + base_params)
     for use_lora in (False, True):
         step(use_lora)  # grads exist, as in training after the first step
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             step(use_lora)
-            memory[use_lora] = torch.cuda.max_memory_allocated() - before + resident
+            transient = torch.cuda.max_memory_allocated() - before
         else:
             with PeakTensorMemory() as tracker:
                 step(use_lora)
-            memory[use_lora] = tracker.peak + resident + (lora_resident if use_lora else 0)
+            transient = tracker.peak
+        memory[use_lora] = transient + resident + (nbytes(lora_params) if use_lora else 0)
         with CollectiveCounter() as counter:
             step(use_lora)
         collectives[use_lora] = counter.calls

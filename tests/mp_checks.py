@@ -79,10 +79,10 @@ def build_layer(kind, in_f, out_f, *, world, rank, sp, dtype, bias, skip, gather
     return wrapped, full_w, (full_b if bias else None)
 
 
-def logical_factors(lora, name, in_f, out_f, dtype):
+def logical_factors(lora, name, in_f, out_f, dtype, adapter="default"):
     from megatron_lora.init import full_lora_factors
 
-    full_a, full_b = full_lora_factors(lora, name, "default", in_f, out_f)
+    full_a, full_b = full_lora_factors(lora, name, adapter, in_f, out_f)
     return full_a.to(dtype), full_b.to(dtype)
 
 
@@ -294,9 +294,7 @@ def multi_adapter(rank, world, group):
         rx = leaf(x)
         ref = rx @ w.t()
         for name, config in (("default", first), ("second", second)):
-            from megatron_lora.init import full_lora_factors
-
-            full_a, full_b = (leaf(t.to(dtype)) for t in full_lora_factors(config, "m", name, in_f, out_f))
+            full_a, full_b = (leaf(t) for t in logical_factors(config, "m", in_f, out_f, dtype, name))
             factors[name] = (full_a, full_b)
             ref = ref + config.scaling * (rx @ full_a.t()) @ full_b.t()
         ref.backward(dy)
