@@ -116,7 +116,27 @@ def make_cpu_ready(allow_with_cuda: bool = False) -> None:
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     mcore_random.initialize_rng_tracker(force_reset=True)
 
+    # 3. Attention masks: when no mask is passed, the softmax builds its causal mask with a
+    # hard-coded device="cuda"; build the same boolean masks on the CPU.
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    for module in (transformer_utils, fused_softmax):
+        module.get_default_causal_mask = _cpu_causal_mask
+        module.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
+
     _READY = True
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _cpu_sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    visible = torch.ones(sq, skv, dtype=torch.bool)
+    visible = torch.tril(torch.triu(visible, diagonal=skv - sq - window_size[0]),
+                         diagonal=skv - sq + window_size[1])
+    return ~visible
 
 
 def _is_cuda(device) -> bool:

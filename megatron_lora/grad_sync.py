@@ -77,3 +77,61 @@ def finalize_model_grads_with_lora(model, *args, **kwargs):
     result = finalize_model_grads(model, *args, **kwargs)
     finalize_lora_grads(model)
     return result
+
+
+def _norm_group():
+    """The group over which the LoRA parameters of one model replica are spread (TP × PP)."""
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            return parallel_state.get_model_parallel_group()
+    except (AssertionError, RuntimeError):
+        pass
+    return None  # the default group: a pure-TP setup without megatron's parallel state
+
+
+def lora_grad_norm(model) -> float:
+    """The L2 norm of every active LoRA gradient, as the TP=1 model would compute it.
+
+    Call after finalize_lora_grads. Sharded factors count on every rank (each holds a different
+    slice); a replicated factor counts only on TP rank 0 of its layer, so it counts once.
+    Collective over the model-parallel group (TP × PP) when distributed.
+    """
+    total = None
+    for layer in _lora_layers(model):
+        replicated = {id(p) for p in layer.replicated_lora_parameters()}
+        for factors in (layer.lora_A, layer.lora_B):
+            for factor in factors.values():
+                grad = _grad_of(factor.weight) if factor.weight.requires_grad else None
+                if grad is None or (id(factor.weight) in replicated and layer.layout.rank != 0):
+                    continue
+                square = grad.detach().double().pow(2).sum()
+                total = square if total is None else total + square
+    if total is None:
+        total = torch.zeros((), dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total, group=_norm_group())
+    return float(total.sqrt())
+
+
+def clip_lora_grads_(model, max_norm: float) -> float:
+    """Scale every LoRA gradient so that their total norm is at most ``max_norm``.
+
+    Returns the norm before clipping (what training logs show). The scale is the same on
+    every rank because the norm is.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm={max_norm!r} is invalid: expected a number > 0")
+    norm = lora_grad_norm(model)
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1.0:
+        for layer in _lora_layers(model):
+            for factors in (layer.lora_A, layer.lora_B):
+                for factor in factors.values():
+                    grad = _grad_of(factor.weight) if factor.weight.requires_grad else None
+                    if grad is not None:
+                        grad.mul_(scale)
+    return norm

@@ -18,9 +18,14 @@ import torch
 from .config import LoraConfig
 
 
-def factor_seed(seed: int, module_name: str, adapter_name: str, factor: str) -> int:
-    key = f"megatron_lora/v1\0{seed}\0{module_name}\0{adapter_name}\0{factor}".encode()
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from a stable hash of the parts (the same in every process and run)."""
+    key = "\0".join(["megatron_lora/v1", *map(str, parts)]).encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
+
+
+def factor_seed(seed: int, module_name: str, adapter_name: str, factor: str) -> int:
+    return stable_seed(seed, module_name, adapter_name, factor)
 
 
 def _uniform(shape, bound: float, seed: int) -> torch.Tensor:
@@ -76,3 +81,18 @@ def shard_columns(full: torch.Tensor, rank: int, world_size: int) -> torch.Tenso
     if world_size == 1:
         return full
     return full.chunk(world_size, dim=1)[rank]
+
+
+def unshard_rows(shards, packed_gate_up: bool) -> torch.Tensor:
+    """Inverse of shard_rows: the canonical full tensor from every rank's rows, in rank order."""
+    if len(shards) == 1:
+        return shards[0]
+    if packed_gate_up:
+        halves = [shard.chunk(2, dim=0) for shard in shards]
+        return torch.cat([gate for gate, _ in halves] + [up for _, up in halves], dim=0)
+    return torch.cat(list(shards), dim=0)
+
+
+def unshard_columns(shards) -> torch.Tensor:
+    """Inverse of shard_columns."""
+    return shards[0] if len(shards) == 1 else torch.cat(list(shards), dim=1)

@@ -42,7 +42,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from .config import LoraConfig
 from .fused import linear_with_lora, linear_with_low_rank_up
-from .init import full_lora_factors, shard_columns, shard_rows
+from .init import full_lora_factors, shard_columns, shard_rows, unshard_columns, unshard_rows
 from .parallel import (
     COLUMN,
     ParallelLayout,
@@ -65,6 +65,34 @@ class LoraFactor(torch.nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.weight = torch.nn.Parameter(weight)
+
+    def full_factors(self, adapter_name: str, *, grads: bool = False):
+        """The logical A [r, in] and B [out, r] (or their gradients), gathered over the TP group.
+
+        Collective over the layer's TP group. Canonical layout: the same at every TP size
+        (SwiGLU fc1's B as [gate_all; up_all]). Gradients of replicated factors must already
+        be complete (finalize_lora_grads), so the local one is taken as is.
+        """
+        self._require_adapters([adapter_name])
+        layout = self.layout
+
+        def local(factor):
+            weight = factor[adapter_name].weight
+            tensor = weight.grad if grads else weight
+            if tensor is None:
+                raise ValueError(f"{self.module_name}: {adapter_name!r} has no gradient yet")
+            return tensor.detach()
+
+        def gathered(tensor):
+            if layout.world_size == 1:
+                return [tensor]
+            shards = [torch.empty_like(tensor) for _ in range(layout.world_size)]
+            torch.distributed.all_gather(shards, tensor.contiguous(), group=layout.group)
+            return shards
+
+        if layout.kind == COLUMN:
+            return local(self.lora_A), unshard_rows(gathered(local(self.lora_B)), layout.packed_gate_up)
+        return unshard_columns(gathered(local(self.lora_A))), local(self.lora_B)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}"
@@ -99,6 +127,8 @@ class LoraParallelLinear(torch.nn.Module):
         self.scaling: Dict[str, float] = {}
         self.lora_configs: Dict[str, LoraConfig] = {}
         self.active_adapters: List[str] = []
+        self.merged_adapters: List[str] = []  # their deltas live in the base weight now
+        self.disabled = False  # set by model.disable_adapters(): base output only
         self.update_layer(adapter_name, lora_config if lora_config is not None else LoraConfig())
 
     # --- adapters ------------------------------------------------------------------------
@@ -139,13 +169,29 @@ class LoraParallelLinear(torch.nn.Module):
             self.active_adapters.append(adapter_name)
 
     def set_adapter(self, adapter_names) -> None:
+        """Make these adapters active (summed) and trainable, and the others frozen."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._require_adapters(names)
+        self.active_adapters = names
+        for name in self.lora_A:
+            self.lora_A[name].weight.requires_grad_(name in names)
+            self.lora_B[name].weight.requires_grad_(name in names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._require_adapters([adapter_name])
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before deleting")
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            del store[adapter_name]
+        del self.scaling[adapter_name], self.lora_configs[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def _require_adapters(self, names) -> None:
         unknown = [n for n in names if n not in self.lora_A]
         if unknown:
             raise ValueError(
                 f"unknown adapter(s) {unknown}; this layer has {sorted(self.lora_A.keys())}"
             )
-        self.active_adapters = names
 
     def _mark_parallel_attributes(self, weight_a, weight_b, base_weight) -> None:
         """The attributes megatron-core's optimizer, DDP and grad-norm code read."""
@@ -174,7 +220,13 @@ class LoraParallelLinear(torch.nn.Module):
         return getattr(self.base_layer, "weight", None)
 
     def _active(self) -> List[str]:
-        return [name for name in self.active_adapters if name in self.lora_A]
+        """The adapters forward adds: active, present, and not already merged."""
+        if self.disabled:
+            return []
+        return [
+            name for name in self.active_adapters
+            if name in self.lora_A and name not in self.merged_adapters
+        ]
 
     def _dropout_rng(self, sharded: bool):
         """Replicated inputs draw from the default stream (the same on every TP rank, as
@@ -352,17 +404,81 @@ class LoraParallelLinear(torch.nn.Module):
 
     # --- weights -------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """This rank's local s·B Aᵀ-shaped delta, in the base weight's dtype and shape."""
-        if adapter_name not in self.lora_A:
-            raise ValueError(
-                f"unknown adapter {adapter_name!r}; this layer has {sorted(self.lora_A.keys())}"
-            )
+        """This rank's local s·B A delta, in the base weight's dtype and shape."""
+        delta = self._delta_float64(adapter_name)
         base_weight = self._base_weight_or_none()
-        weight_a = self.lora_A[adapter_name].weight
-        compute_dtype = torch.promote_types(weight_a.dtype, torch.float32)
-        weight_b = self.lora_B[adapter_name].weight.to(compute_dtype)
-        delta = (weight_b @ weight_a.to(compute_dtype)) * self.scaling[adapter_name]
-        return delta.to(base_weight.dtype if base_weight is not None else weight_a.dtype)
+        return delta.to(base_weight.dtype if base_weight is not None else torch.float32)
+
+    def _delta_float64(self, adapter_name: str) -> torch.Tensor:
+        """s·B_local A_local in float64: the same tensor every time, for merge and unmerge."""
+        self._require_adapters([adapter_name])
+        weight_a = self.lora_A[adapter_name].weight.detach().to(torch.float64)
+        weight_b = self.lora_B[adapter_name].weight.detach().to(torch.float64)
+        return (weight_b @ weight_a) * self.scaling[adapter_name]
+
+    def _merge_target(self) -> torch.Tensor:
+        weight = self._base_weight_or_none()
+        if weight is None:
+            raise ValueError(f"{self.module_name or 'this layer'}: the base layer has no weight to merge into")
+        return weight
+
+    @torch.no_grad()
+    def merge(self, adapter_names=None) -> None:
+        """Add the deltas (default: the active adapters) into this rank's base weight shard.
+
+        No communication: each rank's delta is its own shard of s·B A. Computed in float64
+        and rounded once to the base dtype, which is kept.
+        """
+        names = self.active_adapters if adapter_names is None else [
+            n for n in adapter_names if n in self.lora_A
+        ]
+        weight = self._merge_target()
+        for name in names:
+            if name in self.merged_adapters:
+                continue
+            weight.copy_((weight.to(torch.float64) + self._delta_float64(name)).to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged deltas again, newest first.
+
+        Each element comes back within one rounding step of the merged weight (|Δ| ≤ one ulp
+        of max(|w|, |w_merged|) in the base dtype); it is bit-exact wherever merging did not
+        move the element into a higher binade, which is almost every element.
+        """
+        weight = self._merge_target()
+        for name in reversed(self.merged_adapters):
+            weight.copy_((weight.to(torch.float64) - self._delta_float64(name)).to(weight.dtype))
+        self.merged_adapters = []
+
+    def full_factors(self, adapter_name: str, *, grads: bool = False):
+        """The logical A [r, in] and B [out, r] (or their gradients), gathered over the TP group.
+
+        Collective over the layer's TP group. Canonical layout: the same at every TP size
+        (SwiGLU fc1's B as [gate_all; up_all]). Gradients of replicated factors must already
+        be complete (finalize_lora_grads), so the local one is taken as is.
+        """
+        self._require_adapters([adapter_name])
+        layout = self.layout
+
+        def local(factor):
+            weight = factor[adapter_name].weight
+            tensor = weight.grad if grads else weight
+            if tensor is None:
+                raise ValueError(f"{self.module_name}: {adapter_name!r} has no gradient yet")
+            return tensor.detach()
+
+        def gathered(tensor):
+            if layout.world_size == 1:
+                return [tensor]
+            shards = [torch.empty_like(tensor) for _ in range(layout.world_size)]
+            torch.distributed.all_gather(shards, tensor.contiguous(), group=layout.group)
+            return shards
+
+        if layout.kind == COLUMN:
+            return local(self.lora_A), unshard_rows(gathered(local(self.lora_B)), layout.packed_gate_up)
+        return unshard_columns(gathered(local(self.lora_A))), local(self.lora_B)
 
     def extra_repr(self) -> str:
         return f"{self.layout.describe()}, adapters={list(self.lora_A.keys())}"

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import gpt_checks  # noqa: E402
 import mp_checks  # noqa: E402
 
 SECTIONS = ("parity", "multi_adapter", "init", "dropout", "collectives", "ddp", "errors")
@@ -35,5 +36,29 @@ def spawned():
         if isinstance(cache[tp], Exception):
             raise cache[tp]
         return cache[tp]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gpt_spawned():
+    """gpt_spawned(world) -> {(tp, pp, sp): rank-0 view} for every layout of that world size.
+
+    Per layout: the per-rank result dicts merged, since under PP each stage returns its own
+    modules (keyed by global name) and only the last stage has the loss.
+    """
+    from megatron_lora.cpu import spawn_gloo
+
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            try:
+                cache[world] = spawn_gloo(gpt_checks.run_all, world, timeout=SPAWN_TIMEOUT_S)
+            except (RuntimeError, TimeoutError) as error:
+                cache[world] = error
+        if isinstance(cache[world], Exception):
+            raise cache[world]
+        return cache[world]
 
     return get

@@ -1,0 +1,182 @@
+"""Building a megatron-core GPTModel from an experiment config, the same at any layout.
+
+Used by the tests and the training scripts. Two things make a model built here the same
+logical model at every TP/PP size:
+
+* the base weights are drawn like the LoRA factors (DESIGN.md 5): each full tensor from a
+  generator seeded by (seed, its global name), then sliced to this rank's shard; so TP=1 and
+  TP=4 + PP=2 runs start from identical logical weights with no copying;
+* the norms are plain torch norms whose parameters carry ``sequence_parallel`` as megatron's
+  fused norms do (megatron's torch fallback refuses SP), so the local spec runs with SP on CPU
+  and on GPU alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .init import shard_rows, stable_seed
+from .model import _is_packed_gate_up, global_named_modules
+
+
+class SequenceParallelNorm:
+    """torch.nn.RMSNorm / LayerNorm for megatron's ModuleSpec, usable with SP.
+
+    Under SP each rank normalises its own sequence shard, so the norm's parameter gradient
+    is partial per rank; ``sequence_parallel=True`` tells megatron's finalize_model_grads
+    to sum it over TP (exactly what megatron's fused norms mark).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        if config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        else:
+            raise ValueError(
+                f"normalization={config.normalization!r} is not supported here; "
+                f"use 'RMSNorm' or 'LayerNorm'"
+            )
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def gpt_block_spec(config, num_layers_on_stage: int):
+    """megatron-core's local GPT layer spec with SP-capable torch norms."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    layer_spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts, normalization=config.normalization
+    )
+    layer_spec.submodules.input_layernorm = SequenceParallelNorm
+    layer_spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec] * num_layers_on_stage, layer_norm=SequenceParallelNorm
+    )
+
+
+def initialize_model_parallel(experiment) -> None:
+    """megatron's parallel state and RNG seeding for this experiment's layout.
+
+    torch.distributed must already be initialised; the layout is checked against the world
+    size first, with the config's own message.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    experiment.check_world_size(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=experiment.tensor_model_parallel_size,
+        pipeline_model_parallel_size=experiment.pipeline_model_parallel_size,
+        expert_model_parallel_size=experiment.expert_model_parallel_size,
+        expert_tensor_parallel_size=experiment.expert_tensor_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(experiment.seed)
+
+
+def build_gpt_model(experiment, *, layout_invariant_init: bool = True, **config_overrides):
+    """This pipeline stage's GPTModel for ``experiment`` (call initialize_model_parallel first).
+
+    ``layout_invariant_init`` draws every base weight from (seed, global name) so the model is
+    the same at every TP/PP size; False keeps megatron's own initialisation (faster for huge
+    shapes that are about to be overwritten by a checkpoint anyway).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    # megatron only marks TP shards (tensor_model_parallel, partition_dim) when it initialises
+    # them itself, so let it, then overwrite with the layout-invariant draw.
+    config = experiment.transformer_config(
+        use_cpu_initialization=True, perform_initialization=True, **config_overrides
+    )
+    settings = experiment.megatron_config
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=gpt_block_spec(config, get_num_layers_to_build(config)),
+        vocab_size=settings["vocab_size"],
+        max_sequence_length=settings["seq_length"],
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=not settings["untie_embeddings_and_output_weights"],
+        position_embedding_type=settings["position_embedding_type"],
+        rotary_percent=settings["rotary_percent"],
+        rotary_base=settings["rotary_base"],
+    )
+    if layout_invariant_init:
+        initialize_base_weights(model, experiment.seed, config)
+    return model
+
+
+def _tp_size_of(param) -> int:
+    from megatron.core import parallel_state
+
+    if getattr(param, "allreduce", True) is False:  # expert weights use the expert-TP group
+        return parallel_state.get_expert_tensor_parallel_world_size()
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _tp_rank_of(param) -> int:
+    from megatron.core import parallel_state
+
+    if getattr(param, "allreduce", True) is False:
+        return parallel_state.get_expert_tensor_parallel_rank()
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+@torch.no_grad()
+def initialize_base_weights(model, seed: int, config) -> None:
+    """Draw every matrix of the base as its full logical tensor, keep this rank's shard.
+
+    Matrices ~ N(0, init_method_std); linear_proj / linear_fc2 with megatron's scaled std
+    (std / sqrt(2 · num_layers)). Vectors (norm scales, biases) keep their constructor values,
+    which do not depend on the layout. SwiGLU fc1 is sliced gate/up-aware.
+    """
+    std = config.init_method_std
+    scaled_std = std / math.sqrt(2.0 * config.num_layers)
+    for module_name, module in global_named_modules(model):
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.dim() < 2 or getattr(param, "is_lora", False):
+                continue
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            leaf = module_name.rsplit(".", 1)[-1]
+            param_std = scaled_std if leaf in ("linear_proj", "linear_fc2") else std
+            full_shape = list(param.shape)
+            sharded = getattr(param, "tensor_model_parallel", False)
+            tp_size, tp_rank = (_tp_size_of(param), _tp_rank_of(param)) if sharded else (1, 0)
+            partition_dim = getattr(param, "partition_dim", 0) if sharded else 0
+            full_shape[partition_dim] *= tp_size
+            generator = torch.Generator(device="cpu").manual_seed(stable_seed(seed, "base", name))
+            full = torch.randn(full_shape, generator=generator, dtype=torch.float32) * param_std
+            if partition_dim == 0:
+                local = shard_rows(full, tp_rank, tp_size, _is_packed_gate_up(module_name, module))
+            else:
+                local = full.chunk(tp_size, dim=partition_dim)[tp_rank]
+            param.copy_(local.to(param.dtype))
+
+
+def gpt_forward_inputs(tokens: torch.Tensor):
+    """(position_ids, attention_mask) for a causal GPT forward; the mask is built inside."""
+    batch, seq = tokens.shape
+    position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
+    return position_ids, None
+
+
+def gathered_logits(logits: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
+    """Full-vocabulary logits from vocab-parallel ones (for tests and generation)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    group = group or parallel_state.get_tensor_model_parallel_group()
+    if group.size() == 1:
+        return logits
+    return gather_from_tensor_model_parallel_region(logits, group=group)

@@ -1,0 +1,464 @@
+"""LoRA on a whole megatron-core model: targeting, freezing, adapters, merging, the report.
+
+Every function here takes a model (a ``GPTModel``, any module tree holding megatron parallel
+linears) or a list of model chunks (pipeline parallelism), and works on every rank without
+communication, except ``apply_lora``, which is collective: all ranks call it, so that a target
+found on no pipeline stage is an error and the report can give global figures.
+
+Names. Modules are named by their *global* name: the name they would have in the
+unpartitioned model. Under pipeline parallelism a stage's ``decoder.layers.0`` is global layer
+``layer_number - 1``; under expert parallelism a rank's ``local_experts.0`` is its first global
+expert. Targets match global names, the initialisation is seeded by them and checkpoints are
+keyed by them, so an adapter is the same logical adapter whatever the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .config import LoraConfig
+from .dispatch import SUPPORTED_LAYERS, dispatch_megatron
+from .layer import LoraParallelLinear
+
+DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+ModelLike = Union[torch.nn.Module, Sequence[torch.nn.Module]]
+
+
+# --- global names --------------------------------------------------------------------------
+
+
+def _chunks(model: ModelLike) -> List[torch.nn.Module]:
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        if not isinstance(chunk, torch.nn.Module):
+            raise TypeError(
+                f"expected a torch.nn.Module or a list of model chunks, got {type(chunk).__name__}"
+            )
+    return chunks
+
+
+def _global_child_name(parent, child_name: str, child, ancestors) -> str:
+    """The child's name in the unpartitioned model (layer and expert numbers made global)."""
+    if not isinstance(parent, torch.nn.ModuleList) or not child_name.isdigit():
+        return child_name
+    layer_number = getattr(child, "layer_number", None)
+    if isinstance(layer_number, int):  # TransformerLayer: layer_number is global and 1-based
+        return str(layer_number - 1)
+    if ancestors and getattr(ancestors[-1], "local_experts", None) is parent:
+        for ancestor in reversed(ancestors):  # the MoE layer knows its experts' global numbers
+            indices = getattr(ancestor, "local_expert_indices", None)
+            if indices is not None:
+                return str(indices[int(child_name)])
+    return child_name
+
+
+def global_named_modules(model: ModelLike) -> Iterator[Tuple[str, torch.nn.Module]]:
+    """(global name, module) for every module of every chunk, in order."""
+
+    def walk(module, name, ancestors):
+        yield name, module
+        for child_name, child in module._modules.items():
+            if child is None:
+                continue
+            part = _global_child_name(module, child_name, child, ancestors)
+            yield from walk(child, f"{name}.{part}" if name else part, ancestors + [module])
+
+    for chunk in _chunks(model):
+        yield from walk(chunk, "", [])
+
+
+def lora_layers(model: ModelLike) -> Iterator[Tuple[str, LoraParallelLinear]]:
+    """(global name, layer) for every LoraParallelLinear in the model."""
+    for name, module in global_named_modules(model):
+        if isinstance(module, LoraParallelLinear):
+            yield name, module
+
+
+def _adaptable_modules(model: ModelLike):
+    """(global name, parent, attribute, module) of every supported layer or existing wrapper."""
+    found = []
+    for chunk in _chunks(model):
+        stack = [(chunk, "", [])]
+        while stack:
+            module, name, ancestors = stack.pop()
+            for child_name, child in module._modules.items():
+                if child is None:
+                    continue
+                part = _global_child_name(module, child_name, child, ancestors)
+                child_global = f"{name}.{part}" if name else part
+                if isinstance(child, (LoraParallelLinear,) + SUPPORTED_LAYERS):
+                    found.append((child_global, module, child_name, child))
+                else:  # never look inside a wrapper: its base layer is not a target of its own
+                    stack.append((child, child_global, ancestors + [module]))
+    found.sort(key=lambda item: item[0])
+    return found
+
+
+# --- matching ------------------------------------------------------------------------------
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """A target matches a global module name by one of four rules:
+
+    ``re:<regex>`` full regex match; a pattern with ``*``, ``?`` or ``[`` is a glob over the
+    whole name (``decoder.layers.*.mlp.linear_fc1``); otherwise the exact name or a dotted
+    suffix of it (``linear_fc1``, ``mlp.linear_fc1``).
+    """
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if any(char in pattern for char in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _name_shapes(names: Iterable[str]) -> List[str]:
+    """Names with layer/expert numbers folded to '*', for error messages."""
+    return sorted({re.sub(r"\.\d+(?=\.|$)", ".*", name) for name in names})
+
+
+def _is_packed_gate_up(name: str, module) -> bool:
+    """SwiGLU's linear_fc1 holds [gate_i; up_i] per rank (DESIGN.md 4, packed layouts)."""
+    config = getattr(module, "config", None)
+    return name.rsplit(".", 1)[-1] == "linear_fc1" and bool(
+        getattr(config, "gated_linear_unit", False)
+    )
+
+
+def _counts_device():
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _sum_over_world(values: Sequence[int]) -> List[int]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.int64, device=_counts_device())
+    dist.all_reduce(tensor)
+    return [int(v) for v in tensor.tolist()]
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+@dataclass
+class LoraReport:
+    """What apply_lora did. Global counts are of the logical (unpartitioned) model."""
+
+    adapter_name: str
+    adapted_modules: List[str] = field(default_factory=list)  # this rank, global names
+    local_trainable: int = 0
+    local_total: int = 0
+    global_adapted: int = 0
+    global_trainable: int = 0
+    global_total: int = 0
+    rank: int = 0
+
+    @property
+    def local_share(self) -> float:
+        return self.local_trainable / max(1, self.local_total)
+
+    @property
+    def global_share(self) -> float:
+        return self.global_trainable / max(1, self.global_total)
+
+    def __str__(self) -> str:
+        return (
+            f"LoRA adapter {self.adapter_name!r}: {self.global_adapted} modules adapted; "
+            f"trainable {self.global_trainable:,} of {self.global_total:,} parameters "
+            f"({100 * self.global_share:.3f}%) in the whole model; rank {self.rank}: "
+            f"{len(self.adapted_modules)} modules, {self.local_trainable:,} of "
+            f"{self.local_total:,} local parameters ({100 * self.local_share:.3f}%)"
+        )
+
+
+def _parallel_ranks():
+    """(tp_rank, tp_size, dp_rank, etp_rank, etp_size, edp_rank), or TP=1 defaults."""
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            return (
+                ps.get_tensor_model_parallel_rank(),
+                ps.get_tensor_model_parallel_world_size(),
+                ps.get_data_parallel_rank(with_context_parallel=True),
+                ps.get_expert_tensor_parallel_rank(),
+                ps.get_expert_tensor_parallel_world_size(),
+                ps.get_expert_data_parallel_rank(),
+            )
+    except (AssertionError, RuntimeError):
+        pass
+    return 0, 1, 0, 0, 1, 0
+
+
+def _logical_counts(model: ModelLike) -> Tuple[int, int]:
+    """(trainable, total) logical parameters this rank is the owner of for counting.
+
+    A TP shard is scaled up to its full tensor; only TP rank 0 of DP rank 0 counts dense
+    parameters (expert ones: expert-TP rank 0 of expert-DP rank 0), so a sum over the world
+    counts every logical parameter exactly once.
+    """
+    tp_rank, tp_size, dp_rank, etp_rank, etp_size, edp_rank = _parallel_ranks()
+    trainable = total = 0
+    seen = set()
+    for chunk in _chunks(model):
+        for param in chunk.parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            expert = getattr(param, "allreduce", True) is False
+            owner = (etp_rank, edp_rank) == (0, 0) if expert else (tp_rank, dp_rank) == (0, 0)
+            if not owner:
+                continue
+            scale = (etp_size if expert else tp_size) if getattr(
+                param, "tensor_model_parallel", False
+            ) else 1
+            total += param.numel() * scale
+            if param.requires_grad:
+                trainable += param.numel() * scale
+    return trainable, total
+
+
+def lora_report(model: ModelLike, adapter_name: str) -> LoraReport:
+    """Counts for ``adapter_name``: collective (all ranks call it) when distributed."""
+    adapted = [name for name, layer in lora_layers(model) if adapter_name in layer.lora_A]
+    seen, local_trainable, local_total = set(), 0, 0
+    for chunk in _chunks(model):
+        for param in chunk.parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                local_total += param.numel()
+                local_trainable += param.numel() if param.requires_grad else 0
+    trainable, total = _logical_counts(model)
+    tp_rank, _, dp_rank, *_ = _parallel_ranks()
+    counted_adapted = len(adapted) if (tp_rank, dp_rank) == (0, 0) else 0
+    global_trainable, global_total, global_adapted = _sum_over_world(
+        [trainable, total, counted_adapted]
+    )
+    return LoraReport(
+        adapter_name=adapter_name,
+        adapted_modules=adapted,
+        local_trainable=local_trainable,
+        local_total=local_total,
+        global_adapted=global_adapted,
+        global_trainable=global_trainable,
+        global_total=global_total,
+        rank=dist.get_rank() if dist.is_available() and dist.is_initialized() else 0,
+    )
+
+
+# --- apply_lora ----------------------------------------------------------------------------
+
+
+def apply_lora(
+    model: ModelLike,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    *,
+    verbose: bool = True,
+    fused_collectives: bool = True,
+) -> ModelLike:
+    """Add the adapter ``adapter_name`` to every targeted layer, in place; returns ``model``.
+
+    Targets are ``config.target_modules`` (default: linear_qkv, linear_proj, linear_fc1,
+    linear_fc2) minus ``config.exclude_modules``, matched against global module names (see
+    :func:`name_matches`). Every base parameter is frozen; the new adapter becomes the active
+    (and only trainable) one. Calling it again with another name adds a second adapter to
+    the layers it targets. Collective: call it on every rank. Raises ValueError, before any
+    change to the model, when a target matches no layer on any rank.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+    targets = list(config.target_modules or DEFAULT_TARGETS)
+    excludes = list(config.exclude_modules or [])
+    candidates = _adaptable_modules(model)
+
+    match_counts = [
+        sum(name_matches(pattern, name) for name, *_ in candidates) for pattern in targets
+    ]
+    match_counts = _sum_over_world(match_counts)
+    unmatched = [pattern for pattern, count in zip(targets, match_counts) if count == 0]
+    if unmatched:
+        raise ValueError(
+            f"LoRA target(s) {unmatched} match no supported layer on any rank. Layers that "
+            f"exist: {_name_shapes(name for name, *_ in candidates)} (a target is a name, a "
+            f"dotted suffix such as 'mlp.linear_fc1', a glob such as "
+            f"'decoder.layers.*.mlp.linear_fc1', or 're:<regex>')"
+        )
+    selected = [
+        item
+        for item in candidates
+        if any(name_matches(p, item[0]) for p in targets)
+        and not any(name_matches(p, item[0]) for p in excludes)
+    ]
+    clashes = [
+        name for name, _, _, module in selected
+        if isinstance(module, LoraParallelLinear) and adapter_name in module.lora_A
+    ]
+    if clashes:
+        raise ValueError(
+            f"adapter {adapter_name!r} already exists on {clashes[:3]}{'…' if len(clashes) > 3 else ''};"
+            f" choose another adapter_name or delete_adapter({adapter_name!r}) first"
+        )
+
+    for name, parent, attribute, module in selected:
+        if isinstance(module, LoraParallelLinear):
+            module.update_layer(adapter_name, config)
+        else:
+            wrapped = dispatch_megatron(
+                module,
+                adapter_name,
+                config,
+                module_name=name,
+                packed_gate_up=_is_packed_gate_up(name, module),
+                fused_collectives=fused_collectives,
+            )
+            setattr(parent, attribute, wrapped)
+
+    for chunk in _chunks(model):
+        for param in chunk.parameters():
+            param.requires_grad_(False)
+        # every rank records the name, also a pipeline stage where it adapted nothing
+        registered = getattr(chunk, "lora_adapter_names", [])
+        chunk.lora_adapter_names = registered + [adapter_name]
+    set_adapter(model, adapter_name)
+
+    report = lora_report(model, adapter_name)
+    if verbose and report.rank == 0:
+        print(report, flush=True)
+    for chunk in _chunks(model):
+        chunk.lora_report = report
+    return model
+
+
+# --- adapter management ----------------------------------------------------------------------
+
+
+def adapter_names(model: ModelLike) -> List[str]:
+    """The adapters added to this model (on every pipeline stage, even one they skip)."""
+    names: List[str] = []
+    for chunk in _chunks(model):
+        names.extend(n for n in getattr(chunk, "lora_adapter_names", []) if n not in names)
+    for _, layer in lora_layers(model):
+        names.extend(n for n in layer.lora_A if n not in names)
+    return names
+
+
+def _require_known(model: ModelLike, names: List[str]) -> None:
+    known = adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {known}")
+
+
+def set_adapter(model: ModelLike, adapter_names_: Union[str, Sequence[str]]) -> None:
+    """Make these adapters active (their outputs summed) and trainable; the others neither.
+
+    A layer that lacks one of them uses the ones it has.
+    """
+    names = [adapter_names_] if isinstance(adapter_names_, str) else list(adapter_names_)
+    _require_known(model, names)
+    for _, layer in lora_layers(model):
+        layer.set_adapter([n for n in names if n in layer.lora_A])
+
+
+def active_adapters(model: ModelLike) -> List[str]:
+    names: List[str] = []
+    for _, layer in lora_layers(model):
+        names.extend(n for n in layer.active_adapters if n not in names)
+    return names
+
+
+def delete_adapter(model: ModelLike, adapter_name: str) -> None:
+    """Remove ``adapter_name`` from every layer (it must not be merged)."""
+    _require_known(model, [adapter_name])
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = [layer.module_name for layer in layers if adapter_name in layer.merged_adapters]
+    if merged:
+        raise ValueError(
+            f"adapter {adapter_name!r} is merged into {merged[:3]}; unmerge_adapter first"
+        )
+    for layer in layers:
+        if adapter_name in layer.lora_A:
+            layer.delete_adapter(adapter_name)
+    for chunk in _chunks(model):
+        if adapter_name in getattr(chunk, "lora_adapter_names", []):
+            chunk.lora_adapter_names = [n for n in chunk.lora_adapter_names if n != adapter_name]
+
+
+@contextlib.contextmanager
+def disable_adapters(model: ModelLike):
+    """Inside: every LoRA layer computes the base model's output (adapters kept, unused)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = [layer.module_name for layer in layers if layer.merged_adapters]
+    if merged:
+        raise ValueError(
+            f"disable_adapters() needs unmerged weights, but {merged[:3]} hold merged "
+            f"adapters; call unmerge_adapter(model) first"
+        )
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was_disabled in zip(layers, previous):
+            layer.disabled = was_disabled
+
+
+# --- merging ---------------------------------------------------------------------------------
+
+
+def merge_adapter(model: ModelLike, adapter_names_: Optional[Sequence[str]] = None) -> None:
+    """Add the adapters' deltas (default: the active ones) into the base weights, in place.
+
+    Every rank adds its own shard's delta (B_i A or B A_i), so there is no communication; the
+    base weight keeps its dtype. Merged adapters stop contributing in forward.
+    """
+    names = None if adapter_names_ is None else (
+        [adapter_names_] if isinstance(adapter_names_, str) else list(adapter_names_)
+    )
+    if names is not None:
+        _require_known(model, names)
+    for _, layer in lora_layers(model):
+        layer.merge(names)
+
+
+def unmerge_adapter(model: ModelLike) -> None:
+    """Subtract every merged delta again (see LoraParallelLinear.unmerge for the bound)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: ModelLike, adapter_names_: Optional[Sequence[str]] = None) -> ModelLike:
+    """Merge (default: the active adapters) and put the plain megatron layers back."""
+    merge_adapter(model, adapter_names_)
+    for chunk in _chunks(model):
+        replacements = [
+            (parent, attribute, module.base_layer)
+            for parent in chunk.modules()
+            for attribute, module in parent._modules.items()
+            if isinstance(module, LoraParallelLinear)
+        ]
+        for parent, attribute, base in replacements:
+            setattr(parent, attribute, base)
+        for attribute in ("lora_report", "lora_adapter_names"):
+            if hasattr(chunk, attribute):
+                delattr(chunk, attribute)
+    return model
+
+
+def lora_state_dict(model: ModelLike, adapter_name: str) -> Dict[str, torch.Tensor]:
+    """This rank's factors of one adapter keyed by global name (``<module>.lora_A.weight``)."""
+    state = {}
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            state[f"{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+            state[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+    return state

@@ -1,0 +1,362 @@
+"""Whole-GPT checks that run inside spawned gloo process groups.
+
+One spawn per world size runs every layout of that size (megatron's parallel state is rebuilt
+between layouts). Each layout builds the same logical GPT from the same seed, with no weight
+copying, and returns plain tensors keyed by global module name; the tests compare every
+layout with the TP=1 run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_lora.diagnostics import CollectiveCounter
+
+# GQA (8 heads, 4 query groups), SwiGLU, RMSNorm, rotary, no bias; divisible by TP 4 and PP 2.
+TINY_GPT = dict(
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=8,
+    num_query_groups=4,
+    ffn_hidden_size=96,
+    vocab_size=128,
+    seq_length=16,
+    normalization="RMSNorm",
+    activation="swiglu",
+    add_bias_linear=False,
+    position_embedding_type="rope",
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    init_method_std=0.05,
+    seed=1234,
+)
+TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+MICRO_BATCHES, MICRO_BATCH_SIZE = 2, 2
+TRAIN_STEPS, LEARNING_RATE, CLIP_NORM = 20, 1e-2, 1.0
+
+# (TP, PP, SP) layouts run by each world size; (1, 1, False) is the reference.
+LAYOUTS = {1: [(1, 1, False)], 2: [(2, 1, True), (1, 2, False)], 4: [(4, 1, False), (2, 2, True)]}
+
+
+def experiment(tp, pp, sp, **overrides):
+    from megatron_lora.config import load_experiment
+
+    settings = dict(TINY_GPT, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                    sequence_parallel=sp, **overrides)
+    return load_experiment(data={"megatron_config": settings, "lora": {"target_modules": TARGETS}})
+
+
+def build(exp, lora=None, adapter="default"):
+    from megatron_lora import apply_lora
+    from megatron_lora.gpt import build_gpt_model, initialize_model_parallel
+
+    initialize_model_parallel(exp)
+    model = build_gpt_model(exp)
+    if lora is not None:
+        apply_lora(model, lora, adapter, verbose=False)
+    return model
+
+
+def random_lora(seed=3, **kwargs):
+    """Both factors random, so every gradient and every delta is non-zero."""
+    from megatron_lora import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8.0, init_lora_weights=False, seed=seed,
+                      target_modules=kwargs.pop("target_modules", TARGETS), **kwargs)
+
+
+def batches(step, count=MICRO_BATCHES):
+    """The same token batches on every rank: [mbs, seq + 1] each (inputs and shifted labels)."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    vocab, seq = TINY_GPT["vocab_size"], TINY_GPT["seq_length"]
+    return [torch.randint(0, vocab, (MICRO_BATCH_SIZE, seq + 1), generator=generator)
+            for _ in range(count)]
+
+
+def _forward_step(data_iterator, model):
+    from megatron_lora.gpt import gpt_forward_inputs
+
+    batch = next(data_iterator)
+    tokens, labels = batch[:, :-1], batch[:, 1:]
+    position_ids, mask = gpt_forward_inputs(tokens)
+    per_token_loss = model(tokens, position_ids, mask, labels=labels)
+
+    def loss_func(losses):
+        loss = losses.float().mean()
+        return loss, {"loss": loss.detach()}
+
+    return per_token_loss, loss_func
+
+
+def run_schedule(model, micro_batches, forward_only=False):
+    """megatron-core's forward-backward schedule (1F1B under PP); the mean loss on the last
+    pipeline stage, None elsewhere."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_lora.cpu import cuda_arguments_to_cpu
+
+    with cuda_arguments_to_cpu():  # the schedules name CUDA explicitly (CPU_NOTES 8)
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iter(micro_batches), model=[model],
+            num_microbatches=len(micro_batches), seq_length=TINY_GPT["seq_length"],
+            micro_batch_size=MICRO_BATCH_SIZE, forward_only=forward_only)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return sum(item["loss"].item() for item in losses)  # each is already divided by the count
+
+
+def logits_of(model, tokens):
+    from megatron_lora.gpt import gathered_logits, gpt_forward_inputs
+
+    position_ids, mask = gpt_forward_inputs(tokens)
+    with torch.no_grad():
+        return gathered_logits(model(tokens, position_ids, mask)).detach().clone()
+
+
+def full_factors(model, grads=False):
+    """{global name: (A, B)} in the canonical layout, this rank's modules (collective per TP)."""
+    from megatron_lora.model import lora_layers
+
+    return {name: layer.full_factors("default", grads=grads) for name, layer in lora_layers(model)}
+
+
+def zero_lora_grads(model):
+    for param in model.parameters():
+        param.grad = None
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def check_parity(exp):
+    """Logits, loss, every LoRA gradient and the grad norm of one step; collectives counted."""
+    from megatron_lora import finalize_lora_grads, lora_grad_norm
+
+    model = build(exp, random_lora())
+    report = model.lora_report
+    result = {
+        "factors": full_factors(model),
+        "report": (report.global_adapted, report.global_trainable, report.global_total),
+    }
+    if exp.pipeline_model_parallel_size == 1:
+        result["logits"] = logits_of(model, batches(0)[0][:, :-1])
+    result["loss"] = run_schedule(model, batches(0))
+    finalize_lora_grads(model)
+    result["grads"] = full_factors(model, grads=True)
+    result["grad_norm"] = lora_grad_norm(model)
+    if exp.pipeline_model_parallel_size == 1:
+        result["collectives"] = count_step_collectives(model)
+    return result
+
+
+def count_step_collectives(model):
+    """(base, LoRA) collectives of one forward + backward (+ the LoRA grad sync).
+
+    The base step is the same model with adapters disabled, back-propagating to the
+    embedding output as a frozen base inside a LoRA run does.
+    """
+    from megatron_lora import disable_adapters, finalize_lora_grads
+
+    hook = model.embedding.register_forward_hook(lambda module, args, out: out.requires_grad_())
+    counts = []
+    try:
+        for use_lora in (False, True):
+            zero_lora_grads(model)
+            counter = CollectiveCounter()
+            context = disable_adapters(model) if not use_lora else torch.enable_grad()
+            with counter, context:
+                run_schedule(model, batches(0)[:1])
+                if use_lora:
+                    finalize_lora_grads(model)
+            counts.append(len(counter.calls))
+    finally:
+        hook.remove()
+    return tuple(counts)
+
+
+def check_training(exp):
+    """TRAIN_STEPS Adam steps on LoRA parameters only, clipped; the loss and norm per step.
+
+    Every step sees the same batches, so the loss must fall.
+    """
+    from megatron_lora import LoraConfig, clip_lora_grads_, finalize_lora_grads
+
+    lora = LoraConfig(r=4, lora_alpha=16.0, seed=7, target_modules=TARGETS)  # B = 0 at start
+    model = build(exp, lora)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
+    losses, norms, clipped = [], [], 0
+    for step in range(TRAIN_STEPS):
+        zero_lora_grads(model)
+        losses.append(run_schedule(model, batches(0)))
+        finalize_lora_grads(model)
+        norm = clip_lora_grads_(model, CLIP_NORM)
+        norms.append(norm)
+        clipped += norm > CLIP_NORM
+        optimizer.step()
+    base_after = dict(model.named_parameters())
+    unchanged = all(torch.equal(before, base_after[n]) for n, before in base_before.items())
+    return {"losses": losses, "norms": norms, "clipped_steps": clipped,
+            "factors": full_factors(model), "base_unchanged": unchanged}
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of floating-point numbers at |x| in x's dtype."""
+    mantissa_bits = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10, torch.float64: 52}
+    _, exponent = torch.frexp(x.double().abs().clamp_min(torch.finfo(x.dtype).tiny))
+    return torch.pow(2.0, (exponent - 1 - mantissa_bits[x.dtype]).double())
+
+
+def _unmerge_fidelity(model, merged_weights, originals):
+    """How well unmerge restored the base weights.
+
+    exact_fraction: elements restored bit for bit; exact_where_kept: the same among elements
+    whose merged value kept every bit of the original (|w_merged| not in a higher binade than
+    |w|, so the rounding lost nothing); max_ulps: the worst error in ulps of max(|w|, |w_merged|).
+    """
+    exact = total = kept_exact = kept = 0
+    worst = 0.0
+    for name, param in model.named_parameters():
+        if name not in originals:
+            continue
+        original, merged = originals[name], merged_weights[name]
+        same = torch.eq(param, original)
+        bits_kept = _ulp(merged) <= _ulp(original)
+        exact += same.sum().item()
+        total += param.numel()
+        kept_exact += (same & bits_kept).sum().item()
+        kept += bits_kept.sum().item()
+        scale = torch.maximum(_ulp(original), _ulp(merged))
+        worst = max(worst, ((param.double() - original.double()).abs() / scale).max().item())
+    return {"exact_fraction": exact / max(1, total), "exact_where_kept": kept_exact / max(1, kept),
+            "kept_fraction": kept / max(1, total), "max_ulps": worst}
+
+
+def _base_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if n.endswith("base_layer.weight")}
+
+
+def check_merge(exp):
+    """Disable, merge, unmerge, several adapters, delete, merge_and_unload (PP=1 layouts)."""
+    from megatron_lora import (LoraParallelLinear, adapter_names, apply_lora, delete_adapter,
+                               disable_adapters, merge_adapter, merge_and_unload, set_adapter,
+                               unmerge_adapter)
+
+    tokens = batches(0)[0][:, :-1]
+    model = build(exp)
+    base_keys = sorted(model.state_dict().keys())
+    out = {"base": logits_of(model, tokens)}
+    apply_lora(model, random_lora(), verbose=False)
+    out["lora"] = logits_of(model, tokens)
+    with disable_adapters(model):
+        out["disabled"] = logits_of(model, tokens)
+    out["after_disable"] = logits_of(model, tokens)
+
+    originals = _base_weights(model)
+    merge_adapter(model)
+    out["merged"] = logits_of(model, tokens)
+    merged_weights = _base_weights(model)
+    out["merge_changed_weights"] = any(
+        not torch.equal(merged_weights[n], originals[n]) for n in originals)
+    unmerge_adapter(model)
+    out["unmerged"] = logits_of(model, tokens)
+    out["unmerge"] = _unmerge_fidelity(model, merged_weights, originals)
+
+    apply_lora(model, random_lora(seed=5, target_modules=["linear_qkv", "mlp.linear_fc1"]),
+               "second", verbose=False)
+    out["only_second"] = logits_of(model, tokens)
+    set_adapter(model, ["default", "second"])
+    out["both"] = logits_of(model, tokens)
+    merge_adapter(model)
+    out["both_merged"] = logits_of(model, tokens)
+    unmerge_adapter(model)
+    delete_adapter(model, "second")
+    out["names_after_delete"] = adapter_names(model)
+    set_adapter(model, "default")
+    out["after_delete"] = logits_of(model, tokens)
+
+    merge_and_unload(model)
+    out["unloaded"] = logits_of(model, tokens)
+    out["wrappers_left"] = sum(isinstance(m, LoraParallelLinear) for m in model.modules())
+    out["keys_restored"] = sorted(model.state_dict().keys()) == base_keys
+    return out
+
+
+def check_merge_bf16(exp):
+    """A float32 adapter merged into a bfloat16 base: the base stays bfloat16; unmerge bound."""
+    from megatron_lora import merge_adapter, unmerge_adapter
+
+    model = build(exp, random_lora(lora_dtype="float32"))
+    originals = _base_weights(model)
+    merge_adapter(model)
+    merged = _base_weights(model)
+    dtypes = {str(w.dtype) for w in merged.values()}
+    unmerge_adapter(model)
+    return {"dtypes": dtypes, "unmerge": _unmerge_fidelity(model, merged, originals)}
+
+
+def _error_of(call):
+    try:
+        call()
+    except (ValueError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def check_targeting(exp):
+    """Which modules each kind of target selects, and the errors (model left untouched)."""
+    from megatron_lora import (LoraParallelLinear, apply_lora, delete_adapter, disable_adapters,
+                               merge_adapter, set_adapter)
+    from megatron_lora.model import lora_layers
+
+    def adapted(**lora_kwargs):
+        model = build(exp)
+        apply_lora(model, random_lora(**lora_kwargs), verbose=False)
+        return sorted(name for name, _ in lora_layers(model)), model.lora_report.global_adapted
+
+    out = {
+        "leaf": adapted(target_modules=["linear_fc1"]),
+        "suffix": adapted(target_modules=["self_attention.linear_proj"]),
+        "glob": adapted(target_modules=["decoder.layers.*.mlp.linear_fc1"]),
+        "glob_layers": adapted(target_modules=["decoder.layers.[01].*"]),
+        "regex": adapted(target_modules=[r"re:decoder\.layers\.[23]\.self_attention\..*"]),
+        "exclude": adapted(target_modules=TARGETS, exclude_modules=["decoder.layers.0.*"]),
+        "output_layer": adapted(target_modules=["output_layer"]),
+        "first_layer_only": adapted(target_modules=["decoder.layers.0.mlp.linear_fc1"]),
+    }
+    model = build(exp)
+    out["no_match"] = _error_of(
+        lambda: apply_lora(model, random_lora(target_modules=["linear_fc1", "linear_fc3"])))
+    out["untouched_after_error"] = not any(isinstance(m, LoraParallelLinear) for m in model.modules())
+    apply_lora(model, random_lora(), verbose=False)
+    out["duplicate"] = _error_of(lambda: apply_lora(model, random_lora(), verbose=False))
+    out["unknown_set"] = _error_of(lambda: set_adapter(model, "nope"))
+    out["unknown_delete"] = _error_of(lambda: delete_adapter(model, "nope"))
+    out["not_a_config"] = _error_of(lambda: apply_lora(model, {"r": 4}))
+    merge_adapter(model)
+
+    def enter_disabled():
+        with disable_adapters(model):
+            pass
+
+    out["disable_merged"] = _error_of(enter_disabled)
+    out["delete_merged"] = _error_of(lambda: delete_adapter(model, "default"))
+    return out
+
+
+def run_all(rank, world):
+    """Every layout of this world size; a dict per layout."""
+    torch.manual_seed(0)
+    results = {}
+    for tp, pp, sp in LAYOUTS[world]:
+        exp = experiment(tp, pp, sp)
+        layout = {"parity": check_parity(exp), "training": check_training(exp)}
+        if pp == 1 and (tp == 1 or sp):
+            layout["merge"] = check_merge(exp)
+            layout["merge_bf16"] = check_merge_bf16(experiment(tp, pp, sp, params_dtype="bfloat16"))
+        if tp == 1:
+            layout["targeting"] = check_targeting(exp)
+        results[(tp, pp, sp)] = layout
+    return results

@@ -1,0 +1,193 @@
+"""A whole megatron-core GPT with LoRA on all four linear targets, at TP/SP/PP layouts.
+
+Every layout builds the same logical model from the same seed (no weight copying) and is
+compared with the TP=1 run: logits, loss, every LoRA gradient, the grad norm, 20 training
+steps, and merge / disable / several adapters. See tests/gpt_checks.py for what runs.
+"""
+
+import pytest
+import torch
+
+from gpt_checks import LAYOUTS, TRAIN_STEPS
+
+FP32 = 1e-5
+REFERENCE = (1, 1, False)
+LAYOUT_IDS = {(2, 1, True): "tp2-sp", (1, 2, False): "pp2", (4, 1, False): "tp4",
+              (2, 2, True): "tp2-sp-pp2"}
+PARALLEL_LAYOUTS = [pytest.param(world, layout, id=LAYOUT_IDS[layout])
+                    for world in (2, 4) for layout in LAYOUTS[world]]
+
+
+def rel_err(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def merged_over_ranks(per_rank, *keys):
+    """One dict from every rank's dict at per_rank[r][keys...] (PP stages own different names)."""
+    merged = {}
+    for rank_result in per_rank:
+        value = rank_result
+        for key in keys:
+            value = value[key]
+        merged.update(value)
+    return merged
+
+
+def values_over_ranks(per_rank, *keys):
+    values = []
+    for rank_result in per_rank:
+        value = rank_result
+        for key in keys:
+            value = value[key]
+        values.append(value)
+    return values
+
+
+@pytest.fixture(scope="module")
+def reference(gpt_spawned):
+    return gpt_spawned(1)[0][REFERENCE]
+
+
+def layout_results(gpt_spawned, world, layout):
+    return [rank_result[layout] for rank_result in gpt_spawned(world)]
+
+
+@pytest.mark.parametrize("world, layout", PARALLEL_LAYOUTS)
+def test_same_logical_adapter_at_every_layout(gpt_spawned, reference, world, layout):
+    factors = merged_over_ranks(layout_results(gpt_spawned, world, layout), "parity", "factors")
+    assert sorted(factors) == sorted(reference["parity"]["factors"])
+    assert len(factors) == 16  # 4 layers x 4 targets, named by global layer number
+    for name, (weight_a, weight_b) in reference["parity"]["factors"].items():
+        assert torch.equal(factors[name][0], weight_a), name
+        assert torch.equal(factors[name][1], weight_b), name
+
+
+@pytest.mark.parametrize("world, layout", PARALLEL_LAYOUTS)
+def test_logits_loss_and_every_lora_gradient_match_tp1(gpt_spawned, reference, world, layout):
+    results = layout_results(gpt_spawned, world, layout)
+    if layout[1] == 1:
+        for logits in values_over_ranks(results, "parity", "logits"):
+            assert rel_err(logits, reference["parity"]["logits"]) < FP32
+    losses = [loss for loss in values_over_ranks(results, "parity", "loss") if loss is not None]
+    assert losses, "no rank reported a loss"
+    for loss in losses:
+        assert loss == pytest.approx(reference["parity"]["loss"], rel=FP32)
+    grads = merged_over_ranks(results, "parity", "grads")
+    assert sorted(grads) == sorted(reference["parity"]["grads"])
+    for name, (grad_a, grad_b) in reference["parity"]["grads"].items():
+        assert grad_a.abs().max() > 0 and grad_b.abs().max() > 0, name
+        assert rel_err(grads[name][0], grad_a) < FP32, f"{name} lora_A"
+        assert rel_err(grads[name][1], grad_b) < FP32, f"{name} lora_B"
+    for norm in values_over_ranks(results, "parity", "grad_norm"):
+        assert norm == pytest.approx(reference["parity"]["grad_norm"], rel=FP32)
+
+
+@pytest.mark.parametrize("world, layout", PARALLEL_LAYOUTS)
+def test_report_counts_the_logical_model(gpt_spawned, reference, world, layout):
+    for report in values_over_ranks(layout_results(gpt_spawned, world, layout), "parity", "report"):
+        assert report == reference["parity"]["report"]
+    adapted, trainable, total = reference["parity"]["report"]
+    assert adapted == 16 and 0 < trainable < total
+
+
+@pytest.mark.parametrize("world, layout", [p for p in PARALLEL_LAYOUTS if p.values[1][1] == 1])
+def test_lora_adds_one_collective_per_step(gpt_spawned, world, layout):
+    for base, lora in values_over_ranks(layout_results(gpt_spawned, world, layout), "parity",
+                                        "collectives"):
+        assert lora == base + 1  # the grad sync; SP included
+
+
+@pytest.mark.parametrize("world, layout", PARALLEL_LAYOUTS)
+def test_training_curves_agree_step_by_step(gpt_spawned, reference, world, layout):
+    results = layout_results(gpt_spawned, world, layout)
+    expected = reference["training"]["losses"]
+    assert len(expected) == TRAIN_STEPS
+    assert expected[-1] < 0.7 * expected[0]  # it learns
+    assert reference["training"]["clipped_steps"] > 0  # clipping was active
+    curves = [c for c in values_over_ranks(results, "training", "losses") if c[0] is not None]
+    assert curves
+    for curve in curves:
+        for step, (loss, want) in enumerate(zip(curve, expected)):
+            assert loss == pytest.approx(want, rel=FP32), f"step {step}"
+    for norms in values_over_ranks(results, "training", "norms"):
+        assert norms == pytest.approx(reference["training"]["norms"], rel=1e-4)
+    factors = merged_over_ranks(results, "training", "factors")
+    for name, (weight_a, weight_b) in reference["training"]["factors"].items():
+        # 20 Adam steps amplify fp32 reduction-order noise of near-zero gradients a little
+        assert rel_err(factors[name][0], weight_a) < 1e-4, name
+        assert rel_err(factors[name][1], weight_b) < 1e-4, name
+    assert all(values_over_ranks(results, "training", "base_unchanged"))
+    assert reference["training"]["base_unchanged"]
+
+
+MERGE_LAYOUTS = [pytest.param(1, REFERENCE, id="tp1"), pytest.param(2, (2, 1, True), id="tp2-sp")]
+
+
+@pytest.mark.parametrize("world, layout", MERGE_LAYOUTS)
+def test_disable_merge_unmerge_unload(gpt_spawned, world, layout):
+    for out in values_over_ranks(layout_results(gpt_spawned, world, layout), "merge"):
+        assert torch.equal(out["disabled"], out["base"])
+        assert torch.equal(out["after_disable"], out["lora"])
+        assert rel_err(out["lora"], out["base"]) > 1e-3  # the adapter does something
+        assert out["merge_changed_weights"]
+        assert rel_err(out["merged"], out["lora"]) < FP32
+        assert rel_err(out["unmerged"], out["lora"]) < FP32
+        assert rel_err(out["unloaded"], out["merged"]) < FP32
+        assert out["wrappers_left"] == 0 and out["keys_restored"]
+
+
+@pytest.mark.parametrize("world, layout", MERGE_LAYOUTS)
+@pytest.mark.parametrize("dtype", ["merge", "merge_bf16"])
+def test_unmerge_restores_the_base_within_one_rounding(gpt_spawned, world, layout, dtype):
+    for out in values_over_ranks(layout_results(gpt_spawned, world, layout), dtype):
+        fidelity = out["unmerge"]
+        assert fidelity["max_ulps"] <= 0.5  # half an ulp of max(|w|, |w_merged|)
+        # bit-exact wherever the merged value kept every bit (bf16: all but rare ties)
+        assert fidelity["exact_where_kept"] >= (1.0 if dtype == "merge" else 0.99)
+        if dtype == "merge_bf16":
+            assert out["dtypes"] == {"torch.bfloat16"}  # an fp32 adapter keeps a bf16 base bf16
+
+
+def test_several_adapters_and_delete(gpt_spawned, reference):
+    ref = reference["merge"]
+    assert rel_err(ref["both"], ref["lora"]) > 1e-3 and rel_err(ref["both"], ref["only_second"]) > 1e-3
+    for out in values_over_ranks(layout_results(gpt_spawned, 2, (2, 1, True)), "merge"):
+        for key in ("only_second", "both", "both_merged", "after_delete"):
+            assert rel_err(out[key], ref[key]) < FP32, key
+        assert rel_err(out["both_merged"], out["both"]) < FP32
+        assert rel_err(out["after_delete"], out["lora"]) < FP32
+        assert out["names_after_delete"] == ["default"]
+
+
+TARGETING_LAYOUTS = [pytest.param(1, REFERENCE, id="tp1"), pytest.param(2, (1, 2, False), id="pp2")]
+
+
+@pytest.mark.parametrize("world, layout", TARGETING_LAYOUTS)
+def test_targets_by_name_suffix_glob_and_regex(gpt_spawned, world, layout):
+    results = values_over_ranks(layout_results(gpt_spawned, world, layout), "targeting")
+    expected_count = {"leaf": 4, "suffix": 4, "glob": 4, "glob_layers": 8, "regex": 4,
+                      "exclude": 12, "output_layer": 1, "first_layer_only": 1}
+    for case, count in expected_count.items():
+        names = sorted({n for out in results for n in out[case][0]})  # union over PP stages
+        assert len(names) == count, (case, names)
+        assert all(out[case][1] == count for out in results), case  # the global report
+    names_of = lambda case: sorted({n for out in results for n in out[case][0]})  # noqa: E731
+    assert names_of("leaf") == [f"decoder.layers.{i}.mlp.linear_fc1" for i in range(4)]
+    assert names_of("suffix") == [f"decoder.layers.{i}.self_attention.linear_proj" for i in range(4)]
+    assert names_of("output_layer") == ["output_layer"]
+    assert not any(n.startswith("decoder.layers.0.") for n in names_of("exclude"))
+    assert all(n.startswith(("decoder.layers.2.", "decoder.layers.3.")) for n in names_of("regex"))
+
+
+def test_targeting_and_adapter_errors(gpt_spawned):
+    out = gpt_spawned(1)[0][REFERENCE]["targeting"]
+    assert "['linear_fc3']" in out["no_match"] and "decoder.layers.*.mlp.linear_fc1" in out["no_match"]
+    assert out["untouched_after_error"]
+    assert "already exists" in out["duplicate"] and "'default'" in out["duplicate"]
+    assert "unknown adapter" in out["unknown_set"] and "'nope'" in out["unknown_set"]
+    assert "unknown adapter" in out["unknown_delete"]
+    assert out["not_a_config"].startswith("TypeError") and "LoraConfig" in out["not_a_config"]
+    assert "unmerge_adapter" in out["disable_merged"]
+    assert "unmerge" in out["delete_merged"]
