@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from .fused import low_rank_outer_grad
+
 COLUMN = "column"
 ROW = "row"
 
@@ -215,7 +217,7 @@ class _ColumnSequenceParallelLinear(torch.autograd.Function):
         dist.reduce_scatter_tensor(local, packed.reshape(-1), group=group)
         grad_x = local[:n_x].view(x_shape)
         grad_h = local[n_x:].view(h_shape)
-        grad_b = torch.mm(g.t(), h_full) if ctx.needs_input_grad[4] else None
+        grad_b = low_rank_outer_grad(g, h_full) if ctx.needs_input_grad[4] else None
         grad_weight = None
         if keep_x is not None:
             grad_weight = torch.mm(g.t(), keep_x.reshape(world, rows, in_f).reshape(-1, in_f))
@@ -274,8 +276,8 @@ class _ProjectUpFromPartialSum(torch.autograd.Function):
     def backward(ctx, grad_out):
         h_partial, weight_b = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(
-            h_partial.reshape(-1, h_partial.shape[-1])
+        grad_b = low_rank_outer_grad(
+            grad_out.reshape(-1, grad_out.shape[-1]), h_partial.reshape(-1, h_partial.shape[-1])
         )
         grad_h = grad_out.matmul(weight_b)
         return grad_h, grad_b, None

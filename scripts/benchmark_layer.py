@@ -14,15 +14,14 @@ grad), as inside a real model. The LoRA step includes finalize_lora_grads.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from benchmark_common import measure, nbytes, print_header, print_row  # noqa: E402
 
 
 def build_block(args, world, sp, device):
@@ -55,7 +54,6 @@ def worker(rank, world, args, sp, device_name):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_lora import finalize_lora_grads
-    from megatron_lora.diagnostics import CollectiveCounter, PeakTensorMemory
 
     device = torch.device(device_name)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
@@ -77,53 +75,9 @@ def worker(rank, world, args, sp, device_name):
         if use_lora:
             finalize_lora_grads(lora_layers)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if world > 1:
-            torch.distributed.barrier()
-
-    for _ in range(args.warmup):
-        step(False)
-        step(True)
-    times = {False: [], True: []}
-    for _ in range(args.iters):
-        for use_lora in (False, True):
-            sync()
-            start = time.perf_counter()
-            step(use_lora)
-            sync()
-            times[use_lora].append(time.perf_counter() - start)
-
-    memory, collectives = {}, {}
-    def nbytes(tensors):
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     base_params = [p for layer in lora_layers for p in layer.base_layer.parameters()]
-    resident = nbytes([x, dy] + base_params)
-    for use_lora in (False, True):
-        step(use_lora)  # grads exist, as in training after the first step
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            step(use_lora)
-            transient = torch.cuda.max_memory_allocated() - before
-        else:
-            with PeakTensorMemory() as tracker:
-                step(use_lora)
-            transient = tracker.peak
-        memory[use_lora] = transient + resident + (nbytes(lora_params) if use_lora else 0)
-        with CollectiveCounter() as counter:
-            step(use_lora)
-        collectives[use_lora] = counter.calls
-    return {
-        "base_ms": 1e3 * statistics.median(times[False]),
-        "lora_ms": 1e3 * statistics.median(times[True]),
-        "base_mem": memory[False],
-        "lora_mem": memory[True],
-        "base_collectives": collectives[False],
-        "lora_collectives": collectives[True],
-    }
+    return measure(step, iters=args.iters, warmup=args.warmup, device=device, world=world,
+                   resident_bytes=nbytes([x, dy] + base_params), lora_bytes=nbytes(lora_params))
 
 
 def main(argv=None):
@@ -145,8 +99,7 @@ def main(argv=None):
 
     print(f"MLP hidden={args.hidden} ffn={args.ffn} seq={args.seq} batch={args.batch} "
           f"r={args.rank} TP={args.tp} {args.dtype} on {args.device}; medians of {args.iters} steps")
-    print(f"{'layout':<8}{'base ms':>10}{'LoRA ms':>10}{'time x':>9}{'base MiB':>10}"
-          f"{'LoRA MiB':>10}{'mem x':>8}{'colls base':>12}{'colls LoRA':>12}")
+    print_header()
     sps = {"off": [False], "on": [True], "both": [False, True]}[args.sp]
     for sp in sps:
         if sp and args.tp == 1:
@@ -162,19 +115,7 @@ def main(argv=None):
             from megatron_lora.cpu import spawn_gloo
 
             results = spawn_gloo(worker, args.tp, args=(args, sp, "cpu"), timeout=900)
-        # a step is as slow as its slowest rank
-        base_ms = max(r["base_ms"] for r in results)
-        lora_ms = max(r["lora_ms"] for r in results)
-        base_mem = max(r["base_mem"] for r in results) / 2**20
-        lora_mem = max(r["lora_mem"] for r in results) / 2**20
-        base_calls, lora_calls = results[0]["base_collectives"], results[0]["lora_collectives"]
-        print(f"{'SP' if sp else 'no SP':<8}{base_ms:>10.2f}{lora_ms:>10.2f}"
-              f"{lora_ms / base_ms:>9.3f}{base_mem:>10.2f}{lora_mem:>10.2f}"
-              f"{lora_mem / base_mem:>8.3f}{len(base_calls):>12}{len(lora_calls):>12}")
-        base_elems = sum(n for _, n in base_calls)
-        lora_elems = sum(n for _, n in lora_calls)
-        print(f"{'':<8}collectives per step: base {[c for c, _ in base_calls]}, "
-              f"LoRA {[c for c, _ in lora_calls]}; elements sent x{lora_elems / base_elems:.3f}")
+        print_row("SP" if sp else "no SP", results)
 
 
 if __name__ == "__main__":

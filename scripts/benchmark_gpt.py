@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""What LoRA costs on a whole tensor-parallel megatron-core GPT: step time, memory, collectives.
+
+A GPTModel (RMSNorm, SwiGLU, rotary, grouped-query attention, no bias) is run forward and
+backward at TP=N (gloo processes on CPU, or one GPU with --device cuda --tp 1): the frozen base
+alone (adapters disabled) vs. the same model with LoRA on linear_qkv, linear_proj, linear_fc1
+and linear_fc2, interleaved step by step in the same run. The frozen base still back-propagates
+activation gradients (down to the embedding output), as a frozen base inside a LoRA run does.
+The LoRA step includes finalize_lora_grads.
+
+    python scripts/benchmark_gpt.py                    # TP=2, SP off and on, CPU
+    python scripts/benchmark_gpt.py --rank 16 --iters 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from benchmark_common import measure, nbytes, print_header, print_row  # noqa: E402
+
+
+def experiment(args, sp):
+    from megatron_lora.config import load_experiment
+
+    return load_experiment(data={
+        "megatron_config": {
+            "tensor_model_parallel_size": args.tp, "sequence_parallel": sp,
+            "num_layers": args.layers, "hidden_size": args.hidden, "ffn_hidden_size": args.ffn,
+            "num_attention_heads": args.heads, "num_query_groups": args.query_groups,
+            "vocab_size": args.vocab, "seq_length": args.seq, "params_dtype": args.dtype,
+            "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        },
+        "lora": {"r": args.rank, "lora_alpha": 2 * args.rank, "init_lora_weights": False,
+                 "target_modules": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]},
+    })
+
+
+def worker(rank, world, args, sp, device_name):
+    from megatron_lora import apply_lora, disable_adapters, finalize_lora_grads
+    from megatron_lora.gpt import build_gpt_model, gpt_forward_inputs, initialize_model_parallel
+
+    device = torch.device(device_name)
+    exp = experiment(args, sp)
+    initialize_model_parallel(exp)
+    model = build_gpt_model(exp).to(device)
+    base_bytes = nbytes(list(model.parameters()))
+    apply_lora(model, exp.lora, verbose=rank == 0)
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    # the frozen base back-propagates to the embedding output in both steps
+    model.embedding.register_forward_hook(lambda module, inputs, out: out.requires_grad_())
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=generator).to(device)
+    tokens, labels = batch[:, :-1], batch[:, 1:]
+    position_ids, mask = gpt_forward_inputs(tokens)
+
+    def step(use_lora):
+        for param in lora_params:
+            param.grad = None
+        with torch.enable_grad() if use_lora else disable_adapters(model):
+            loss = model(tokens, position_ids, mask, labels=labels).float().mean()
+            loss.backward()
+        if use_lora:
+            finalize_lora_grads(model)
+
+    return measure(step, iters=args.iters, warmup=args.warmup, device=device, world=world,
+                   resident_bytes=base_bytes + nbytes([batch]), lora_bytes=nbytes(lora_params))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--sp", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=1536)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--query-groups", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and args.tp != 1:
+        parser.error("--device cuda runs one process: use --tp 1 (TP>1 parity is proven on CPU)")
+
+    print(f"GPT layers={args.layers} hidden={args.hidden} ffn={args.ffn} (SwiGLU) heads="
+          f"{args.heads}/{args.query_groups} vocab={args.vocab} seq={args.seq} batch={args.batch} "
+          f"r={args.rank} on 4 targets, TP={args.tp} {args.dtype} on {args.device}; "
+          f"medians of {args.iters} steps")
+    sps = {"off": [False], "on": [True], "both": [False, True]}[args.sp]
+    rows = []
+    for sp in sps:
+        if sp and args.tp == 1:
+            continue
+        if args.device == "cuda":
+            from megatron_lora.cpu import free_port, init_gloo_process_group
+
+            if not torch.distributed.is_initialized():
+                init_gloo_process_group(0, 1, master_port=free_port())
+            results = [worker(0, 1, args, sp, "cuda")]
+        else:
+            from megatron_lora.cpu import spawn_gloo
+
+            results = spawn_gloo(worker, args.tp, args=(args, sp, "cpu"), timeout=900)
+        rows.append(("SP" if sp else "no SP", results))
+    print_header()
+    for label, results in rows:
+        print_row(label, results, show_calls=False)
+
+
+if __name__ == "__main__":
+    main()
