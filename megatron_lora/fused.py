@@ -16,10 +16,20 @@ def _as_2d(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1, tensor.shape[-1])
 
 
-def _base_matmul(x2d, weight, bias):
+def _base_matmul(x, weight, bias):
+    """(out, out2d): x Wᵀ (+ b) in the output's own shape, and a 2-D view to accumulate into.
+
+    The output is allocated in its final shape because a view of an internal buffer returned
+    from an autograd Function may not be modified in place by later ops (megatron's
+    vocab-parallel cross entropy modifies the logits in place).
+    """
+    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+    out2d = out.view(-1, weight.shape[0])
     if bias is None:
-        return torch.mm(x2d, weight.t())
-    return torch.addmm(bias, x2d, weight.t())
+        torch.mm(_as_2d(x), weight.t(), out=out2d)
+    else:
+        torch.addmm(bias, _as_2d(x), weight.t(), out=out2d)
+    return out, out2d
 
 
 def low_rank_outer_grad(g2d: torch.Tensor, h2d: torch.Tensor) -> torch.Tensor:
@@ -40,13 +50,12 @@ class _LinearWithLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, weight_a, weight_b, scaling):
-        x2d = _as_2d(x)
-        out = _base_matmul(x2d, weight, bias)
-        h = torch.mm(x2d, weight_a.t()).mul_(scaling)
-        out.addmm_(h, weight_b.t())
+        out, out2d = _base_matmul(x, weight, bias)
+        h = torch.mm(_as_2d(x), weight_a.t()).mul_(scaling)
+        out2d.addmm_(h, weight_b.t())
         ctx.save_for_backward(x, weight, weight_a, weight_b, h)
         ctx.scaling, ctx.has_bias = scaling, bias is not None
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -67,13 +76,12 @@ class _LinearWithLowRankUp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, h, weight_b):
-        x2d, h2d = _as_2d(x), _as_2d(h)
-        out = _base_matmul(x2d, weight, bias)
-        out.addmm_(h2d, weight_b.t())
+        out, out2d = _base_matmul(x, weight, bias)
+        out2d.addmm_(_as_2d(h), weight_b.t())
         # x is needed only for the base weight's own gradient
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, h, weight_b)
         ctx.has_bias = bias is not None
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):

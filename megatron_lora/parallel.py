@@ -184,7 +184,11 @@ class _ColumnSequenceParallelLinear(torch.autograd.Function):
         full = torch.empty(world * packed.numel(), dtype=packed.dtype, device=packed.device)
         dist.all_gather_into_tensor(full, packed, group=group)
         full = full.view(world, packed.numel())
-        out = torch.empty((world * rows, weight.shape[0]), dtype=x_local.dtype, device=x_local.device)
+        # allocated in the output's own shape: returning a view of an internal buffer would
+        # forbid in-place ops on the output (megatron's vocab-parallel cross entropy does one)
+        out_nd = torch.empty((world * x_local.shape[0], *x_local.shape[1:-1], weight.shape[0]),
+                             dtype=x_local.dtype, device=x_local.device)
+        out = out_nd.view(world * rows, weight.shape[0])
         h_full = torch.empty((world * rows, r), dtype=h_local.dtype, device=h_local.device)
         for j in range(world):
             x_j, h_j = full[j, :n_x].view(rows, in_f), full[j, n_x:].view(rows, r)
@@ -198,7 +202,7 @@ class _ColumnSequenceParallelLinear(torch.autograd.Function):
         keep_x = full[:, :n_x] if ctx.needs_input_grad[2] else None
         ctx.save_for_backward(weight, weight_b, h_full, keep_x)
         ctx.group, ctx.shapes, ctx.has_bias = group, (x_local.shape, h_local.shape), bias is not None
-        return out.view(world * x_local.shape[0], *x_local.shape[1:-1], weight.shape[0])
+        return out_nd
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import checkpoint_checks  # noqa: E402
 import gpt_checks  # noqa: E402
 import mp_checks  # noqa: E402
 
@@ -41,7 +42,29 @@ def spawned():
 
 
 @pytest.fixture(scope="session")
-def gpt_spawned():
+def saved_adapters(tmp_path_factory):
+    """(directory, per-rank results): adapters saved at TP=2 + SP, and the broken copies."""
+    from megatron_lora.cpu import spawn_gloo
+
+    directory = tmp_path_factory.mktemp("adapters")
+    try:
+        results = spawn_gloo(checkpoint_checks.save_and_break, 2, args=(str(directory),),
+                             timeout=SPAWN_TIMEOUT_S)
+    except (RuntimeError, TimeoutError) as error:
+        results = error
+    return directory, results
+
+
+@pytest.fixture(scope="session")
+def saved(saved_adapters):
+    directory, results = saved_adapters
+    if isinstance(results, Exception):
+        raise results
+    return results
+
+
+@pytest.fixture(scope="session")
+def gpt_spawned(saved_adapters):
     """gpt_spawned(world) -> {(tp, pp, sp): rank-0 view} for every layout of that world size.
 
     Per layout: the per-rank result dicts merged, since under PP each stage returns its own
@@ -54,7 +77,8 @@ def gpt_spawned():
     def get(world):
         if world not in cache:
             try:
-                cache[world] = spawn_gloo(gpt_checks.run_all, world, timeout=SPAWN_TIMEOUT_S)
+                cache[world] = spawn_gloo(gpt_checks.run_all, world,
+                                          args=(str(saved_adapters[0]),), timeout=SPAWN_TIMEOUT_S)
             except (RuntimeError, TimeoutError) as error:
                 cache[world] = error
         if isinstance(cache[world], Exception):

@@ -30,7 +30,9 @@ TINY_GPT = dict(
     init_method_std=0.05,
     seed=1234,
 )
-TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+# the four linears plus the vocab-parallel output layer (whose logits megatron's cross entropy
+# modifies in place, which a LoRA output must allow)
+TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer"]
 MICRO_BATCHES, MICRO_BATCH_SIZE = 2, 2
 TRAIN_STEPS, LEARNING_RATE, CLIP_NORM = 20, 1e-2, 1.0
 
@@ -107,11 +109,29 @@ def run_schedule(model, micro_batches, forward_only=False):
 
 
 def logits_of(model, tokens):
+    """Full-vocabulary logits; under PP through the schedule, and None off the last stage."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_lora.cpu import cuda_arguments_to_cpu
     from megatron_lora.gpt import gathered_logits, gpt_forward_inputs
 
     position_ids, mask = gpt_forward_inputs(tokens)
-    with torch.no_grad():
-        return gathered_logits(model(tokens, position_ids, mask)).detach().clone()
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        with torch.no_grad():
+            return gathered_logits(model(tokens, position_ids, mask)).detach().clone()
+
+    def forward_step(data_iterator, model):
+        return model(next(data_iterator), position_ids, mask), None  # no loss: keep the output
+
+    with torch.no_grad(), cuda_arguments_to_cpu():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model],
+            num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+            forward_only=True)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return gathered_logits(outputs[0]).detach().clone()
 
 
 def full_factors(model, grads=False):
@@ -346,8 +366,11 @@ def check_targeting(exp):
     return out
 
 
-def run_all(rank, world):
-    """Every layout of this world size; a dict per layout."""
+def run_all(rank, world, adapter_dir=None):
+    """Every layout of this world size; a dict per layout. With ``adapter_dir`` (written by
+    checkpoint_checks.save_and_break at TP=2 + SP) each layout also loads those adapters."""
+    import checkpoint_checks
+
     torch.manual_seed(0)
     results = {}
     for tp, pp, sp in LAYOUTS[world]:
@@ -358,5 +381,7 @@ def run_all(rank, world):
             layout["merge_bf16"] = check_merge_bf16(experiment(tp, pp, sp, params_dtype="bfloat16"))
         if tp == 1:
             layout["targeting"] = check_targeting(exp)
+        if adapter_dir is not None:
+            layout["load"] = checkpoint_checks.load_checks(exp, adapter_dir)
         results[(tp, pp, sp)] = layout
     return results

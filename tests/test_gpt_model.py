@@ -58,7 +58,7 @@ def layout_results(gpt_spawned, world, layout):
 def test_same_logical_adapter_at_every_layout(gpt_spawned, reference, world, layout):
     factors = merged_over_ranks(layout_results(gpt_spawned, world, layout), "parity", "factors")
     assert sorted(factors) == sorted(reference["parity"]["factors"])
-    assert len(factors) == 16  # 4 layers x 4 targets, named by global layer number
+    assert len(factors) == 17  # 4 layers x 4 linears + output_layer, by global layer number
     for name, (weight_a, weight_b) in reference["parity"]["factors"].items():
         assert torch.equal(factors[name][0], weight_a), name
         assert torch.equal(factors[name][1], weight_b), name
@@ -89,7 +89,7 @@ def test_report_counts_the_logical_model(gpt_spawned, reference, world, layout):
     for report in values_over_ranks(layout_results(gpt_spawned, world, layout), "parity", "report"):
         assert report == reference["parity"]["report"]
     adapted, trainable, total = reference["parity"]["report"]
-    assert adapted == 16 and 0 < trainable < total
+    assert adapted == 17 and 0 < trainable < total
 
 
 @pytest.mark.parametrize("world, layout", [p for p in PARALLEL_LAYOUTS if p.values[1][1] == 1])
@@ -168,7 +168,7 @@ TARGETING_LAYOUTS = [pytest.param(1, REFERENCE, id="tp1"), pytest.param(2, (1, 2
 def test_targets_by_name_suffix_glob_and_regex(gpt_spawned, world, layout):
     results = values_over_ranks(layout_results(gpt_spawned, world, layout), "targeting")
     expected_count = {"leaf": 4, "suffix": 4, "glob": 4, "glob_layers": 8, "regex": 4,
-                      "exclude": 12, "output_layer": 1, "first_layer_only": 1}
+                      "exclude": 13, "output_layer": 1, "first_layer_only": 1}
     for case, count in expected_count.items():
         names = sorted({n for out in results for n in out[case][0]})  # union over PP stages
         assert len(names) == count, (case, names)

@@ -1,0 +1,499 @@
+"""Consolidated adapter checkpoints that load at any TP / PP / EP layout.
+
+An adapter directory holds ``adapter_config.json`` (the LoraConfig, the format version, the
+layout it was trained with, a description of the base model and the sha256 of the weights)
+and ``adapter_model.safetensors`` (full logical factors keyed by global module name, in the
+canonical layout: SwiGLU fc1's B as [gate_all; up_all]). Saving gathers over TP and PP to
+global rank 0, which writes a temporary directory and swaps it in atomically. Loading reads
+only JSON and safetensors (never pickle), checks every key, shape and dtype against the model
+on every rank *before* touching a parameter, and then reads just this rank's slices.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .config import LoraConfig
+from .model import (
+    ModelLike,
+    _adaptable_modules,
+    _chunks,
+    _counts_device,
+    _parallel_ranks,
+    adapter_names,
+    apply_lora,
+    lora_layers,
+)
+from .parallel import COLUMN, ParallelLayout
+
+FORMAT = "megatron_lora.adapter"
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+_BASE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                "ffn_hidden_size", "kv_channels", "gated_linear_unit", "num_moe_experts",
+                "vocab_size")
+
+
+class AdapterCheckpointError(ValueError):
+    """An adapter directory that cannot be saved to, read, or loaded into this model."""
+
+
+# --- describing the model ------------------------------------------------------------------
+
+
+def describe_base_model(model: ModelLike) -> Dict[str, object]:
+    """The shape facts an adapter depends on, from the model's megatron config."""
+    chunk = _chunks(model)[0]
+    config = getattr(chunk, "config", None)
+    description = {field: getattr(config, field, None) for field in _BASE_FIELDS}
+    description["vocab_size"] = getattr(chunk, "vocab_size", None)
+    if config is not None and config.num_layers is not None:
+        description["num_layers"] = config.num_layers
+    return {k: v for k, v in description.items() if v is not None}
+
+
+def describe_layout(model: ModelLike) -> Dict[str, object]:
+    layout = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+              "expert_model_parallel_size": 1, "expert_tensor_parallel_size": 1,
+              "sequence_parallel": bool(getattr(getattr(_chunks(model)[0], "config", None),
+                                                "sequence_parallel", False))}
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            layout.update(
+                tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+                pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+                expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+                expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+            )
+    except (AssertionError, RuntimeError):
+        pass
+    return layout
+
+
+# --- moving tensors to rank 0 without pickle ------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_gather_bytes(payload: bytes) -> List[bytes]:
+    """Every rank's bytes (JSON here), through tensors: nothing is unpickled."""
+    if not _distributed():
+        return [payload]
+    device = _counts_device()
+    world = dist.get_world_size()
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = max(int(s.item()) for s in sizes)
+    buffer = torch.zeros(longest, dtype=torch.uint8, device=device)
+    buffer[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) \
+        if payload else buffer[:0]
+    buffers = [torch.zeros_like(buffer) for _ in range(world)]
+    dist.all_gather(buffers, buffer)
+    return [bytes(b[: int(s.item())].cpu().tolist()) for b, s in zip(buffers, sizes)]
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise AdapterCheckpointError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _collect_on_rank0(local: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rank 0 receives every rank's tensors (point to point); other ranks get {}."""
+    if not _distributed():
+        return dict(local)
+    manifest = json.dumps([[k, list(t.shape), str(t.dtype)] for k, t in local.items()]).encode()
+    manifests = [json.loads(m) for m in _all_gather_bytes(manifest)]
+    rank = dist.get_rank()
+    if rank != 0:
+        for tensor in local.values():
+            dist.send(tensor.contiguous(), dst=0)
+        return {}
+    collected = dict(local)
+    device = next(iter(local.values())).device if local else _counts_device()
+    for source, entries in enumerate(manifests):
+        if source == 0:
+            continue
+        for key, shape, dtype in entries:
+            tensor = torch.empty(shape, dtype=_dtype_from_name(dtype), device=device)
+            dist.recv(tensor, src=source)
+            collected[key] = tensor
+    return collected
+
+
+# --- atomic directory writes ----------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second),
+                       rename_exchange)
+    if result == 0:
+        return True
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False  # filesystem without exchange support: caller falls back
+    raise OSError(ctypes.get_errno(), f"cannot swap {first} and {second}")
+
+
+def write_directory_atomically(path, files: Dict[str, bytes]) -> Path:
+    """Write ``files`` as the directory ``path`` so a crash leaves the old one or the new one.
+
+    The files go to a temporary sibling directory, are fsynced, and the directory is swapped
+    in with one atomic exchange (two renames where the filesystem cannot exchange). An existing
+    ``path`` is replaced only if it holds nothing but adapter files.
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise AdapterCheckpointError(f"{path} exists and is not a directory")
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME))
+        if foreign:
+            raise AdapterCheckpointError(
+                f"refusing to replace {path}: it holds files that are not an adapter's "
+                f"({foreign[:5]}); choose an empty or new directory"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    try:
+        for name, data in files.items():
+            with open(staging / name, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        _fsync_path(staging)
+        if not path.exists():
+            os.rename(staging, path)
+        elif not _exchange(staging, path):
+            previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.previous-", dir=path.parent))
+            os.rename(path, previous / path.name)
+            os.rename(staging, path)
+            shutil.rmtree(previous, ignore_errors=True)
+        _fsync_path(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the old adapter
+    return path
+
+
+# --- save ---------------------------------------------------------------------------------
+
+
+def _writes_layer(layer) -> bool:
+    """One rank per logical layer writes it: the layer's TP rank 0 on DP rank 0 (expert
+    layers: expert-DP rank 0)."""
+    _, _, dp_rank, _, _, edp_rank = _parallel_ranks()
+    expert = getattr(getattr(layer.base_layer, "weight", None), "allreduce", True) is False
+    return layer.layout.rank == 0 and (edp_rank if expert else dp_rank) == 0
+
+
+def adapter_tensors(model: ModelLike, adapter_name: str) -> Dict[str, torch.Tensor]:
+    """This rank's share of the consolidated adapter (collective over each layer's TP group)."""
+    tensors = {}
+    for name, layer in lora_layers(model):
+        if adapter_name not in layer.lora_A:
+            continue
+        weight_a, weight_b = layer.full_factors(adapter_name)
+        if _writes_layer(layer):
+            tensors[f"{name}.lora_A.weight"] = weight_a
+            tensors[f"{name}.lora_B.weight"] = weight_b
+    return tensors
+
+
+def save_adapter(model: ModelLike, path, adapter_name: str = "default",
+                 *, extra_metadata: Optional[dict] = None) -> Optional[Path]:
+    """Save one adapter as a consolidated, layout-free directory. Collective: call on every
+    rank; global rank 0 writes. Returns the path on rank 0, None elsewhere."""
+    from safetensors.torch import save as safetensors_bytes
+
+    names = adapter_names(model)
+    if adapter_name not in names:
+        raise AdapterCheckpointError(f"unknown adapter {adapter_name!r}; this model has {names}")
+    configs = [layer.lora_configs[adapter_name].to_dict() for _, layer in lora_layers(model)
+               if adapter_name in layer.lora_configs]
+    # a pipeline stage may hold none of the adapter's layers: take the config from any rank
+    shared = _all_gather_bytes(json.dumps(configs[0]).encode() if configs else b"")
+    lora_config = next((json.loads(c) for c in shared if c), None)
+    tensors = _collect_on_rank0(adapter_tensors(model, adapter_name))
+    if _distributed() and dist.get_rank() != 0:
+        dist.barrier()
+        return None
+    if not tensors:
+        raise AdapterCheckpointError(f"adapter {adapter_name!r} has no factors to save")
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in sorted(tensors.items())}
+    weights = safetensors_bytes(tensors, metadata={"format": FORMAT})
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "adapter_name": adapter_name,
+        "lora_config": lora_config,
+        "trained_layout": describe_layout(model),
+        "base_model": describe_base_model(model),
+        "modules": sorted({k[: -len(FACTOR_SUFFIXES[0])] for k in tensors if k.endswith(FACTOR_SUFFIXES[0])}),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        **({"metadata": extra_metadata} if extra_metadata else {}),
+    }
+    try:
+        written = write_directory_atomically(path, {
+            WEIGHTS_NAME: weights,
+            CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+        })
+    finally:
+        if _distributed():
+            dist.barrier()
+    return written
+
+
+# --- read and validate ---------------------------------------------------------------------
+
+
+@dataclass
+class AdapterFile:
+    path: Path
+    config: dict
+    lora_config: LoraConfig
+    shapes: Dict[str, Tuple[int, ...]]
+    dtypes: Dict[str, str]
+
+
+def read_adapter(path) -> AdapterFile:
+    """Read and check an adapter directory's JSON and safetensors header (no tensors)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise AdapterCheckpointError(f"{path} is not an adapter directory (it does not exist "
+                                     f"or is not a directory)")
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise AdapterCheckpointError(f"{path} is not an adapter directory: {required.name} "
+                                         f"is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterCheckpointError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise AdapterCheckpointError(f"{config_path} is not a megatron_lora adapter config "
+                                     f"(expected \"format\": \"{FORMAT}\")")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise AdapterCheckpointError(
+            f"{config_path}: format_version {version!r} is not supported; this megatron_lora "
+            f"reads format_version {FORMAT_VERSION}")
+    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    if digest != config.get("weights_sha256"):
+        raise AdapterCheckpointError(
+            f"{weights_path} is truncated, corrupt or from another save: its sha256 {digest[:12]}… "
+            f"does not match adapter_config.json's {str(config.get('weights_sha256'))[:12]}…")
+    try:
+        lora_config = LoraConfig(**config["lora_config"])
+    except (TypeError, ValueError, KeyError) as error:
+        raise AdapterCheckpointError(f"{config_path}: invalid lora_config: {error}") from None
+    try:
+        with safe_open(weights_path, framework="pt") as handle:
+            keys = list(handle.keys())
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
+            dtypes = {k: str(handle.get_slice(k).get_dtype()) for k in keys}
+    except Exception as error:  # safetensors raises its own error types for bad headers
+        raise AdapterCheckpointError(f"{weights_path} cannot be read as safetensors: {error}") \
+            from None
+    return AdapterFile(path, config, lora_config, shapes, dtypes)
+
+
+def _expected_full_shapes(layout: ParallelLayout, r: int):
+    return (r, layout.in_features), (layout.out_features, r)
+
+
+def _validate_against_model(model, adapter: AdapterFile, adapter_name: str) -> Tuple[List[str], dict]:
+    """This rank's problems, and {module name: module} of the file's modules found here."""
+    problems: List[str] = []
+    saved_base = adapter.config.get("base_model", {})
+    ours = describe_base_model(model)
+    differing = {k: (saved_base[k], ours[k]) for k in saved_base.keys() & ours.keys()
+                 if saved_base[k] != ours[k]}
+    if differing:
+        details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in sorted(differing.items()))
+        problems.append(f"the adapter was trained for another base model ({details})")
+        return problems, {}
+
+    by_module: Dict[str, Dict[str, Tuple[int, ...]]] = {}
+    for key, shape in adapter.shapes.items():
+        suffix = next((s for s in FACTOR_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            problems.append(f"unexpected key {key!r}: adapter keys end in .lora_A.weight or "
+                            f".lora_B.weight")
+            continue
+        by_module.setdefault(key[: -len(suffix)], {})[suffix] = shape
+    for key, dtype in adapter.dtypes.items():
+        if dtype not in ("F32", "F16", "BF16", "F64"):
+            problems.append(f"{key}: dtype {dtype} is not a floating-point factor dtype")
+
+    modules = {name: module for name, _, _, module in _adaptable_modules(model)}
+    found = {}
+    r = adapter.lora_config.r
+    for module_name, factors in sorted(by_module.items()):
+        for suffix in FACTOR_SUFFIXES:
+            if suffix not in factors:
+                problems.append(f"missing key {module_name + suffix!r} (its partner factor is in "
+                                f"the file)")
+        module = modules.get(module_name)
+        if module is None or len(factors) != 2:
+            continue
+        layout = module.layout if hasattr(module, "layout") else ParallelLayout(
+            module, packed_gate_up=_packed(module_name, module))
+        if hasattr(module, "lora_A") and adapter_name in module.lora_A and \
+                module.lora_configs[adapter_name].r != r:
+            problems.append(f"{module_name}: the model's adapter {adapter_name!r} has rank "
+                            f"{module.lora_configs[adapter_name].r}, the file has rank {r}")
+        expected_a, expected_b = _expected_full_shapes(layout, r)
+        for suffix, expected in zip(FACTOR_SUFFIXES, (expected_a, expected_b)):
+            actual = factors[suffix]
+            split_dim = None
+            if layout.kind == COLUMN and suffix == FACTOR_SUFFIXES[1]:
+                split_dim, parts = 0, layout.world_size * (2 if layout.packed_gate_up else 1)
+            elif layout.kind != COLUMN and suffix == FACTOR_SUFFIXES[0]:
+                split_dim, parts = 1, layout.world_size
+            if split_dim is not None and len(actual) == 2 and actual[split_dim] % parts:
+                problems.append(
+                    f"{module_name + suffix}: dimension {split_dim} of shape {list(actual)} cannot "
+                    f"be split evenly over tensor-parallel size {layout.world_size}"
+                    + (" (gate and up halves)" if parts != layout.world_size else ""))
+            elif tuple(actual) != tuple(expected):
+                problems.append(f"{module_name + suffix}: shape {list(actual)} in the file, "
+                                f"{list(expected)} expected by the model")
+        found[module_name] = module
+    # modules the saved config targets on this rank must all be in the file
+    from .model import name_matches
+
+    targets = adapter.lora_config.target_modules or []
+    excludes = adapter.lora_config.exclude_modules or []
+    for name in modules:
+        targeted = any(name_matches(p, name) for p in targets) and not any(
+            name_matches(p, name) for p in excludes)
+        if targeted and name not in by_module:
+            problems.append(f"missing key {name + FACTOR_SUFFIXES[0]!r}: the adapter's "
+                            f"target_modules select {name}, but the file has no factors for it")
+    return problems, found
+
+
+def _packed(name, module) -> bool:
+    from .model import _is_packed_gate_up
+
+    return _is_packed_gate_up(name, module)
+
+
+def _agree_on_problems(problems: List[str], missing_here: List[str], existing: List[str]) -> None:
+    """Raise on every rank if any rank found a problem (so no rank applies anything).
+
+    ``missing_here``: the file's modules this rank does not have; those missing on every rank
+    are extra keys.
+    """
+    message = "; ".join(problems[:8]) + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
+    messages = [m.decode() for m in _all_gather_bytes(message.encode())]
+    missing_sets = [set(json.loads(m)) for m in _all_gather_bytes(json.dumps(missing_here).encode())]
+    message = next((m for m in messages if m), "")
+    extra = sorted(set.intersection(*missing_sets))
+    if not message and extra:
+        from .model import _name_shapes
+
+        keys = [name + suffix for name in extra for suffix in FACTOR_SUFFIXES]
+        message = (f"extra key(s) {keys[:4]}{' …' if len(keys) > 4 else ''}: no layer of this "
+                   f"model has that name (layers that exist: {_name_shapes(existing)})")
+    if message:
+        raise AdapterCheckpointError(message)
+
+
+# --- load ----------------------------------------------------------------------------------
+
+
+def _local_slices(handle, key_a, key_b, layer) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's shard of each factor, read as slices of the full tensors."""
+    layout = layer.layout
+    rank, world = layout.rank, layout.world_size
+    if layout.kind == COLUMN:
+        weight_a = handle.get_tensor(key_a)
+        b_slice = handle.get_slice(key_b)
+        rows = b_slice.get_shape()[0]
+        if layout.packed_gate_up:
+            half, per_rank = rows // 2, rows // (2 * world)
+            gate = b_slice[rank * per_rank:(rank + 1) * per_rank]
+            up = b_slice[half + rank * per_rank:half + (rank + 1) * per_rank]
+            weight_b = torch.cat([gate, up], dim=0)
+        else:
+            per_rank = rows // world
+            weight_b = b_slice[rank * per_rank:(rank + 1) * per_rank]
+        return weight_a, weight_b
+    a_slice = handle.get_slice(key_a)
+    per_rank = a_slice.get_shape()[1] // world
+    return a_slice[:, rank * per_rank:(rank + 1) * per_rank], handle.get_tensor(key_b)
+
+
+def load_adapter(model: ModelLike, path, adapter_name: Optional[str] = None,
+                 *, verbose: bool = False) -> str:
+    """Load a saved adapter into ``model`` at its current layout; returns the adapter name.
+
+    Collective: call on every rank. Everything is validated on every rank first; on any
+    problem every rank raises AdapterCheckpointError and no parameter has changed. A new
+    adapter name is added (and made active) through apply_lora; an existing one is
+    overwritten in place.
+    """
+    from safetensors import safe_open
+
+    adapter = read_adapter(path)
+    name = adapter_name or adapter.config.get("adapter_name") or "default"
+    problems, found = _validate_against_model(model, adapter, name)
+    in_file = {k.rsplit(".lora_", 1)[0] for k in adapter.shapes}
+    existing = [module_name for module_name, *_ in _adaptable_modules(model)]
+    _agree_on_problems(problems, sorted(in_file - set(existing)), existing)
+
+    if name not in adapter_names(model):
+        config = replace(adapter.lora_config, target_modules=sorted(adapter.config["modules"]),
+                         exclude_modules=None)
+        apply_lora(model, config, name, verbose=verbose)
+        for _, layer in lora_layers(model):  # keep the saved config, not the names used above
+            if name in layer.lora_configs:
+                layer.lora_configs[name] = adapter.lora_config
+    layers = dict(lora_layers(model))
+    with safe_open(adapter.path / WEIGHTS_NAME, framework="pt") as handle, torch.no_grad():
+        for module_name in found:
+            layer = layers[module_name]
+            weight_a, weight_b = _local_slices(handle, module_name + FACTOR_SUFFIXES[0],
+                                               module_name + FACTOR_SUFFIXES[1], layer)
+            layer.lora_A[name].weight.copy_(weight_a)
+            layer.lora_B[name].weight.copy_(weight_b)
+    return name
+
+

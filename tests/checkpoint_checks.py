@@ -1,0 +1,250 @@
+"""Adapter checkpoint checks that run inside spawned gloo process groups.
+
+``save_and_break`` (world 2, TP=2 + SP) writes the adapters the other layouts load: a random
+one (every factor non-zero) and one overfitted on a single sequence; then it breaks copies of
+them in every way the loader must refuse, and crashes a save half-way. ``load_checks`` runs
+inside gpt_checks.run_all for every other layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from gpt_checks import (TARGETS, TINY_GPT, batches, build, experiment, logits_of, random_lora,
+                        run_schedule, zero_lora_grads)
+
+OVERFIT_STEPS, OVERFIT_LR = 60, 1e-2
+
+
+def _sequence():
+    generator = torch.Generator().manual_seed(77)
+    return torch.randint(0, TINY_GPT["vocab_size"], (1, TINY_GPT["seq_length"] + 1),
+                         generator=generator)
+
+
+def _model_state(model):
+    """Every parameter and the adapter set: what a failed load must leave as it was."""
+    from megatron_lora import adapter_names
+
+    return ({n: p.detach().clone() for n, p in model.state_dict().items()
+             if isinstance(p, torch.Tensor)}, adapter_names(model))
+
+
+def _same_state(model, state):
+    tensors, names = state
+    now, now_names = _model_state(model)
+    return names == now_names and tensors.keys() == now.keys() and all(
+        torch.equal(tensors[k], now[k]) for k in tensors)
+
+
+def overfit(model, sequence):
+    """LoRA-only Adam on one sequence; (first, last) loss and grad norm."""
+    from megatron_lora import finalize_lora_grads, lora_grad_norm
+
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=OVERFIT_LR)
+    losses, norms = [], []
+    for _ in range(OVERFIT_STEPS):
+        zero_lora_grads(model)
+        losses.append(run_schedule(model, [sequence]))
+        finalize_lora_grads(model)
+        norms.append(lora_grad_norm(model))
+        optimizer.step()
+    return losses, norms
+
+
+def greedy_generate(model, prompt, new_tokens):
+    tokens = prompt
+    for _ in range(new_tokens):
+        logits = logits_of(model, tokens)
+        tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], dim=1)
+    return tokens
+
+
+# --- breaking adapters -----------------------------------------------------------------------
+
+
+def _rewrite(source: Path, target: Path, edit_tensors=None, edit_config=None, raw=None,
+             rehash=True):
+    """A copy of an adapter with edited tensors / config / raw weight bytes; the config's
+    sha256 is updated to match unless rehash=False (damage after the save)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save
+
+    from megatron_lora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+    target.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / CONFIG_NAME).read_text())
+    tensors = load_file(source / WEIGHTS_NAME)
+    if edit_tensors:
+        edit_tensors(tensors)
+    weights = save(tensors, metadata={"format": "megatron_lora.adapter"}) if raw is None else raw
+    if rehash:
+        config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    if edit_config:
+        edit_config(config)
+    (target / WEIGHTS_NAME).write_bytes(weights)
+    (target / CONFIG_NAME).write_text(json.dumps(config))
+    return target
+
+
+def _broken_adapters(good: Path, scratch: Path):
+    from megatron_lora.checkpoint import WEIGHTS_NAME
+
+    fc1_a = "decoder.layers.1.mlp.linear_fc1.lora_A.weight"
+    fc2_a = "decoder.layers.2.mlp.linear_fc2.lora_A.weight"
+    weights = (good / WEIGHTS_NAME).read_bytes()
+
+    def drop(tensors):
+        del tensors[fc1_a]
+
+    def extra(tensors):
+        tensors["decoder.layers.9.mlp.linear_fc1.lora_A.weight"] = tensors[fc1_a].clone()
+        tensors["decoder.layers.9.mlp.linear_fc1.lora_B.weight"] = torch.zeros(192, 4)
+
+    def reshape(tensors):
+        tensors[fc1_a] = torch.zeros(4, TINY_GPT["hidden_size"] + 8)
+
+    def odd_split(tensors):  # fc2's A [r, ffn] with an odd ffn cannot be split over TP=2
+        tensors[fc2_a] = torch.zeros(4, TINY_GPT["ffn_hidden_size"] + 1)
+
+    def integer(tensors):
+        tensors[fc1_a] = tensors[fc1_a].to(torch.int32)
+
+    def version(config):
+        config["format_version"] = 99
+
+    def other_base(config):
+        config["base_model"]["hidden_size"] = 128
+
+    damaged = bytearray(weights)
+    damaged[len(damaged) // 2] ^= 0xFF
+    cases = {
+        "missing_key": _rewrite(good, scratch / "missing_key", edit_tensors=drop),
+        "extra_key": _rewrite(good, scratch / "extra_key", edit_tensors=extra),
+        "wrong_shape": _rewrite(good, scratch / "wrong_shape", edit_tensors=reshape),
+        "tp_does_not_divide": _rewrite(good, scratch / "tp_does_not_divide", edit_tensors=odd_split),
+        "integer_dtype": _rewrite(good, scratch / "integer_dtype", edit_tensors=integer),
+        "format_version": _rewrite(good, scratch / "format_version", edit_config=version),
+        "other_base": _rewrite(good, scratch / "other_base", edit_config=other_base),
+        "truncated_checked": _rewrite(good, scratch / "truncated_checked", raw=weights[: len(weights) // 2]),
+        "corrupt": _rewrite(good, scratch / "corrupt", raw=bytes(damaged), rehash=False),
+        "not_safetensors": _rewrite(good, scratch / "not_safetensors", raw=b"PK\x03\x04 not a tensor file"),
+    }
+    # what a copy cut short looks like: the checksum no longer matches
+    cases["truncated"] = _rewrite(good, scratch / "truncated", raw=weights[: len(weights) // 3],
+                                  rehash=False)
+    not_adapter = scratch / "not_adapter"
+    not_adapter.mkdir(exist_ok=True)
+    (not_adapter / "notes.txt").write_text("hello")
+    cases["not_adapter"] = not_adapter
+    return cases
+
+
+# --- the spawned entry points ----------------------------------------------------------------
+
+
+def save_and_break(rank, world, directory):
+    """World 2, TP=2 + SP: save the adapters every other layout loads, then the error paths."""
+    from megatron_lora import LoraConfig, apply_lora
+    from megatron_lora.checkpoint import (AdapterCheckpointError, load_adapter, read_adapter,
+                                          save_adapter)
+
+    directory = Path(directory)
+    exp = experiment(2, 1, True)
+    out = {}
+
+    model = build(exp, random_lora())
+    tokens = batches(0)[0][:, :-1]
+    out["random_logits"] = logits_of(model, tokens)
+    save_adapter(model, directory / "random")
+    if rank == 0:
+        out["random_header"] = read_adapter(directory / "random").config
+    # saving again over an existing adapter replaces it atomically
+    save_adapter(model, directory / "random")
+
+    overfit_model = build(exp)
+    apply_lora(overfit_model, LoraConfig(r=8, lora_alpha=16.0, seed=1, target_modules=TARGETS),
+               verbose=False)
+    sequence = _sequence()
+    out["overfit_losses"], out["overfit_norms"] = overfit(overfit_model, sequence)
+    out["sequence"] = sequence
+    save_adapter(overfit_model, directory / "overfit")
+
+    # every broken adapter: a clear error on every rank, and the model untouched
+    fresh = build(exp)
+    if rank == 0:
+        _broken_adapters(directory / "random", directory / "broken")
+    torch.distributed.barrier()
+    cases = {p.name: p for p in (directory / "broken").iterdir()}
+    cases["missing_directory"] = directory / "broken" / "does_not_exist"
+    errors, untouched = {}, {}
+    for name, path in sorted(cases.items()):
+        state = _model_state(fresh)
+        try:
+            load_adapter(fresh, path)
+            errors[name] = None
+        except AdapterCheckpointError as error:
+            errors[name] = str(error)
+        untouched[name] = _same_state(fresh, state)
+    out["errors"], out["untouched"] = errors, untouched
+
+    # a good load into the same model still works afterwards
+    load_adapter(fresh, directory / "random")
+    out["reloaded_logits"] = logits_of(fresh, tokens)
+    torch.distributed.barrier()
+    if rank == 0:
+        out["crash"] = _crash_mid_save_single(model, directory / "random")
+    return out
+
+
+def _crash_mid_save_single(model, path):
+    """Rank 0 only, outside any collective: the atomic write under a simulated crash."""
+    import megatron_lora.checkpoint as checkpoint
+
+    real_fsync, calls = os.fsync, []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError("simulated crash during save")
+        return real_fsync(fd)
+
+    before = {name: (path / name).read_bytes() for name in (checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME)}
+    checkpoint.os.fsync = failing_fsync
+    try:
+        checkpoint.write_directory_atomically(path, {checkpoint.WEIGHTS_NAME: b"new weights",
+                                                     checkpoint.CONFIG_NAME: b"{}"})
+        error = None
+    except OSError as caught:
+        error = str(caught)
+    finally:
+        checkpoint.os.fsync = real_fsync
+    after = {name: (path / name).read_bytes() for name in before}
+    leftovers = sorted(p.name for p in path.parent.iterdir() if ".saving-" in p.name)
+    return {"error": error, "previous_intact": after == before, "leftovers": leftovers,
+            "still_loads": checkpoint.read_adapter(path).config["format_version"]}
+
+
+def load_checks(exp, directory):
+    """Load the TP=2 + SP adapters at this layout: logits, and greedy generation at TP=1."""
+    from megatron_lora.checkpoint import load_adapter
+
+    directory = Path(directory)
+    tokens = batches(0)[0][:, :-1]
+    model = build(exp)
+    name = load_adapter(model, directory / "random")
+    out = {"name": name, "random_logits": logits_of(model, tokens)}
+    if exp.pipeline_model_parallel_size == 1 and exp.tensor_model_parallel_size == 1:
+        model = build(exp)
+        load_adapter(model, directory / "overfit")
+        sequence = _sequence()
+        prompt_length = 4
+        out["generated"] = greedy_generate(model, sequence[:, :prompt_length],
+                                           sequence.shape[1] - prompt_length)
+        out["sequence"] = sequence
+    return out

@@ -1,0 +1,89 @@
+"""Consolidated adapter checkpoints: saved at TP=2 + SP, loaded at TP=1, TP=4, PP=2, TP=2 + PP=2
+and TP=2 + SP + PP=2 with the same logits; every broken adapter refused with the model untouched;
+an atomic save that crashes half-way. See tests/checkpoint_checks.py."""
+
+import pytest
+import torch
+
+from gpt_checks import LAYOUTS
+
+LOAD_LAYOUTS = [pytest.param(world, layout, id=f"tp{layout[0]}-pp{layout[1]}{'-sp' if layout[2] else ''}")
+                for world in (1, 2, 4) for layout in LAYOUTS[world]]
+
+
+def rel_err(actual, expected):
+    return ((actual.double() - expected.double()).abs().max()
+            / expected.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("world, layout", LOAD_LAYOUTS)
+def test_adapter_saved_at_tp2_sp_loads_at_any_layout(saved, gpt_spawned, world, layout):
+    expected = saved[0]["random_logits"]
+    loads = [rank_result[layout]["load"] for rank_result in gpt_spawned(world)]
+    logits = [load["random_logits"] for load in loads if load["random_logits"] is not None]
+    assert logits, "no rank produced logits"
+    for value in logits:
+        assert rel_err(value, expected) < 1e-5
+    assert all(load["name"] == "default" for load in loads)
+
+
+def test_saved_config_describes_adapter_layout_and_base(saved):
+    header = saved[0]["random_header"]
+    assert header["format"] == "megatron_lora.adapter" and header["format_version"] == 1
+    assert header["lora_config"]["r"] == 4 and header["lora_config"]["lora_alpha"] == 8.0
+    assert header["trained_layout"]["tensor_model_parallel_size"] == 2
+    assert header["trained_layout"]["sequence_parallel"] is True
+    base = header["base_model"]
+    assert (base["num_layers"], base["hidden_size"], base["num_attention_heads"],
+            base["num_query_groups"], base["ffn_hidden_size"], base["gated_linear_unit"],
+            base["vocab_size"]) == (4, 64, 8, 4, 96, True, 128)
+    assert len(header["modules"]) == 17 and len(header["weights_sha256"]) == 64
+
+
+def test_overfit_at_tp2_sp_then_greedy_generation_at_tp1(saved, gpt_spawned):
+    losses, norms = saved[0]["overfit_losses"], saved[0]["overfit_norms"]
+    assert losses[-1] <= 0.3 * losses[0], losses
+    assert norms[-1] <= 0.3 * norms[0], norms
+    load = gpt_spawned(1)[0][(1, 1, False)]["load"]
+    assert torch.equal(load["sequence"], saved[0]["sequence"])
+    assert torch.equal(load["generated"], load["sequence"])  # prompt 4 tokens, 13 generated
+
+
+EXPECTED_ERRORS = {
+    "missing_key": "missing key 'decoder.layers.1.mlp.linear_fc1.lora_A.weight'",
+    "extra_key": "extra key(s) ['decoder.layers.9.mlp.linear_fc1.lora_A.weight'",
+    "wrong_shape": "decoder.layers.1.mlp.linear_fc1.lora_A.weight: shape [4, 72] in the file, "
+                   "[4, 64] expected",
+    "tp_does_not_divide": "decoder.layers.2.mlp.linear_fc2.lora_A.weight: dimension 1 of shape "
+                          "[4, 97] cannot be split evenly over tensor-parallel size 2",
+    "integer_dtype": "dtype I32 is not a floating-point factor dtype",
+    "format_version": "format_version 99 is not supported",
+    "other_base": "trained for another base model (hidden_size: adapter 128 vs model 64)",
+    "truncated": "is truncated, corrupt or from another save",
+    "corrupt": "is truncated, corrupt or from another save",
+    "truncated_checked": "cannot be read as safetensors",
+    "not_safetensors": "cannot be read as safetensors",
+    "not_adapter": "is not an adapter directory: adapter_config.json is missing",
+    "missing_directory": "is not an adapter directory",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED_ERRORS))
+def test_broken_adapter_is_refused_and_the_model_untouched(saved, case):
+    for rank_result in saved:  # every rank raises, and no rank changed anything
+        message = rank_result["errors"][case]
+        assert message is not None, f"{case} was loaded"
+        assert EXPECTED_ERRORS[case] in message
+        assert rank_result["untouched"][case]
+
+
+def test_a_good_adapter_still_loads_after_refusals(saved):
+    for rank_result in saved:
+        assert rel_err(rank_result["reloaded_logits"], rank_result["random_logits"]) == 0.0
+
+
+def test_crash_during_save_leaves_the_previous_adapter(saved):
+    crash = saved[0]["crash"]
+    assert crash["error"] == "simulated crash during save"
+    assert crash["previous_intact"] and crash["still_loads"] == 1
+    assert crash["leftovers"] == []
