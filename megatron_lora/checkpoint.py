@@ -497,3 +497,56 @@ def load_adapter(model: ModelLike, path, adapter_name: Optional[str] = None,
     return name
 
 
+
+
+# --- megatron dist-checkpointing -------------------------------------------------------------
+
+
+def _is_lora_key(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def adapter_sharded_state_dict(model: ModelLike) -> dict:
+    """The LoRA entries of the model's megatron sharded state dict (every adapter, every chunk).
+
+    The wrapper's ``sharded_state_dict`` keeps the base's keys unchanged and adds the factors
+    under keys holding ``.lora_A.`` / ``.lora_B.``, so a full-model save with
+    ``megatron.core.dist_checkpointing`` carries the adapters along and this filter gives the
+    adapter-only view.
+    """
+    state = {}
+    for chunk in _chunks(model):
+        state.update({k: v for k, v in chunk.sharded_state_dict().items() if _is_lora_key(k)})
+    if not state:
+        raise AdapterCheckpointError("the model has no LoRA adapters to checkpoint")
+    return state
+
+
+def save_adapter_distributed(model: ModelLike, directory) -> None:
+    """Adapter-only megatron dist-checkpoint (every rank writes its shards). Collective."""
+    from megatron.core import dist_checkpointing
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(adapter_sharded_state_dict(model), str(directory))
+
+
+def load_adapter_distributed(model: ModelLike, directory) -> None:
+    """Load an adapter-only (or full-model) dist-checkpoint into the model's existing adapters,
+    at any TP/PP layout. The checkpoint is read into fresh buffers first, so a failing load
+    (missing keys, other shapes) changes no parameter. Collective."""
+    from megatron.core import dist_checkpointing
+
+    state = adapter_sharded_state_dict(model)
+    parameters = {key: item.data for key, item in state.items()}
+    for item in state.values():  # read into new buffers, not into the parameters
+        item.data = torch.empty_like(item.data)
+    try:
+        loaded = dist_checkpointing.load(state, str(directory))
+    except Exception as error:  # megatron raises several types (CheckpointingException, …)
+        raise AdapterCheckpointError(f"cannot load the adapter from {directory}: {error}") from None
+    missing = sorted(set(parameters) - set(loaded))
+    if missing:
+        raise AdapterCheckpointError(f"{directory} lacks adapter keys {missing[:4]}")
+    with torch.no_grad():
+        for key, parameter in parameters.items():
+            parameter.copy_(loaded[key])

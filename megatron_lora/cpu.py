@@ -226,7 +226,9 @@ def spawn_gloo(fn, world_size: int, args=(), timeout: float = 300.0, threads: in
         context.Process(
             target=_spawned_entry,
             args=(rank, world_size, port, fn, args, results, threads),
-            daemon=True,
+            # not daemonic: ranks may start processes of their own (megatron's
+            # dist-checkpointing writer does); the finally below ends them either way
+            daemon=False,
         )
         for rank in range(world_size)
     ]

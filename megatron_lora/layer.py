@@ -66,34 +66,6 @@ class LoraFactor(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(weight)
 
-    def full_factors(self, adapter_name: str, *, grads: bool = False):
-        """The logical A [r, in] and B [out, r] (or their gradients), gathered over the TP group.
-
-        Collective over the layer's TP group. Canonical layout: the same at every TP size
-        (SwiGLU fc1's B as [gate_all; up_all]). Gradients of replicated factors must already
-        be complete (finalize_lora_grads), so the local one is taken as is.
-        """
-        self._require_adapters([adapter_name])
-        layout = self.layout
-
-        def local(factor):
-            weight = factor[adapter_name].weight
-            tensor = weight.grad if grads else weight
-            if tensor is None:
-                raise ValueError(f"{self.module_name}: {adapter_name!r} has no gradient yet")
-            return tensor.detach()
-
-        def gathered(tensor):
-            if layout.world_size == 1:
-                return [tensor]
-            shards = [torch.empty_like(tensor) for _ in range(layout.world_size)]
-            torch.distributed.all_gather(shards, tensor.contiguous(), group=layout.group)
-            return shards
-
-        if layout.kind == COLUMN:
-            return local(self.lora_A), unshard_rows(gathered(local(self.lora_B)), layout.packed_gate_up)
-        return unshard_columns(gathered(local(self.lora_A))), local(self.lora_B)
-
     def extra_repr(self) -> str:
         return f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}"
 
@@ -479,6 +451,51 @@ class LoraParallelLinear(torch.nn.Module):
         if layout.kind == COLUMN:
             return local(self.lora_A), unshard_rows(gathered(local(self.lora_B)), layout.packed_gate_up)
         return unshard_columns(gathered(local(self.lora_A))), local(self.lora_B)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept the base's own keys (``{prefix}weight``) as well as ``{prefix}base_layer.weight``:
+        megatron checkpoints and plain base state dicts then load into the wrapped model."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if "." not in rest and not rest.startswith(("lora_", "base_layer")):
+                state_dict[f"{prefix}base_layer.{rest}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """megatron dist-checkpointing: the base layer's entries under its own, unchanged keys,
+        plus every adapter's factors as ``{prefix}lora_A.{name}.weight`` ShardedTensors.
+
+        Sharded factors carry the base weight's TP axis; replicated ones are marked as
+        replicas over TP; SwiGLU fc1's B goes through megatron's gate/up factory, so the
+        checkpoint holds the canonical [gate_all; up_all] tensor and reshards to any TP.
+        """
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        state = self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata)
+        factors, tp_axes = {}, {}
+        for name in self.lora_A:
+            factors[f"lora_A.{name}.weight"] = self.lora_A[name].weight
+            factors[f"lora_B.{name}.weight"] = self.lora_B[name].weight
+            if self.layout.kind == COLUMN:
+                tp_axes[f"lora_B.{name}.weight"] = 0
+            else:
+                tp_axes[f"lora_A.{name}.weight"] = 1
+        sharded = make_sharded_tensors_for_checkpoint(
+            factors, prefix, tp_axes, sharded_offsets,
+            tp_group=self.layout.group, dp_cp_group=metadata["dp_cp_group"],
+        )
+        if self.layout.packed_gate_up:  # at every TP size, as megatron does for the base weight
+            singleton = metadata.get("singleton_local_shards", False)
+            for name in self.lora_B:
+                key = f"{prefix}lora_B.{name}.weight"
+                sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton)
+        state.update(sharded)
+        return state
 
     def extra_repr(self) -> str:
         return f"{self.layout.describe()}, adapters={list(self.lora_A.keys())}"

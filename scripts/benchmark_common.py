@@ -84,3 +84,44 @@ def print_row(label, results, show_calls=True):
               if show_calls else "")
     print(f"{'':<8}collectives per step: {detail}elements sent x"
           f"{lora_elems / max(1, base_elems):.3f}")
+
+
+def add_common_arguments(parser, iters):
+    """The flags both benchmarks share (layout, sizes, dtype, device, repetitions)."""
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--sp", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=1536)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+
+
+def check_device(parser, args):
+    if args.device == "cuda" and args.tp != 1:
+        parser.error("--device cuda runs one process: use --tp 1 (TP>1 parity is proven on CPU)")
+
+
+def run_layouts(worker, args):
+    """[(label, per-rank results)] for SP off and/or on: gloo processes on CPU, or this process
+    on one GPU."""
+    rows = []
+    for sp in {"off": [False], "on": [True], "both": [False, True]}[args.sp]:
+        if sp and args.tp == 1:
+            continue
+        if args.device == "cuda":
+            from megatron_lora.cpu import free_port, init_gloo_process_group
+
+            if not torch.distributed.is_initialized():
+                init_gloo_process_group(0, 1, master_port=free_port())
+            results = [worker(0, 1, args, sp, "cuda")]
+        else:
+            from megatron_lora.cpu import spawn_gloo
+
+            results = spawn_gloo(worker, args.tp, args=(args, sp, "cpu"), timeout=900)
+        rows.append(("SP" if sp else "no SP", results))
+    return rows

@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from benchmark_common import measure, nbytes, print_header, print_row  # noqa: E402
+from benchmark_common import (add_common_arguments, check_device, measure, nbytes,  # noqa: E402
+                              print_header, print_row, run_layouts)
 
 
 def experiment(args, sp):
@@ -73,45 +74,19 @@ def worker(rank, world, args, sp, device_name):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--sp", choices=("off", "on", "both"), default="both")
+    add_common_arguments(parser, iters=20)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--ffn", type=int, default=1536)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--query-groups", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args(argv)
-    if args.device == "cuda" and args.tp != 1:
-        parser.error("--device cuda runs one process: use --tp 1 (TP>1 parity is proven on CPU)")
+    check_device(parser, args)
 
     print(f"GPT layers={args.layers} hidden={args.hidden} ffn={args.ffn} (SwiGLU) heads="
           f"{args.heads}/{args.query_groups} vocab={args.vocab} seq={args.seq} batch={args.batch} "
           f"r={args.rank} on 4 targets, TP={args.tp} {args.dtype} on {args.device}; "
           f"medians of {args.iters} steps")
-    sps = {"off": [False], "on": [True], "both": [False, True]}[args.sp]
-    rows = []
-    for sp in sps:
-        if sp and args.tp == 1:
-            continue
-        if args.device == "cuda":
-            from megatron_lora.cpu import free_port, init_gloo_process_group
-
-            if not torch.distributed.is_initialized():
-                init_gloo_process_group(0, 1, master_port=free_port())
-            results = [worker(0, 1, args, sp, "cuda")]
-        else:
-            from megatron_lora.cpu import spawn_gloo
-
-            results = spawn_gloo(worker, args.tp, args=(args, sp, "cpu"), timeout=900)
-        rows.append(("SP" if sp else "no SP", results))
+    rows = run_layouts(worker, args)
     print_header()
     for label, results in rows:
         print_row(label, results, show_calls=False)

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from benchmark_common import measure, nbytes, print_header, print_row  # noqa: E402
+from benchmark_common import (add_common_arguments, check_device, measure, nbytes,  # noqa: E402
+                              print_header, print_row, run_layouts)
 
 
 def build_block(args, world, sp, device):
@@ -82,40 +83,15 @@ def worker(rank, world, args, sp, device_name):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--sp", choices=("off", "on", "both"), default="both")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--ffn", type=int, default=1536)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    add_common_arguments(parser, iters=30)
     args = parser.parse_args(argv)
-    if args.device == "cuda" and args.tp != 1:
-        parser.error("--device cuda runs one process: use --tp 1 (TP>1 parity is proven on CPU)")
+    check_device(parser, args)
 
     print(f"MLP hidden={args.hidden} ffn={args.ffn} seq={args.seq} batch={args.batch} "
           f"r={args.rank} TP={args.tp} {args.dtype} on {args.device}; medians of {args.iters} steps")
     print_header()
-    sps = {"off": [False], "on": [True], "both": [False, True]}[args.sp]
-    for sp in sps:
-        if sp and args.tp == 1:
-            continue
-        if args.device == "cuda":
-            from megatron_lora.cpu import init_gloo_process_group
-            from megatron_lora.cpu import free_port
-
-            if not torch.distributed.is_initialized():
-                init_gloo_process_group(0, 1, master_port=free_port())
-            results = [worker(0, 1, args, sp, "cuda")]
-        else:
-            from megatron_lora.cpu import spawn_gloo
-
-            results = spawn_gloo(worker, args.tp, args=(args, sp, "cpu"), timeout=900)
-        print_row("SP" if sp else "no SP", results)
+    for label, results in run_layouts(worker, args):
+        print_row(label, results)
 
 
 if __name__ == "__main__":

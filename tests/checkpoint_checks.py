@@ -151,8 +151,10 @@ def _broken_adapters(good: Path, scratch: Path):
 def save_and_break(rank, world, directory):
     """World 2, TP=2 + SP: save the adapters every other layout loads, then the error paths."""
     from megatron_lora import LoraConfig, apply_lora
+    from megatron.core import dist_checkpointing
+
     from megatron_lora.checkpoint import (AdapterCheckpointError, load_adapter, read_adapter,
-                                          save_adapter)
+                                          save_adapter, save_adapter_distributed)
 
     directory = Path(directory)
     exp = experiment(2, 1, True)
@@ -166,6 +168,11 @@ def save_and_break(rank, world, directory):
         out["random_header"] = read_adapter(directory / "random").config
     # saving again over an existing adapter replaces it atomically
     save_adapter(model, directory / "random")
+    # megatron dist-checkpointing: adapter only, and the whole model (base + adapter)
+    save_adapter_distributed(model, directory / "dist_adapter")
+    (directory / "dist_full").mkdir(exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(directory / "dist_full"))
+    out["sharded_keys"] = sorted(model.sharded_state_dict().keys())
 
     overfit_model = build(exp)
     apply_lora(overfit_model, LoraConfig(r=8, lora_alpha=16.0, seed=1, target_modules=TARGETS),
@@ -231,14 +238,30 @@ def _crash_mid_save_single(model, path):
 
 
 def load_checks(exp, directory):
-    """Load the TP=2 + SP adapters at this layout: logits, and greedy generation at TP=1."""
-    from megatron_lora.checkpoint import load_adapter
+    """Load the TP=2 + SP adapters at this layout (consolidated and through megatron
+    dist-checkpointing, adapter only and whole model): logits, and greedy generation at TP=1."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_lora.checkpoint import load_adapter, load_adapter_distributed
 
     directory = Path(directory)
     tokens = batches(0)[0][:, :-1]
     model = build(exp)
     name = load_adapter(model, directory / "random")
     out = {"name": name, "random_logits": logits_of(model, tokens)}
+
+    # dist-checkpointing, adapter only: into an adapter with other values
+    model = build(exp, random_lora(seed=99))
+    load_adapter_distributed(model, directory / "dist_adapter")
+    out["dist_adapter_logits"] = logits_of(model, tokens)
+    # the whole model: into another base (other seed) with another adapter
+    model = build(experiment(exp.tensor_model_parallel_size, exp.pipeline_model_parallel_size,
+                             exp.sequence_parallel, seed=4321), random_lora(seed=99))
+    before = logits_of(model, tokens)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(directory / "dist_full"))
+    model.load_state_dict(state)
+    out["dist_full_logits"] = logits_of(model, tokens)
+    out["dist_full_changed"] = before is None or not torch.equal(before, out["dist_full_logits"])
     if exp.pipeline_model_parallel_size == 1 and exp.tensor_model_parallel_size == 1:
         model = build(exp)
         load_adapter(model, directory / "overfit")

@@ -27,6 +27,27 @@ def test_adapter_saved_at_tp2_sp_loads_at_any_layout(saved, gpt_spawned, world, 
     assert all(load["name"] == "default" for load in loads)
 
 
+@pytest.mark.parametrize("world, layout", LOAD_LAYOUTS)
+@pytest.mark.parametrize("kind", ["dist_adapter", "dist_full"])
+def test_dist_checkpoint_from_tp2_sp_loads_at_any_layout(saved, gpt_spawned, world, layout, kind):
+    expected = saved[0]["random_logits"]
+    loads = [rank_result[layout]["load"] for rank_result in gpt_spawned(world)]
+    logits = [load[f"{kind}_logits"] for load in loads if load[f"{kind}_logits"] is not None]
+    assert logits
+    for value in logits:
+        assert rel_err(value, expected) < 1e-5
+    if kind == "dist_full":
+        assert all(load["dist_full_changed"] for load in loads)  # the base was replaced too
+
+
+def test_sharded_state_dict_keeps_base_keys_and_adds_lora_keys(saved):
+    keys = saved[0]["sharded_keys"]
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in keys  # no base_layer in base keys
+    assert not any("base_layer" in key for key in keys)
+    assert "decoder.layers.0.mlp.linear_fc1.lora_A.default.weight" in keys
+    assert "output_layer.lora_B.default.weight" in keys
+
+
 def test_saved_config_describes_adapter_layout_and_base(saved):
     header = saved[0]["random_header"]
     assert header["format"] == "megatron_lora.adapter" and header["format_version"] == 1

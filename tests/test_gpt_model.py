@@ -24,18 +24,8 @@ def rel_err(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
-def merged_over_ranks(per_rank, *keys):
-    """One dict from every rank's dict at per_rank[r][keys...] (PP stages own different names)."""
-    merged = {}
-    for rank_result in per_rank:
-        value = rank_result
-        for key in keys:
-            value = value[key]
-        merged.update(value)
-    return merged
-
-
 def values_over_ranks(per_rank, *keys):
+    """[per_rank[r][keys...] for every rank]."""
     values = []
     for rank_result in per_rank:
         value = rank_result
@@ -43,6 +33,14 @@ def values_over_ranks(per_rank, *keys):
             value = value[key]
         values.append(value)
     return values
+
+
+def merged_over_ranks(per_rank, *keys):
+    """One dict from every rank's dict at per_rank[r][keys...] (PP stages own different names)."""
+    merged = {}
+    for value in values_over_ranks(per_rank, *keys):
+        merged.update(value)
+    return merged
 
 
 @pytest.fixture(scope="module")
