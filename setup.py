@@ -17,8 +17,13 @@ setup(
         "safetensors>=0.4",
         "numpy",
     ],
+    entry_points={"console_scripts": ["megatron-lora=megatron_lora.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9"],
+        # transformers + peft: the interop tests check exports against the real libraries;
+        # psutil: megatron's dist-checkpointing needs it
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "transformers>=4.45",
+                 "peft>=0.13"],
+        "peft": ["transformers>=4.45", "peft>=0.13"],
         "te": ["transformer-engine[pytorch]"],
     },
 )

@@ -288,24 +288,31 @@ class AdapterFile:
     dtypes: Dict[str, str]
 
 
+def read_adapter_json(path: Path, what: str):
+    """(config dict, config path, weights path) of a directory that must hold both files."""
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise AdapterCheckpointError(f"{path} is not {what} (it does not exist or is not a "
+                                     f"directory)")
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise AdapterCheckpointError(f"{path} is not {what}: {required.name} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterCheckpointError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise AdapterCheckpointError(f"{config_path} does not hold a JSON object")
+    return config, config_path, weights_path
+
+
 def read_adapter(path) -> AdapterFile:
     """Read and check an adapter directory's JSON and safetensors header (no tensors)."""
     from safetensors import safe_open
 
     path = Path(path)
-    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not path.is_dir():
-        raise AdapterCheckpointError(f"{path} is not an adapter directory (it does not exist "
-                                     f"or is not a directory)")
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise AdapterCheckpointError(f"{path} is not an adapter directory: {required.name} "
-                                         f"is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterCheckpointError(f"{config_path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    config, config_path, weights_path = read_adapter_json(path, "an adapter directory")
+    if config.get("format") != FORMAT:
         raise AdapterCheckpointError(f"{config_path} is not a megatron_lora adapter config "
                                      f"(expected \"format\": \"{FORMAT}\")")
     version = config.get("format_version")

@@ -155,6 +155,7 @@ def save_and_break(rank, world, directory):
 
     from megatron_lora.checkpoint import (AdapterCheckpointError, load_adapter, read_adapter,
                                           save_adapter, save_adapter_distributed)
+    from megatron_lora.interop import export_peft
 
     directory = Path(directory)
     exp = experiment(2, 1, True)
@@ -170,6 +171,7 @@ def save_and_break(rank, world, directory):
     save_adapter(model, directory / "random")
     # megatron dist-checkpointing: adapter only, and the whole model (base + adapter)
     save_adapter_distributed(model, directory / "dist_adapter")
+    export_peft(model, directory / "peft")
     (directory / "dist_full").mkdir(exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(directory / "dist_full"))
     out["sharded_keys"] = sorted(model.sharded_state_dict().keys())
@@ -242,13 +244,31 @@ def load_checks(exp, directory):
     dist-checkpointing, adapter only and whole model): logits, and greedy generation at TP=1."""
     from megatron.core import dist_checkpointing
 
-    from megatron_lora.checkpoint import load_adapter, load_adapter_distributed
+    from megatron_lora.checkpoint import (load_adapter, load_adapter_distributed, save_adapter)
+    from megatron_lora.interop import export_peft, import_peft
 
     directory = Path(directory)
     tokens = batches(0)[0][:, :-1]
     model = build(exp)
     name = load_adapter(model, directory / "random")
     out = {"name": name, "random_logits": logits_of(model, tokens)}
+
+    # saving and exporting again from this layout gives the same files' tensors, bit for bit
+    tag = f"tp{exp.tensor_model_parallel_size}-pp{exp.pipeline_model_parallel_size}"
+    save_adapter(model, directory / f"resaved-{tag}")
+    export_peft(model, directory / f"peft-{tag}")
+    torch.distributed.barrier()
+    out["resave_identical"] = _same_tensors(directory / f"resaved-{tag}", directory / "random")
+    out["reexport_identical"] = _same_tensors(directory / f"peft-{tag}", directory / "peft")
+
+    # PEFT import of the TP=2 + SP export
+    model = build(exp)
+    import_peft(model, directory / "peft")
+    out["peft_import_logits"] = logits_of(model, tokens)
+    save_adapter(model, directory / f"from-peft-{tag}")
+    torch.distributed.barrier()
+    out["peft_round_trip_identical"] = _same_tensors(directory / f"from-peft-{tag}",
+                                                     directory / "random")
 
     # dist-checkpointing, adapter only: into an adapter with other values
     model = build(exp, random_lora(seed=99))
@@ -270,4 +290,64 @@ def load_checks(exp, directory):
         out["generated"] = greedy_generate(model, sequence[:, :prompt_length],
                                            sequence.shape[1] - prompt_length)
         out["sequence"] = sequence
+        out.update(transformers_checks(exp, directory, tokens))
+    return out
+
+
+def _same_tensors(first: Path, second: Path) -> bool:
+    from safetensors.torch import load_file
+
+    from megatron_lora.checkpoint import WEIGHTS_NAME
+
+    a, b = load_file(first / WEIGHTS_NAME), load_file(second / WEIGHTS_NAME)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def hf_llama_from(model):
+    """The transformers LlamaForCausalLM with this TP=1 megatron GPT's base weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_lora.interop import _model_shape, hf_llama_state_dict
+
+    config = LlamaConfig(
+        vocab_size=TINY_GPT["vocab_size"], hidden_size=TINY_GPT["hidden_size"],
+        intermediate_size=TINY_GPT["ffn_hidden_size"], num_hidden_layers=TINY_GPT["num_layers"],
+        num_attention_heads=TINY_GPT["num_attention_heads"],
+        num_key_value_heads=TINY_GPT["num_query_groups"], max_position_embeddings=64,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False,
+        mlp_bias=False, hidden_act="silu")
+    hf = LlamaForCausalLM(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    hf.load_state_dict(hf_llama_state_dict(state, _model_shape(model), TINY_GPT["num_layers"]))
+    return hf.eval()
+
+
+def transformers_checks(exp, directory: Path, tokens):
+    """Against the real transformers + peft (TP=1): the exported adapter read by PeftModel,
+    and a PEFT-made adapter (different A for q/k/v and gate/up) imported here."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    from megatron_lora.interop import import_peft
+
+    out = {}
+    base = build(exp)
+    hf = hf_llama_from(base)
+    with torch.no_grad():
+        out["hf_base_logits"] = hf(tokens).logits
+    out["megatron_base_logits"] = logits_of(base, tokens)
+    peft_model = PeftModel.from_pretrained(hf, str(directory / "peft"))
+    with torch.no_grad():
+        out["peft_logits"] = peft_model(tokens).logits
+
+    torch.manual_seed(5)
+    native = get_peft_model(hf_llama_from(base), PeftLoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        out["native_peft_logits"] = native(tokens).logits
+    native.save_pretrained(str(directory / "peft_native"))
+    imported = build(exp)
+    import_peft(imported, directory / "peft_native")
+    out["native_imported_logits"] = logits_of(imported, tokens)
     return out

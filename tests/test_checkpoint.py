@@ -108,3 +108,33 @@ def test_crash_during_save_leaves_the_previous_adapter(saved):
     assert crash["error"] == "simulated crash during save"
     assert crash["previous_intact"] and crash["still_loads"] == 1
     assert crash["leftovers"] == []
+
+
+@pytest.mark.parametrize("world, layout", LOAD_LAYOUTS)
+def test_resave_and_peft_export_are_bit_identical_from_any_layout(gpt_spawned, world, layout):
+    for rank_result in gpt_spawned(world):
+        load = rank_result[layout]["load"]
+        assert load["resave_identical"] and load["reexport_identical"]
+        assert load["peft_round_trip_identical"]  # megatron -> PEFT -> megatron, bit for bit
+
+
+@pytest.mark.parametrize("world, layout", LOAD_LAYOUTS)
+def test_peft_import_of_the_export_gives_the_same_logits(saved, gpt_spawned, world, layout):
+    expected = saved[0]["random_logits"]
+    for rank_result in gpt_spawned(world):
+        logits = rank_result[layout]["load"]["peft_import_logits"]
+        if logits is not None:
+            assert rel_err(logits, expected) < 1e-5
+
+
+def test_transformers_and_peft_read_the_export(saved, gpt_spawned):
+    load = gpt_spawned(1)[0][(1, 1, False)]["load"]
+    assert rel_err(load["hf_base_logits"], load["megatron_base_logits"]) < 1e-5  # the converter
+    assert rel_err(load["peft_logits"], saved[0]["random_logits"]) < 1e-5  # PeftModel vs TP=2+SP
+    assert rel_err(load["peft_logits"], load["hf_base_logits"]) > 1e-3  # the adapter matters
+
+
+def test_a_peft_made_adapter_imports_exactly(gpt_spawned):
+    load = gpt_spawned(1)[0][(1, 1, False)]["load"]
+    assert rel_err(load["native_peft_logits"], load["hf_base_logits"]) > 1e-3
+    assert rel_err(load["native_imported_logits"], load["native_peft_logits"]) < 1e-5
