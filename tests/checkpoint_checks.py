@@ -145,6 +145,25 @@ def _broken_adapters(good: Path, scratch: Path):
     return cases
 
 
+def _packed_fc1_layout(model, directory: Path):
+    """SwiGLU fc1's B in the file vs. this rank's shard: [gate_i; up_i] of [gate_all; up_all]."""
+    from safetensors.torch import load_file
+
+    from megatron_lora.checkpoint import WEIGHTS_NAME
+    from megatron_lora.model import lora_layers
+
+    name = "decoder.layers.1.mlp.linear_fc1"
+    saved_b = load_file(directory / WEIGHTS_NAME)[f"{name}.lora_B.weight"]
+    layer = dict(lora_layers(model))[name]
+    local_b = layer.lora_B["default"].weight.detach()
+    rank, world = layer.layout.rank, layer.layout.world_size
+    gate, up = saved_b.chunk(2, dim=0)
+    return {"saved_b": saved_b,
+            "gate_up_slice": torch.equal(local_b, torch.cat([gate.chunk(world)[rank],
+                                                             up.chunk(world)[rank]])),
+            "contiguous_slice": torch.equal(local_b, saved_b.chunk(world)[rank])}
+
+
 # --- the spawned entry points ----------------------------------------------------------------
 
 
@@ -167,6 +186,8 @@ def save_and_break(rank, world, directory):
     save_adapter(model, directory / "random")
     if rank == 0:
         out["random_header"] = read_adapter(directory / "random").config
+    torch.distributed.barrier()
+    out["fc1"] = _packed_fc1_layout(model, directory / "random")
     # saving again over an existing adapter replaces it atomically
     save_adapter(model, directory / "random")
     # megatron dist-checkpointing: adapter only, and the whole model (base + adapter)

@@ -138,3 +138,13 @@ def test_a_peft_made_adapter_imports_exactly(gpt_spawned):
     load = gpt_spawned(1)[0][(1, 1, False)]["load"]
     assert rel_err(load["native_peft_logits"], load["hf_base_logits"]) > 1e-3
     assert rel_err(load["native_imported_logits"], load["native_peft_logits"]) < 1e-5
+
+
+def test_fc1_b_is_saved_as_gate_all_then_up_all(saved, gpt_spawned):
+    """Fails if fc1's B were gathered or sliced contiguously (gate and up of ranks mixed)."""
+    name = "decoder.layers.1.mlp.linear_fc1"
+    tp1_b = gpt_spawned(1)[0][(1, 1, False)]["parity"]["factors"][name][1]  # the same adapter
+    for rank_result in saved:
+        fc1 = rank_result["fc1"]
+        assert torch.equal(fc1["saved_b"], tp1_b)
+        assert fc1["gate_up_slice"] and not fc1["contiguous_slice"]
