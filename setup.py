@@ -16,6 +16,10 @@ setup(
         "pyyaml>=6",
         "safetensors>=0.4",
         "numpy",
+        # the training scripts: progress bar, TensorBoard events, the loss-curve PNG
+        "tqdm>=4.60",
+        "tensorboard>=2.10",
+        "matplotlib>=3.5",
     ],
     entry_points={"console_scripts": ["megatron-lora=megatron_lora.cli:main"]},
     extras_require={

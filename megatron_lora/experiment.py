@@ -615,6 +615,8 @@ def load_experiment(
     source = os.fspath(path) if path is not None else None
     with _reported_from(source):
         if source is not None:
+            if not os.path.isfile(source):
+                raise ExperimentConfigError("the file does not exist")
             with open(source, encoding="utf-8") as handle:
                 data = _parse_yaml(handle.read(), "the file")
             if data is None:

@@ -1,0 +1,751 @@
+"""What the pretrain / finetune scripts share: flags and YAML, the model, data, the optimiser
+over the trainable parameters, the step, evaluation, checkpoint and exact resume, logging.
+
+The loop uses megatron-core for the model, the parallel layout, the forward-backward schedule
+(micro-batches, 1F1B under PP) and indexed datasets, and plain ``torch.optim.AdamW`` for the
+optimiser: with LoRA the trainable state is tiny, so megatron's distributed optimiser buys
+nothing, and a plain optimiser's state is simple to checkpoint bit-exactly. Gradients are made
+exact by hand in one place (:func:`synchronise_gradients`).
+
+Checkpoints (``--save DIR``):
+
+    DIR/latest_checkpointed_iteration.txt      written last, atomically
+    DIR/iter_0000100/adapter/                  LoRA: the consolidated adapter (any layout)
+    DIR/iter_0000100/model/                    full training: megatron dist-checkpoint
+    DIR/iter_0000100/rank_00000.safetensors    optimiser state and RNG states of each rank
+    DIR/iter_0000100/trainer_state.json        iteration, consumed samples, layout
+    DIR/adapter/ or DIR/model/                 the final result
+    DIR/metrics.jsonl, DIR/tensorboard/, DIR/loss_curve.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .arguments import add_lora_args, lora_config_from_args
+
+LATEST = "latest_checkpointed_iteration.txt"
+TRAINER_STATE = "trainer_state.json"
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+class TrainingError(ValueError):
+    """Bad flags, config or files: reported as one line, exit code 2, nothing written."""
+
+
+# --- flags and settings ------------------------------------------------------------------------
+
+# flag destination -> (section, key) in the YAML experiment
+_MODEL_FLAGS = {
+    "tensor_model_parallel_size": "tensor_model_parallel_size",
+    "pipeline_model_parallel_size": "pipeline_model_parallel_size",
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups",
+    "seq_length": "seq_length",
+    "vocab_size": "vocab_size",
+    "seed": "seed",
+}
+
+
+@dataclass
+class TrainingSettings:
+    """The loop's settings (YAML ``training:`` section, overridden by flags)."""
+
+    train_iters: int = 0
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 0
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    data_path: Optional[str] = None
+    valid_data_path: Optional[str] = None
+    split: str = "98,2,0"
+    save: Optional[str] = None
+    load: Optional[str] = None
+    pretrained_checkpoint: Optional[str] = None
+    save_interval: Optional[int] = None
+    eval_interval: Optional[int] = None
+    eval_iters: int = 10
+    log_interval: int = 10
+    tokenizer: str = "byte"
+    progress_bar: bool = True
+
+    @classmethod
+    def from_section(cls, section: dict, source: str) -> "TrainingSettings":
+        import difflib
+
+        known = {f.name for f in fields(cls)}
+        for key in section:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(known)}"
+                raise TrainingError(f"{source}: training.{key} is not a known key{hint}")
+        return cls(**section)
+
+    def check(self, mode: str) -> None:
+        def positive(name):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise TrainingError(f"--{name.replace('_', '-')} {value!r} is invalid: expected "
+                                    f"a positive integer")
+
+        for name in ("train_iters", "micro_batch_size", "global_batch_size", "save_interval",
+                     "eval_interval", "eval_iters", "log_interval"):
+            positive(name)
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise TrainingError(f"--lr-decay-style {self.lr_decay_style!r} is invalid: expected "
+                                f"one of {', '.join(LR_DECAY_STYLES)}")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise TrainingError(f"--lr {self.lr} / --min-lr {self.min_lr} are invalid: expected "
+                                f"0 <= min-lr <= lr and lr > 0")
+        if self.lr_warmup_iters < 0 or self.lr_warmup_iters > self.train_iters:
+            raise TrainingError(f"--lr-warmup-iters {self.lr_warmup_iters} is invalid: expected "
+                                f"0 .. --train-iters ({self.train_iters})")
+        if not self.clip_grad >= 0:
+            raise TrainingError(f"--clip-grad {self.clip_grad} is invalid: expected >= 0 "
+                                f"(0 turns clipping off)")
+        if not self.data_path:
+            raise TrainingError("--data-path is required: the prefix of a megatron indexed "
+                                "dataset (PREFIX.bin / PREFIX.idx), e.g. made by "
+                                "`python -m megatron_lora.data preprocess`")
+        for name in ("data_path", "valid_data_path"):
+            prefix = getattr(self, name)
+            if prefix:
+                missing = [p for p in (f"{prefix}.bin", f"{prefix}.idx") if not Path(p).is_file()]
+                if missing:
+                    raise TrainingError(f"--{name.replace('_', '-')} {prefix}: {', '.join(missing)} "
+                                        f"does not exist")
+        if self.load and not (Path(self.load) / LATEST).is_file():
+            raise TrainingError(f"--load {self.load} is not a checkpoint directory of these "
+                                f"scripts: {LATEST} is missing")
+        if self.pretrained_checkpoint and not _model_checkpoint_dir(self.pretrained_checkpoint):
+            raise TrainingError(f"--pretrained-checkpoint {self.pretrained_checkpoint} holds no "
+                                f"megatron dist-checkpoint (expected a metadata.json, or a "
+                                f"model/ folder written by pretrain_gpt.py)")
+
+
+def _model_checkpoint_dir(path) -> Optional[Path]:
+    path = Path(path)
+    for candidate in (path / "model", path):
+        if (candidate / "metadata.json").is_file():
+            return candidate
+    return None
+
+
+def load_base_weights(model, path) -> None:
+    """Base weights from a megatron dist-checkpoint (pretrain_gpt.py's --save, or its model/),
+    at any TP/PP layout. Collective."""
+    from megatron.core import dist_checkpointing
+
+    directory = _model_checkpoint_dir(path)
+    if directory is None:
+        raise TrainingError(f"{path} holds no megatron dist-checkpoint (no metadata.json)")
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(directory)))
+
+
+def build_parser(mode: str) -> argparse.ArgumentParser:
+    """Megatron-LM's flag names (defaults come from the YAML ``--config``, then from the code)."""
+    parser = argparse.ArgumentParser(
+        prog=f"{mode}_gpt.py",
+        description=f"{'LoRA fine-tuning' if mode == 'finetune' else 'Pretraining'} of a "
+                    f"megatron-core GPT (launch with torchrun; CPU gloo or GPU nccl).")
+    parser.add_argument("--config", help="YAML experiment (megatron_config / lora / training); "
+                                         "flags override its values")
+    model = parser.add_argument_group("model and layout")
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers",
+                 "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
+                 "--num-query-groups", "--seq-length", "--vocab-size", "--seed"):
+        model.add_argument(flag, type=int, default=None)
+    model.add_argument("--sequence-parallel", action="store_true", default=None)
+    model.add_argument("--bf16", action="store_true", default=None)
+    loop = parser.add_argument_group("training loop")
+    for flag in ("--micro-batch-size", "--global-batch-size", "--train-iters", "--lr-warmup-iters",
+                 "--save-interval", "--eval-interval", "--eval-iters", "--log-interval"):
+        loop.add_argument(flag, type=int, default=None)
+    for flag in ("--lr", "--min-lr", "--clip-grad", "--weight-decay"):
+        loop.add_argument(flag, type=float, default=None)
+    loop.add_argument("--lr-decay-style", default=None, choices=LR_DECAY_STYLES)
+    loop.add_argument("--data-path", nargs="+", default=None,
+                      help="indexed dataset prefix (one; blends are not supported yet)")
+    loop.add_argument("--valid-data-path", nargs="+", default=None,
+                      help="a separate held-out dataset prefix for evaluation")
+    loop.add_argument("--split", default=None, help="train,valid,test weights, e.g. 98,2,0")
+    loop.add_argument("--save", default=None)
+    loop.add_argument("--load", default=None, help="resume from a --save directory")
+    loop.add_argument("--pretrained-checkpoint", default=None,
+                      help="base weights: a dist-checkpoint (e.g. pretrain_gpt.py's --save)")
+    loop.add_argument("--tokenizer", default=None, help="tokenizer name (built in: byte)")
+    loop.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=None)
+    add_lora_args(parser)
+    return parser
+
+
+def parse_arguments(argv, mode: str):
+    """(experiment, training settings, lora config or None, args), all validated; no side
+    effects. Values: the code's defaults < the YAML --config < the flags."""
+    from .config import ExperimentConfigError, load_experiment
+
+    args = build_parser(mode).parse_args(argv)
+    overrides = {f"megatron_config.{key}": getattr(args, dest)
+                 for dest, key in _MODEL_FLAGS.items() if getattr(args, dest) is not None}
+    if args.sequence_parallel:
+        overrides["megatron_config.sequence_parallel"] = True
+    if args.bf16:
+        overrides["megatron_config.params_dtype"] = "bfloat16"
+    try:
+        if args.config:
+            experiment = load_experiment(args.config, overrides=overrides)
+        else:
+            experiment = load_experiment(data={"megatron_config": {}}, overrides=overrides)
+    except ExperimentConfigError as error:
+        raise TrainingError(str(error)) from None
+    source = args.config or "the command line"
+
+    training = TrainingSettings.from_section(dict(experiment.training or {}), source)
+    for f in fields(TrainingSettings):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name in ("data_path", "valid_data_path"):
+            if len(value) != 1:
+                raise TrainingError(f"--{f.name.replace('_', '-')} takes one prefix here (got "
+                                    f"{len(value)}); dataset blends are not supported yet")
+            value = value[0]
+        setattr(training, f.name, value)
+    training.check(mode)
+
+    # the YAML's lora: section is the starting point only when the file has one
+    yaml_lora = experiment.lora if args.config and _has_section(args.config, "lora") else None
+    try:
+        lora = lora_config_from_args(args, yaml_lora)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    if mode == "pretrain" and args.lora_rank is None:
+        lora = None  # pretraining is full training unless --lora-rank asks for LoRA
+    if mode == "finetune" and lora is None:
+        raise TrainingError("finetune_gpt.py trains LoRA adapters: give --lora-rank > 0 (or a "
+                            "lora: section in --config); full training is pretrain_gpt.py")
+    if getattr(args, "lora_load", None):
+        from .checkpoint import read_adapter
+
+        try:
+            read_adapter(args.lora_load)
+        except ValueError as error:
+            raise TrainingError(f"--lora-load: {error}") from None
+    return experiment, training, lora, args
+
+
+def _has_section(path, name: str) -> bool:
+    import yaml
+
+    loaded = yaml.safe_load(Path(path).read_text())
+    return isinstance(loaded, dict) and loaded.get(name) is not None
+
+
+# --- process group -----------------------------------------------------------------------------
+
+
+def initialize_distributed() -> None:
+    """torch.distributed from torchrun's environment (a single process without it)."""
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        backend = "nccl"
+    else:
+        from .cpu import make_cpu_ready
+
+        make_cpu_ready()
+        backend = "gloo"
+    if "RANK" not in os.environ:
+        from .cpu import free_port
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    dist.init_process_group(backend=backend)
+
+
+# --- gradients ---------------------------------------------------------------------------------
+
+
+def synchronise_gradients(model, params: List[torch.nn.Parameter], lora: bool) -> None:
+    """Make every trainable gradient the gradient of the whole global batch at TP=1.
+
+    LoRA: the replicated factors' partial sums over TP (finalize_lora_grads). Full training:
+    parameters marked ``sequence_parallel`` (norms under SP) are partial per TP rank. Then the
+    average over data-parallel replicas. Each is one flattened collective.
+    """
+    from megatron.core import parallel_state as ps
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    from .grad_sync import finalize_lora_grads
+
+    def all_reduce(grads, group, average=False):
+        if not grads or torch.distributed.get_world_size(group) == 1:
+            return
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=group)
+        if average:
+            flat /= torch.distributed.get_world_size(group)
+        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)
+
+    if lora:
+        finalize_lora_grads(model)
+    else:
+        all_reduce([p.grad for p in params if p.grad is not None
+                    and getattr(p, "sequence_parallel", False)], ps.get_tensor_model_parallel_group())
+    all_reduce([p.grad for p in params if p.grad is not None],
+               ps.get_data_parallel_group(with_context_parallel=True), average=True)
+
+
+def gradient_norm(params: List[torch.nn.Parameter]) -> float:
+    """The TP=1 gradient norm: TP-sharded parameters count on every TP rank, replicated ones on
+    TP rank 0 only; summed over the model-parallel group (TP × PP)."""
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    total = torch.zeros((), dtype=torch.float64)
+    for param in params:
+        if param.grad is None:
+            continue
+        sharded = getattr(param, "tensor_model_parallel", False)
+        group = getattr(param, "lora_partial_grad_group", None)
+        first = (group is None and tp_rank == 0) or (
+            group is not None and torch.distributed.get_rank(group) == 0)
+        if sharded or first:
+            total += param.grad.detach().double().pow(2).sum().cpu()
+    if torch.cuda.is_available():
+        total = total.cuda()
+    dist.all_reduce(total, group=ps.get_model_parallel_group())
+    return float(total.sqrt())
+
+
+def learning_rate(settings: TrainingSettings, iteration: int) -> float:
+    """Linear warm-up to --lr, then decay to --min-lr by --train-iters (Megatron's styles)."""
+    if settings.lr_warmup_iters and iteration < settings.lr_warmup_iters:
+        return settings.lr * (iteration + 1) / settings.lr_warmup_iters
+    if settings.lr_decay_style == "constant":
+        return settings.lr
+    span = max(1, settings.train_iters - settings.lr_warmup_iters)
+    progress = min(1.0, (iteration - settings.lr_warmup_iters) / span)
+    if settings.lr_decay_style == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return settings.min_lr + (settings.lr - settings.min_lr) * factor
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+
+def _loss_from(batch):
+    def loss_func(per_token_loss):
+        mask = batch["loss_mask"].to(per_token_loss.device).float()
+        loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp_min(1.0)
+        return loss, {"loss": loss.detach()}
+
+    return loss_func
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    tokens = batch["tokens"].to(device)
+    output = model(tokens, batch["position_ids"].to(device), None,
+                   labels=batch["labels"].to(device))
+    return output, _loss_from(batch)
+
+
+def run_micro_batches(model, batches, settings: TrainingSettings, exp, forward_only: bool) -> float:
+    """megatron-core's forward-backward schedule over ``batches``; the mean loss, the same on
+    every rank (computed on the last pipeline stage, shared over PP and averaged over DP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .cpu import cuda_arguments_to_cpu
+
+    context = cuda_arguments_to_cpu() if not torch.cuda.is_available() else contextlib.nullcontext()
+    with context:
+        outputs = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=len(batches), seq_length=exp.seq_length,
+            micro_batch_size=settings.micro_batch_size, forward_only=forward_only)
+    loss = sum(o["loss"].float() for o in outputs) / max(1, len(outputs)) if outputs else None
+    value = torch.zeros((), dtype=torch.float64, device=_device())
+    if ps.is_pipeline_last_stage() and loss is not None:
+        value += loss.double().to(value.device)
+    dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(value, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return float(value) / ps.get_data_parallel_world_size(with_context_parallel=True)
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def _rank_file(directory: Path) -> Path:
+    return directory / f"rank_{dist.get_rank():05d}.safetensors"
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"world_size": dist.get_world_size(),
+            "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size()}
+
+
+def save_checkpoint(trainer: "Trainer", iteration: int) -> Path:
+    """Everything an exact resume needs, then the 'latest' marker (atomic, written last)."""
+    from safetensors.torch import save_file
+
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    save = Path(trainer.settings.save)
+    directory = save / f"iter_{iteration:07d}"
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    trainer.save_weights(directory)
+    state = {"rng.torch": torch.get_rng_state()}
+    for name, value in get_cuda_rng_tracker().get_states().items():
+        state[f"rng.tracker.{name}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    for index, param in enumerate(trainer.params):
+        for key, value in trainer.optimizer.state.get(param, {}).items():
+            state[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+    temporary = _rank_file(directory).with_suffix(".tmp")
+    save_file(state, str(temporary))
+    os.replace(temporary, _rank_file(directory))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        info = {"iteration": iteration, "consumed_samples": trainer.consumed_samples,
+                "layout": _layout(), "lora": trainer.lora is not None}
+        _write_atomically(directory / TRAINER_STATE, json.dumps(info, indent=2))
+        _write_atomically(save / LATEST, f"{iteration}\n")
+    dist.barrier()
+    return directory
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def load_checkpoint(trainer: "Trainer") -> None:
+    """Resume exactly: weights, optimiser state, RNG states, iteration and data position."""
+    from safetensors.torch import load_file
+
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    load = Path(trainer.settings.load)
+    iteration = int((load / LATEST).read_text().strip())
+    directory = load / f"iter_{iteration:07d}"
+    info = json.loads((directory / TRAINER_STATE).read_text())
+    if info["layout"] != _layout():
+        raise TrainingError(
+            f"--load {load}: saved with layout {info['layout']}, this run has {_layout()}; exact "
+            f"resume needs the same layout (start a new run with --lora-load "
+            f"{directory}/adapter to continue the adapter at another layout)")
+    if info["lora"] != (trainer.lora is not None):
+        raise TrainingError(f"--load {load}: a {'LoRA' if info['lora'] else 'full'} training "
+                            f"checkpoint cannot resume a {'LoRA' if trainer.lora else 'full'} run")
+    trainer.load_weights(directory)
+    state = load_file(str(_rank_file(directory)))
+    torch.set_rng_state(state["rng.torch"])
+    tracker = get_cuda_rng_tracker()
+    tracker.set_states({k[len("rng.tracker."):]: v for k, v in state.items()
+                        if k.startswith("rng.tracker.")})
+    for index, param in enumerate(trainer.params):
+        entries = {k.split(".", 2)[2]: v for k, v in state.items()
+                   if k.startswith(f"optimizer.{index}.")}
+        if entries:
+            trainer.optimizer.state[param] = {k: v.to(param.device) if k != "step" else v
+                                              for k, v in entries.items()}
+    trainer.iteration = iteration
+    trainer.consumed_samples = info["consumed_samples"]
+
+
+# --- logging -------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Rank 0: metrics.jsonl, TensorBoard events and, at the end, loss_curve.png."""
+
+    def __init__(self, directory: Optional[str]):
+        self.directory = Path(directory) if directory and dist.get_rank() == 0 else None
+        self.records: List[dict] = []
+        self.writer = None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.directory / "tensorboard"))
+            except ImportError:  # tensorboard is an optional extra
+                self.writer = None
+
+    def log(self, record: dict) -> None:
+        if self.directory is None:
+            return
+        self.records.append(record)
+        with open(self.directory / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["iteration"])
+
+    def close(self) -> None:
+        if self.directory is None:
+            return
+        if self.writer is not None:
+            self.writer.close()
+        train = [(r["iteration"], r["loss"]) for r in self.records if "loss" in r]
+        valid = [(r["iteration"], r["valid_loss"]) for r in self.records if "valid_loss" in r]
+        if not train:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(6, 4))
+        axes.plot(*zip(*train), label="train loss")
+        if valid:
+            axes.plot(*zip(*valid), marker="o", label="held-out loss")
+        axes.set_xlabel("iteration")
+        axes.set_ylabel("loss")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(self.directory / "loss_curve.png", dpi=100)
+        plt.close(figure)
+
+
+def _print0(*items) -> None:
+    if dist.get_rank() == 0:
+        print(*items, flush=True)
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, experiment, settings: TrainingSettings, lora, args):
+        from megatron.core import parallel_state as ps
+
+        from .data import build_gpt_datasets, get_tokenizer
+        from .gpt import build_gpt_model, initialize_model_parallel
+
+        self.experiment, self.settings, self.lora, self.args = experiment, settings, lora, args
+        initialize_model_parallel(experiment)
+        self.tokenizer = get_tokenizer(settings.tokenizer)
+        if experiment.vocab_size < self.tokenizer.vocab_size:
+            raise TrainingError(f"vocab_size {experiment.vocab_size} is smaller than the "
+                                f"{settings.tokenizer} tokenizer's {self.tokenizer.vocab_size}")
+        self.dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+        self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+        per_step = settings.micro_batch_size * self.dp_size
+        self.global_batch = settings.global_batch_size or per_step
+        if self.global_batch % per_step:
+            raise TrainingError(f"--global-batch-size {self.global_batch} is not a multiple of "
+                                f"--micro-batch-size x data-parallel size = {per_step}")
+        self.num_micro_batches = self.global_batch // per_step
+
+        self.model = build_gpt_model(experiment)
+        if settings.pretrained_checkpoint:
+            load_base_weights(self.model, settings.pretrained_checkpoint)
+        if lora is not None:
+            from .model import apply_lora
+
+            apply_lora(self.model, lora)
+            if getattr(args, "lora_load", None):
+                from .checkpoint import load_adapter
+
+                load_adapter(self.model, args.lora_load)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr,
+                                           weight_decay=settings.weight_decay)
+
+        eval_samples = settings.eval_iters * self.global_batch
+        train_samples = max(1, settings.train_iters) * self.global_batch
+        self.train_data, valid, _ = build_gpt_datasets(
+            settings.data_path, split=settings.split, seq_length=experiment.seq_length,
+            seed=experiment.seed, num_samples=(train_samples, eval_samples, 0),
+            tokenizer=self.tokenizer)
+        if settings.valid_data_path:
+            _, valid, _ = build_gpt_datasets(
+                settings.valid_data_path, split="0,100,0", seq_length=experiment.seq_length,
+                seed=experiment.seed, num_samples=(0, eval_samples, 0), tokenizer=self.tokenizer)
+        self.valid_data = valid
+        self.iteration, self.consumed_samples = 0, 0
+
+    # weights: the adapter (LoRA) or the whole model (full training) --------------------------
+    def save_weights(self, directory: Path) -> None:
+        if self.lora is not None:
+            from .checkpoint import save_adapter
+
+            save_adapter(self.model, directory / "adapter")
+        else:
+            from megatron.core import dist_checkpointing
+
+            (directory / "model").mkdir(parents=True, exist_ok=True)
+            dist.barrier()
+            dist_checkpointing.save(self.model.sharded_state_dict(), str(directory / "model"))
+
+    def load_weights(self, directory: Path) -> None:
+        if self.lora is not None:
+            from .checkpoint import load_adapter
+
+            load_adapter(self.model, directory / "adapter")
+        else:
+            load_base_weights(self.model, directory / "model")
+
+    # data -----------------------------------------------------------------------------------
+    def _batches(self, dataset, start_sample: int, count: int):
+        from .data import micro_batches
+
+        stream = micro_batches(dataset, micro_batch_size=self.settings.micro_batch_size,
+                               start_sample=start_sample, data_parallel_rank=self.dp_rank,
+                               data_parallel_size=self.dp_size)
+        return [next(stream) for _ in range(count)]
+
+    def evaluate(self) -> Optional[float]:
+        if self.valid_data is None:
+            return None
+        self.model.eval()
+        with torch.no_grad():
+            losses = [run_micro_batches(self.model, self._batches(
+                self.valid_data, i * self.global_batch, self.num_micro_batches),
+                self.settings, self.experiment, forward_only=True)
+                for i in range(self.settings.eval_iters)]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    # the loop -------------------------------------------------------------------------------
+    def train(self) -> dict:
+        settings = self.settings
+        metrics = MetricsLog(settings.save)
+        before = self.evaluate() if self.iteration == 0 else None
+        if before is not None:
+            _print0(f"held-out loss before training: {before:.4f}")
+            metrics.log({"iteration": 0, "valid_loss": before})
+        progress = _progress_bar(settings, self.iteration)
+        tokens_per_step = self.global_batch * self.experiment.seq_length
+        last_loss = None
+        while self.iteration < settings.train_iters:
+            started = time.perf_counter()
+            lr = learning_rate(settings, self.iteration)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            for param in self.params:
+                param.grad = None
+            batches = self._batches(self.train_data, self.consumed_samples, self.num_micro_batches)
+            loss = run_micro_batches(self.model, batches, settings, self.experiment,
+                                     forward_only=False)
+            synchronise_gradients(self.model, self.params, self.lora is not None)
+            norm = gradient_norm(self.params)
+            if settings.clip_grad > 0 and norm > settings.clip_grad:
+                for param in self.params:
+                    if param.grad is not None:
+                        param.grad.mul_(settings.clip_grad / (norm + 1e-6))
+            self.optimizer.step()
+            self.iteration += 1
+            self.consumed_samples += self.global_batch
+            last_loss = loss
+            elapsed = time.perf_counter() - started
+            record = {"iteration": self.iteration, "loss": loss, "lr": lr, "grad_norm": norm,
+                      "tokens_per_s": tokens_per_step / elapsed}
+            if settings.eval_interval and self.iteration % settings.eval_interval == 0:
+                record["valid_loss"] = self.evaluate()
+            metrics.log(record)
+            if progress is not None:
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                progress.update(1)
+            elif self.iteration % settings.log_interval == 0:
+                _print0(f"iteration {self.iteration}/{settings.train_iters} | loss {loss:.4f} | "
+                        f"lr {lr:.3e} | grad norm {norm:.3f} | "
+                        f"{record['tokens_per_s']:.0f} tokens/s")
+            if settings.save and settings.save_interval and \
+                    self.iteration % settings.save_interval == 0:
+                save_checkpoint(self, self.iteration)
+        if progress is not None:
+            progress.close()
+        after = self.evaluate()
+        if after is not None:
+            _print0(f"held-out loss after training: {after:.4f}")
+            metrics.log({"iteration": self.iteration, "valid_loss": after})
+        if settings.save:
+            if not (Path(settings.save) / f"iter_{self.iteration:07d}").is_dir():
+                save_checkpoint(self, self.iteration)
+            self.save_weights(Path(settings.save))
+            _print0(f"saved {'adapter' if self.lora else 'model'} to "
+                    f"{Path(settings.save) / ('adapter' if self.lora else 'model')}")
+        metrics.close()
+        return {"loss": last_loss, "valid_loss_before": before, "valid_loss_after": after,
+                "iteration": self.iteration}
+
+
+def _progress_bar(settings: TrainingSettings, start: int):
+    if not settings.progress_bar or dist.get_rank() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=settings.train_iters, initial=start, unit="it", dynamic_ncols=True,
+                file=sys.stdout)
+
+
+def main(argv=None, mode: str = "finetune") -> int:
+    """The scripts' entry point: exit code 0, or 2 with a one-line error and nothing written."""
+    name = f"{mode}_gpt.py"
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        experiment, settings, lora, args = parse_arguments(argv, mode)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        experiment.check_world_size(world)
+    except ValueError as error:
+        if rank0:
+            print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    initialize_distributed()
+    try:
+        trainer = Trainer(experiment, settings, lora, args)
+        if settings.load:
+            load_checkpoint(trainer)
+            _print0(f"resumed from {settings.load} at iteration {trainer.iteration}")
+        trainer.train()
+    except (TrainingError, ValueError) as error:
+        if dist.get_rank() == 0:
+            print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,192 @@
+"""The training scripts: bad input, a real torchrun run with its outputs, and exact resume
+after one rank is killed. Tiny model and data, so the whole file takes about a minute."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "megatron_config": {
+        "tensor_model_parallel_size": 2, "sequence_parallel": True, "num_layers": 2,
+        "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
+        "ffn_hidden_size": 128, "vocab_size": 512, "seq_length": 32, "seed": 7,
+        "hidden_dropout": 0.0, "attention_dropout": 0.0,
+    },
+    "lora": {"r": 4, "lora_alpha": 8.0, "target_modules": [
+        "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]},
+    "training": {"micro_batch_size": 2, "global_batch_size": 4, "lr": 5e-3, "min_lr": 5e-4,
+                 "lr_warmup_iters": 2, "lr_decay_style": "cosine", "clip_grad": 1.0,
+                 "eval_iters": 1, "log_interval": 1, "progress_bar": False},
+}
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("data")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), str(directory)],
+                   check=True, capture_output=True, timeout=300)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def torchrun(script, *flags, nproc=2, wait=True):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               str(nproc), str(ROOT / "scripts" / script), *map(str, flags)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env, cwd=ROOT, start_new_session=True)
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
+
+
+def finetune_flags(config, data, save, iters, *extra):
+    return ["--config", config, "--data-path", data / "finetune_text_document",
+            "--valid-data-path", data / "finetune_heldout_text_document", "--train-iters", iters,
+            "--save", save, *extra]
+
+
+# --- bad input: one line, exit code != 0, nothing written ----------------------------------------
+
+
+def _run_main(capsys, argv, mode="finetune", world=None, monkeypatch=None):
+    from megatron_lora.training import main
+
+    if world is not None:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+    code = main(argv, mode=mode)
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("case", ["missing_data", "yaml_typo", "tp_world", "negative_rank",
+                                  "load_not_checkpoint", "finetune_without_rank", "bad_lr_style"])
+def test_bad_input_is_one_line_and_writes_nothing(case, config, demo_data, tmp_path, capsys,
+                                                  monkeypatch):
+    save = tmp_path / "save"
+    data = demo_data / "finetune_text_document"
+    argv = ["--config", str(config), "--data-path", str(data), "--train-iters", "2",
+            "--save", str(save)]
+    world, mode, expected = None, "finetune", None
+    if case == "missing_data":
+        argv[3] = str(tmp_path / "nope")
+        expected = f"--data-path {tmp_path / 'nope'}: {tmp_path / 'nope'}.bin"
+    elif case == "yaml_typo":
+        typo = dict(TINY, megatron_config=dict(TINY["megatron_config"], num_layer=2))
+        (tmp_path / "typo.yaml").write_text(yaml.safe_dump(typo))
+        argv[1] = str(tmp_path / "typo.yaml")
+        expected = "did you mean 'num_layers'"
+    elif case == "tp_world":
+        world, expected = 3, "does not divide the world size 3"
+    elif case == "negative_rank":
+        argv += ["--lora-rank", "-1"]
+        expected = "--lora-rank -1 is invalid"
+    elif case == "load_not_checkpoint":
+        argv += ["--load", str(demo_data)]
+        expected = f"--load {demo_data} is not a checkpoint directory"
+    elif case == "finetune_without_rank":
+        plain = {k: v for k, v in TINY.items() if k != "lora"}
+        (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
+        argv[1] = str(tmp_path / "plain.yaml")
+        expected = "give --lora-rank > 0"
+    elif case == "bad_lr_style":
+        with pytest.raises(SystemExit) as exit_info:  # argparse's own choices check
+            _run_main(capsys, argv + ["--lr-decay-style", "cosin"], mode)
+        assert exit_info.value.code == 2 and "invalid choice: 'cosin'" in capsys.readouterr().err
+        assert not save.exists()
+        return
+    code, err = _run_main(capsys, argv, mode, world, monkeypatch)
+    assert code == 2
+    assert err.startswith("finetune_gpt.py: error: ") and "\n" not in err, err
+    assert expected in err, err
+    assert not save.exists()
+
+
+# --- a real run ------------------------------------------------------------------------------------
+
+
+def test_finetune_run_learns_and_writes_its_outputs(config, demo_data, tmp_path):
+    save = tmp_path / "run"
+    result = torchrun("finetune_gpt.py", *finetune_flags(config, demo_data, save, 12,
+                                                         "--eval-interval", "6"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout
+    before = float(output.split("held-out loss before training: ")[1].split()[0])
+    after = float(output.split("held-out loss after training: ")[1].split()[0])
+    assert after < before
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in steps] == list(range(1, 13))
+    assert all({"lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in steps)
+    assert any("valid_loss" in r for r in steps)
+    assert list((save / "tensorboard").glob("events.out.tfevents.*"))
+    assert (save / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (save / "adapter" / "adapter_model.safetensors").is_file()
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
+
+
+# --- exact resume after a rank is killed -----------------------------------------------------------
+
+
+def _adapter_tensors(directory):
+    from safetensors.torch import load_file
+
+    return load_file(directory / "adapter" / "adapter_model.safetensors")
+
+
+def test_killed_run_resumes_bit_identically(config, demo_data, tmp_path):
+    import psutil
+
+    iters, interval = "16", "4"
+    straight = torchrun("finetune_gpt.py", *finetune_flags(config, demo_data, tmp_path / "straight",
+                                                           iters, "--save-interval", interval))
+    assert straight.returncode == 0, straight.stdout[-3000:]
+
+    save = tmp_path / "killed"
+    launcher = torchrun("finetune_gpt.py", *finetune_flags(config, demo_data, save, iters,
+                                                           "--save-interval", interval), wait=False)
+    latest = save / "latest_checkpointed_iteration.txt"
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and launcher.poll() is None:
+            if latest.is_file() and latest.read_text().strip() == interval:
+                workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                           if "finetune_gpt.py" in " ".join(p.cmdline())]
+                killed = workers[-1]
+                killed.send_signal(signal.SIGKILL)  # one rank dies mid-run
+                break
+            time.sleep(0.02)
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert killed is not None, "the run ended before its first checkpoint"
+    assert launcher.returncode != 0
+    assert not (save / "adapter").exists()  # it did not get to the end
+    resumed_from = int(latest.read_text())
+    assert resumed_from < int(iters)
+
+    resumed = torchrun("finetune_gpt.py", *finetune_flags(config, demo_data, save, iters,
+                                                          "--save-interval", interval,
+                                                          "--load", save))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resumed from {save} at iteration {resumed_from}" in resumed.stdout
+    expected, actual = _adapter_tensors(tmp_path / "straight"), _adapter_tensors(save)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert (expected[key] == actual[key]).all(), key  # bit-identical
