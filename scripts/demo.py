@@ -25,7 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
+# megatron-core's notes about missing GPU libraries and torch's deprecation notices would bury
+# the demo's own output; the training scripts filter the same ones
+warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 CONFIG = ROOT / "configs" / "cpu_demo.yaml"
 PROMPTS = ("add 12 and 5 ->", "add 7 and 9 ->")
@@ -43,6 +46,7 @@ def generate_at_tp1(base_dir: Path, adapter_dir: Path, prompts, new_tokens: int)
     """Base + adapter at TP=1 (no SP) in this process; greedy continuation of each prompt."""
     import torch
 
+    from megatron_lora import disable_adapters
     from megatron_lora.checkpoint import load_adapter
     from megatron_lora.config import load_experiment
     from megatron_lora.data import get_tokenizer
@@ -59,11 +63,17 @@ def generate_at_tp1(base_dir: Path, adapter_dir: Path, prompts, new_tokens: int)
     load_base_weights(model, base_dir)
     load_adapter(model, adapter_dir)
     tokenizer = get_tokenizer("byte")
-    outputs = []
-    for prompt in prompts:
+
+    def continuation(prompt):
         tokens = torch.tensor([tokenizer.tokenize(prompt)])
         generated = greedy_generate(model, tokens, new_tokens, stop_token=tokenizer.eod)
-        outputs.append(tokenizer.detokenize(generated[0, tokens.shape[1]:].tolist()))
+        return tokenizer.detokenize(generated[0, tokens.shape[1]:].tolist())
+
+    outputs = []
+    for prompt in prompts:
+        with disable_adapters(model):
+            base_text = continuation(prompt)
+        outputs.append((base_text, continuation(prompt)))
     torch.distributed.destroy_process_group()
     return outputs
 
@@ -110,8 +120,10 @@ def main(argv=None) -> int:
              "--eval-iters", "4")
 
     print("\n== reloading base + adapter at TP=1 and generating")
-    for prompt, continuation in zip(PROMPTS, generate_at_tp1(base, finetune / "adapter", PROMPTS, 12)):
-        print(f"  {prompt!r} -> {continuation!r}")
+    samples = generate_at_tp1(base, finetune / "adapter", PROMPTS, 16)
+    for prompt, (base_text, adapted_text) in zip(PROMPTS, samples):
+        print(f"  prompt {prompt!r}\n    base alone:     {base_text!r}\n    base + adapter: "
+              f"{adapted_text!r}")
     print(f"\nadapter: {finetune / 'adapter'}   metrics: {finetune / 'metrics.jsonl'}   "
           f"curve: {finetune / 'loss_curve.png'}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")

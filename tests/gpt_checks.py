@@ -366,6 +366,30 @@ def check_targeting(exp):
     return out
 
 
+def check_megatron_lm_provider(exp):
+    """A Megatron-LM-style model_provider wrapped by lora_model_provider, flags from
+    add_lora_args (Megatron-LM's get_args is the injected argument store)."""
+    from argparse import ArgumentParser
+
+    from megatron_lora.arguments import add_lora_args, lora_model_provider
+    from megatron_lora.gpt import build_gpt_model, initialize_model_parallel
+    from megatron_lora.model import lora_layers
+
+    flags = add_lora_args(ArgumentParser()).parse_args(
+        ["--lora-rank", "4", "--lora-target-modules", "linear_fc1", "linear_fc2"])
+
+    def model_provider(pre_process=True, post_process=True):
+        return build_gpt_model(exp)
+
+    initialize_model_parallel(exp)
+    model = lora_model_provider(model_provider, get_args=lambda: flags)(True, True)
+    layers = dict(lora_layers(model))
+    return {"names": sorted(layers), "ranks": {layer.lora_configs["default"].r
+                                               for layer in layers.values()},
+            "trainable": sorted({n.rsplit(".", 3)[-3] for n, p in model.named_parameters()
+                                 if p.requires_grad})}
+
+
 def run_all(rank, world, adapter_dir=None):
     """Every layout of this world size; a dict per layout. With ``adapter_dir`` (written by
     checkpoint_checks.save_and_break at TP=2 + SP) each layout also loads those adapters."""
@@ -381,6 +405,8 @@ def run_all(rank, world, adapter_dir=None):
             layout["merge_bf16"] = check_merge_bf16(experiment(tp, pp, sp, params_dtype="bfloat16"))
         if tp == 1:
             layout["targeting"] = check_targeting(exp)
+        if world == 1:
+            layout["megatron_lm_provider"] = check_megatron_lm_provider(exp)
         if adapter_dir is not None:
             layout["load"] = checkpoint_checks.load_checks(exp, adapter_dir)
         results[(tp, pp, sp)] = layout
