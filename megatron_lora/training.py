@@ -714,7 +714,8 @@ class Trainer:
 
 
 def _progress_bar(settings: TrainingSettings, start: int):
-    if not settings.progress_bar or dist.get_rank() != 0:
+    # a bar on a terminal; plain log lines in files (SLURM logs, CI), where a bar is noise
+    if not settings.progress_bar or dist.get_rank() != 0 or not sys.stdout.isatty():
         return None
     from tqdm import tqdm
 
