@@ -361,7 +361,9 @@ def _loss_from(batch):
     def loss_func(per_token_loss):
         mask = batch["loss_mask"].to(per_token_loss.device).float()
         loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp_min(1.0)
-        return loss, {"loss": loss.detach()}
+        # a copy: the schedule scales the returned loss in place (by 1 / micro-batches) for the
+        # gradient, and a detached view would carry that into the reported value
+        return loss, {"loss": loss.detach().clone()}
 
     return loss_func
 
@@ -658,7 +660,7 @@ class Trainer:
             metrics.log({"iteration": 0, "valid_loss": before})
         progress = _progress_bar(settings, self.iteration)
         tokens_per_step = self.global_batch * self.experiment.seq_length
-        last_loss = None
+        last_loss, saved_at = None, None
         while self.iteration < settings.train_iters:
             started = time.perf_counter()
             lr = learning_rate(settings, self.iteration)
@@ -696,6 +698,7 @@ class Trainer:
             if settings.save and settings.save_interval and \
                     self.iteration % settings.save_interval == 0:
                 save_checkpoint(self, self.iteration)
+                saved_at = self.iteration
         if progress is not None:
             progress.close()
         after = self.evaluate()
@@ -703,7 +706,9 @@ class Trainer:
             _print0(f"held-out loss after training: {after:.4f}")
             metrics.log({"iteration": self.iteration, "valid_loss": after})
         if settings.save:
-            if not (Path(settings.save) / f"iter_{self.iteration:07d}").is_dir():
+            # decided from the loop's own state, the same on every rank (a file-system check
+            # could differ between ranks and leave them in different collectives)
+            if saved_at != self.iteration:
                 save_checkpoint(self, self.iteration)
             self.save_weights(Path(settings.save))
             _print0(f"saved {'adapter' if self.lora else 'model'} to "

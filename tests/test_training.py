@@ -45,14 +45,23 @@ def config(tmp_path_factory):
     return path
 
 
-def torchrun(script, *flags, nproc=2, wait=True):
+def torchrun(script, *flags, nproc=2, wait=True, timeout=300):
+    """torchrun in its own session, so that on a timeout the launcher *and* its ranks (and
+    nothing else) are ended."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(nproc), str(ROOT / "scripts" / script), *map(str, flags)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, cwd=ROOT, start_new_session=True)
     if not wait:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env, cwd=ROOT, start_new_session=True)
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
+        return process
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def finetune_flags(config, data, save, iters, *extra):
@@ -190,3 +199,29 @@ def test_killed_run_resumes_bit_identically(config, demo_data, tmp_path):
     assert expected.keys() == actual.keys()
     for key in expected:
         assert (expected[key] == actual[key]).all(), key  # bit-identical
+
+
+# --- the same run at other layouts -----------------------------------------------------------------
+
+
+def _losses(save):
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("layout", ["pp2", "dp2"])
+def test_pipeline_and_data_parallel_runs_match_tp2_sp(config, demo_data, tmp_path, layout):
+    """The loop's grad sync, norm and data order: PP=2 (1F1B) and DP=2 give the TP=2 + SP loss
+    curve (the same global batches, the same logical model and adapter)."""
+    reference = tmp_path / "tp2"
+    result = torchrun("finetune_gpt.py", *finetune_flags(config, demo_data, reference, 6))
+    assert result.returncode == 0, result.stdout[-3000:]
+    flags = {"pp2": ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"],
+             "dp2": ["--tensor-model-parallel-size", "1"]}[layout]
+    other = tmp_path / layout
+    no_sp = tmp_path / "no_sp.yaml"
+    no_sp.write_text(yaml.safe_dump(dict(TINY, megatron_config=dict(
+        TINY["megatron_config"], sequence_parallel=False, tensor_model_parallel_size=1))))
+    result = torchrun("finetune_gpt.py", *finetune_flags(no_sp, demo_data, other, 6, *flags))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert _losses(other) == pytest.approx(_losses(reference), rel=1e-4)
