@@ -240,6 +240,12 @@ def parse_arguments(argv, mode: str):
         raise TrainingError(str(error)) from None
     if mode == "pretrain" and args.lora_rank is None:
         lora = None  # pretraining is full training unless --lora-rank asks for LoRA
+    if lora is not None and lora.lora_dtype is None and experiment.params_dtype != torch.float32:
+        # a bf16/fp16 base: keep the trainable factors in fp32 (their own master copy); they
+        # are cast to the activation dtype in the forward, never the activations up
+        from dataclasses import replace
+
+        lora = replace(lora, lora_dtype="float32")
     if mode == "finetune" and lora is None:
         raise TrainingError("finetune_gpt.py trains LoRA adapters: give --lora-rank > 0 (or a "
                             "lora: section in --config); full training is pretrain_gpt.py")

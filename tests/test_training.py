@@ -225,3 +225,15 @@ def test_pipeline_and_data_parallel_runs_match_tp2_sp(config, demo_data, tmp_pat
     result = torchrun("finetune_gpt.py", *finetune_flags(no_sp, demo_data, other, 6, *flags))
     assert result.returncode == 0, result.stdout[-3000:]
     assert _losses(other) == pytest.approx(_losses(reference), rel=1e-4)
+
+
+def test_bf16_run_keeps_the_factors_in_fp32(config, demo_data, tmp_path):
+    from safetensors import safe_open
+
+    save = tmp_path / "bf16"
+    result = torchrun("finetune_gpt.py", *finetune_flags(config, demo_data, save, 3, "--bf16"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with safe_open(str(save / "adapter" / "adapter_model.safetensors"), framework="pt") as handle:
+        assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F32"}
+    base = json.loads((save / "adapter" / "adapter_config.json").read_text())
+    assert base["lora_config"]["lora_dtype"] == "float32"
