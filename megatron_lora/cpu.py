@@ -125,6 +125,18 @@ def make_cpu_ready(allow_with_cuda: bool = False) -> None:
         module.get_default_causal_mask = _cpu_causal_mask
         module.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
 
+    # 4. MoE: without TransformerEngine, moe_utils never binds its fused_* / te_general_gemm
+    # names, so the router's "is the fused kernel available?" checks raise NameError instead
+    # of taking the torch path; bind them to None as the checks expect.
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in ("fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                 "fused_permute_with_probs", "fused_sort_chunks_by_index",
+                 "fused_sort_chunks_by_index_with_probs", "fused_topk_with_score_function",
+                 "fused_unpermute", "te_general_gemm"):
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+
     _READY = True
 
 
@@ -192,6 +204,7 @@ def free_port() -> int:
 
 
 def _spawned_entry(rank, world_size, port, fn, args, results, threads):
+    import pickle
     import traceback
 
     try:
@@ -199,7 +212,9 @@ def _spawned_entry(rank, world_size, port, fn, args, results, threads):
         make_cpu_ready()
         init_gloo_process_group(rank, world_size, master_port=port)
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        # by value: multiprocessing would otherwise hand tensors over as shared-memory file
+        # descriptors, which vanish if this process exits before the parent reads them
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # report everything, including assertion errors, to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -216,6 +231,7 @@ def spawn_gloo(fn, world_size: int, args=(), timeout: float = 300.0, threads: in
     started here are ended.
     """
     import multiprocessing as mp
+    import pickle
     import queue
     import time
 
@@ -254,7 +270,7 @@ def spawn_gloo(fn, world_size: int, args=(), timeout: float = 300.0, threads: in
                 continue
             if not ok:
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")
-            values[rank] = value
+            values[rank] = pickle.loads(value)  # our own child's results
         return [values[rank] for rank in range(world_size)]
     finally:
         for process in processes:

@@ -229,7 +229,34 @@ def save_and_break(rank, world, directory):
     torch.distributed.barrier()
     if rank == 0:
         out["crash"] = _crash_mid_save_single(model, directory / "random")
+    out["moe"] = moe_check(2, directory / "moe", save=True)
     return out
+
+
+def moe_experiment(ep):
+    """The tiny GPT with 4 experts (SequentialMLP, allgather dispatcher) at EP=ep, TP=1."""
+    return experiment(1, 1, False, num_moe_experts=4, moe_router_topk=2,
+                      expert_model_parallel_size=ep, moe_token_dispatcher_type="allgather")
+
+
+def moe_check(ep, path: Path, save: bool):
+    """Expert adapters: saved at EP=2 (experts named by their global number), loaded at EP=ep."""
+    from megatron_lora import disable_adapters
+    from megatron_lora.checkpoint import load_adapter, save_adapter
+    from megatron_lora.model import lora_layers
+
+    tokens = batches(0)[0][:, :-1]
+    exp = moe_experiment(ep)
+    if save:
+        model = build(exp, random_lora(target_modules=["linear_qkv", "linear_fc1", "linear_fc2"]))
+        save_adapter(model, path)
+    else:
+        model = build(exp)
+        load_adapter(model, path)
+    with disable_adapters(model):
+        base_logits = logits_of(model, tokens)
+    return {"logits": logits_of(model, tokens), "base_logits": base_logits,
+            "names": sorted(name for name, _ in lora_layers(model))}
 
 
 def _crash_mid_save_single(model, path):

@@ -410,4 +410,8 @@ def run_all(rank, world, adapter_dir=None):
         if adapter_dir is not None:
             layout["load"] = checkpoint_checks.load_checks(exp, adapter_dir)
         results[(tp, pp, sp)] = layout
+    if adapter_dir is not None and world in (1, 4):  # expert adapters saved at EP=2
+        from pathlib import Path
+
+        results["moe"] = checkpoint_checks.moe_check(world, Path(adapter_dir) / "moe", save=False)
     return results

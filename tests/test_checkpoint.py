@@ -148,3 +148,17 @@ def test_fc1_b_is_saved_as_gate_all_then_up_all(saved, gpt_spawned):
         fc1 = rank_result["fc1"]
         assert torch.equal(fc1["saved_b"], tp1_b)
         assert fc1["gate_up_slice"] and not fc1["contiguous_slice"]
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_expert_adapters_saved_at_ep2_load_at_ep1_and_ep4(saved, gpt_spawned, world):
+    saved_moe = saved[0]["moe"]
+    names = {n for rank_result in saved for n in rank_result["moe"]["names"]}
+    assert len(names) == 4 * (1 + 4 * 2)  # per layer: qkv + 4 experts x (fc1, fc2), global numbers
+    assert "decoder.layers.3.mlp.experts.local_experts.3.linear_fc2" in names
+    assert rel_err(saved_moe["logits"], saved_moe["base_logits"]) > 1e-3  # the adapter matters
+    for rank_result in gpt_spawned(world):
+        loaded = rank_result["moe"]
+        assert rel_err(loaded["logits"], saved_moe["logits"]) < 1e-5
+    loaded_names = {n for rank_result in gpt_spawned(world) for n in rank_result["moe"]["names"]}
+    assert loaded_names == names
