@@ -23,11 +23,10 @@ import time
 import warnings
 from pathlib import Path
 
+import script_setup  # noqa: F401  (repository on sys.path, known warnings filtered)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-# megatron-core's notes about missing GPU libraries and torch's deprecation notices would bury
-# the demo's own output; the training scripts filter the same ones
-warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+# dist-checkpointing's deprecation notices too, in this process only
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 CONFIG = ROOT / "configs" / "cpu_demo.yaml"

@@ -10,17 +10,9 @@ See megatron_lora/training.py for the loop, the checkpoint layout and exact resu
 """
 
 import sys
-import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# megatron-core announces its fallbacks (no TransformerEngine/Apex) and gloo its deprecations on
-# every import and call; they are expected here and would bury the progress output
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
-warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
-
-from megatron_lora.training import main  # noqa: E402
+import script_setup  # noqa: F401  (repository on sys.path, known warnings filtered)
+from megatron_lora.training import main
 
 if __name__ == "__main__":
     sys.exit(main(mode="finetune"))

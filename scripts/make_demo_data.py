@@ -10,11 +10,9 @@ make-demo OUT_DIR``; errors are one line on stderr with exit code 2.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_lora.data import main  # noqa: E402
+import script_setup  # noqa: F401  (repository on sys.path, known warnings filtered)
+from megatron_lora.data import main
 
 if __name__ == "__main__":
     sys.exit(main(["make-demo", *sys.argv[1:]]))
