@@ -31,10 +31,12 @@ from .model import (
     _adaptable_modules,
     _chunks,
     _counts_device,
+    _is_packed_gate_up,
     _parallel_ranks,
     adapter_names,
     apply_lora,
     lora_layers,
+    name_matches,
 )
 from .parallel import COLUMN, ParallelLayout
 
@@ -232,26 +234,24 @@ def adapter_tensors(model: ModelLike, adapter_name: str) -> Dict[str, torch.Tens
     return tensors
 
 
-def save_adapter(model: ModelLike, path, adapter_name: str = "default",
-                 *, extra_metadata: Optional[dict] = None) -> Optional[Path]:
-    """Save one adapter as a consolidated, layout-free directory. Collective: call on every
-    rank; global rank 0 writes. Returns the path on rank 0, None elsewhere."""
-    from safetensors.torch import save as safetensors_bytes
-
+def shared_lora_config(model: ModelLike, adapter_name: str) -> dict:
+    """The adapter's LoraConfig as a dict, from whichever rank holds one of its layers (a
+    pipeline stage may hold none). Collective."""
     names = adapter_names(model)
     if adapter_name not in names:
         raise AdapterCheckpointError(f"unknown adapter {adapter_name!r}; this model has {names}")
     configs = [layer.lora_configs[adapter_name].to_dict() for _, layer in lora_layers(model)
                if adapter_name in layer.lora_configs]
-    # a pipeline stage may hold none of the adapter's layers: take the config from any rank
     shared = _all_gather_bytes(json.dumps(configs[0]).encode() if configs else b"")
-    lora_config = next((json.loads(c) for c in shared if c), None)
-    tensors = _collect_on_rank0(adapter_tensors(model, adapter_name))
-    if _distributed() and dist.get_rank() != 0:
-        dist.barrier()
-        return None
-    if not tensors:
-        raise AdapterCheckpointError(f"adapter {adapter_name!r} has no factors to save")
+    return next((json.loads(c) for c in shared if c), None)
+
+
+def adapter_directory_files(tensors: Dict[str, torch.Tensor], lora_config: dict, adapter_name: str,
+                            trained_layout: dict, base_model: dict,
+                            extra_metadata: Optional[dict] = None) -> Dict[str, bytes]:
+    """adapter_config.json and adapter_model.safetensors of a consolidated adapter."""
+    from safetensors.torch import save as safetensors_bytes
+
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in sorted(tensors.items())}
     weights = safetensors_bytes(tensors, metadata={"format": FORMAT})
     config = {
@@ -259,21 +259,35 @@ def save_adapter(model: ModelLike, path, adapter_name: str = "default",
         "format_version": FORMAT_VERSION,
         "adapter_name": adapter_name,
         "lora_config": lora_config,
-        "trained_layout": describe_layout(model),
-        "base_model": describe_base_model(model),
-        "modules": sorted({k[: -len(FACTOR_SUFFIXES[0])] for k in tensors if k.endswith(FACTOR_SUFFIXES[0])}),
+        "trained_layout": trained_layout,
+        "base_model": base_model,
+        "modules": sorted({k[: -len(FACTOR_SUFFIXES[0])] for k in tensors
+                           if k.endswith(FACTOR_SUFFIXES[0])}),
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         **({"metadata": extra_metadata} if extra_metadata else {}),
     }
+    return {WEIGHTS_NAME: weights,
+            CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def save_adapter(model: ModelLike, path, adapter_name: str = "default",
+                 *, extra_metadata: Optional[dict] = None) -> Optional[Path]:
+    """Save one adapter as a consolidated, layout-free directory. Collective: call on every
+    rank; global rank 0 writes. Returns the path on rank 0, None elsewhere."""
+    lora_config = shared_lora_config(model, adapter_name)
+    tensors = _collect_on_rank0(adapter_tensors(model, adapter_name))
+    if _distributed() and dist.get_rank() != 0:
+        dist.barrier()
+        return None
     try:
-        written = write_directory_atomically(path, {
-            WEIGHTS_NAME: weights,
-            CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-        })
+        if not tensors:
+            raise AdapterCheckpointError(f"adapter {adapter_name!r} has no factors to save")
+        files = adapter_directory_files(tensors, lora_config, adapter_name, describe_layout(model),
+                                        describe_base_model(model), extra_metadata)
+        return write_directory_atomically(path, files)
     finally:
         if _distributed():
             dist.barrier()
-    return written
 
 
 # --- read and validate ---------------------------------------------------------------------
@@ -380,7 +394,7 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str) -> T
         if module is None or len(factors) != 2:
             continue
         layout = module.layout if hasattr(module, "layout") else ParallelLayout(
-            module, packed_gate_up=_packed(module_name, module))
+            module, packed_gate_up=_is_packed_gate_up(module_name, module))
         if hasattr(module, "lora_A") and adapter_name in module.lora_A and \
                 module.lora_configs[adapter_name].r != r:
             problems.append(f"{module_name}: the model's adapter {adapter_name!r} has rank "
@@ -403,8 +417,6 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str) -> T
                                 f"{list(expected)} expected by the model")
         found[module_name] = module
     # modules the saved config targets on this rank must all be in the file
-    from .model import name_matches
-
     targets = adapter.lora_config.target_modules or []
     excludes = adapter.lora_config.exclude_modules or []
     for name in modules:
@@ -414,12 +426,6 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str) -> T
             problems.append(f"missing key {name + FACTOR_SUFFIXES[0]!r}: the adapter's "
                             f"target_modules select {name}, but the file has no factors for it")
     return problems, found
-
-
-def _packed(name, module) -> bool:
-    from .model import _is_packed_gate_up
-
-    return _is_packed_gate_up(name, module)
 
 
 def _agree_on_problems(problems: List[str], missing_here: List[str], existing: List[str]) -> None:

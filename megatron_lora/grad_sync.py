@@ -59,11 +59,20 @@ def finalize_lora_grads(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]
             key = (id(layer.layout.group), grad.dtype, grad.device)
             buckets.setdefault(key, (layer.layout.group, []))[1].append(grad)
     for group, grads in buckets.values():
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
-        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)
+        all_reduce_flat(grads, group)
     return len(buckets)
+
+
+def all_reduce_flat(grads: List[torch.Tensor], group, average: bool = False) -> None:
+    """Sum (or average) same-dtype gradients over ``group`` in place, as one collective."""
+    if not grads or dist.get_world_size(group) == 1:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    if average:
+        flat /= dist.get_world_size(group)
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
 
 
 def finalize_model_grads_with_lora(model, *args, **kwargs):
@@ -80,7 +89,7 @@ def finalize_model_grads_with_lora(model, *args, **kwargs):
 
 
 def _norm_group():
-    """The group over which the LoRA parameters of one model replica are spread (TP × PP)."""
+    """The group over which one model replica's parameters are spread (TP × PP)."""
     try:
         from megatron.core import parallel_state
 
@@ -91,30 +100,65 @@ def _norm_group():
     return None  # the default group: a pure-TP setup without megatron's parallel state
 
 
-def lora_grad_norm(model) -> float:
-    """The L2 norm of every active LoRA gradient, as the TP=1 model would compute it.
+def _tensor_parallel_rank() -> int:
+    try:
+        from megatron.core import parallel_state
 
-    Call after finalize_lora_grads. Sharded factors count on every rank (each holds a different
-    slice); a replicated factor counts only on TP rank 0 of its layer, so it counts once.
-    Collective over the model-parallel group (TP × PP) when distributed.
-    """
-    total = None
-    for layer in _lora_layers(model):
-        replicated = {id(p) for p in layer.replicated_lora_parameters()}
-        for factors in (layer.lora_A, layer.lora_B):
-            for factor in factors.values():
-                grad = _grad_of(factor.weight) if factor.weight.requires_grad else None
-                if grad is None or (id(factor.weight) in replicated and layer.layout.rank != 0):
-                    continue
-                square = grad.detach().double().pow(2).sum()
-                total = square if total is None else total + square
-    if total is None:
-        total = torch.zeros((), dtype=torch.float64)
+        if parallel_state.model_parallel_is_initialized():
+            return parallel_state.get_tensor_model_parallel_rank()
+    except (AssertionError, RuntimeError):
+        pass
+    return 0
+
+
+def _counts_in_norm(param) -> bool:
+    """TP shards count on every rank (each holds a different slice); a replicated tensor only
+    once: a LoRA factor on rank 0 of its layer's group, anything else on TP rank 0."""
+    if getattr(param, "tensor_model_parallel", False):
+        return True
+    group = getattr(param, "lora_partial_grad_group", None)
+    if group is not None:
+        return not dist.is_initialized() or dist.get_rank(group) == 0
+    return _tensor_parallel_rank() == 0
+
+
+def grad_norm(params) -> float:
+    """The L2 norm of the parameters' gradients as the TP=1 model would compute it (after the
+    grad sync). Collective over the model-parallel group (TP × PP) when distributed."""
+    total = torch.zeros((), dtype=torch.float64)
+    for param in params:
+        grad = _grad_of(param)
+        if grad is not None and _counts_in_norm(param):
+            total += grad.detach().double().pow(2).sum().cpu()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_backend() == "nccl":
             total = total.cuda()
         dist.all_reduce(total, group=_norm_group())
     return float(total.sqrt())
+
+
+def clip_grads_(params, max_norm: float, norm: float) -> None:
+    """Scale the gradients so that their total norm (``norm``, from grad_norm) is max_norm."""
+    if norm > max_norm:
+        for param in params:
+            grad = _grad_of(param)
+            if grad is not None:
+                grad.mul_(max_norm / (norm + 1e-6))
+
+
+def _active_lora_parameters(model) -> List[torch.nn.Parameter]:
+    return [factor.weight for layer in _lora_layers(model)
+            for factors in (layer.lora_A, layer.lora_B) for factor in factors.values()
+            if factor.weight.requires_grad]
+
+
+def lora_grad_norm(model) -> float:
+    """The L2 norm of every active LoRA gradient, as the TP=1 model would compute it.
+
+    Call after finalize_lora_grads; a replicated factor counts once. Collective over the
+    model-parallel group (TP × PP) when distributed.
+    """
+    return grad_norm(_active_lora_parameters(model))
 
 
 def clip_lora_grads_(model, max_norm: float) -> float:
@@ -125,13 +169,7 @@ def clip_lora_grads_(model, max_norm: float) -> float:
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm={max_norm!r} is invalid: expected a number > 0")
-    norm = lora_grad_norm(model)
-    scale = max_norm / (norm + 1e-6)
-    if scale < 1.0:
-        for layer in _lora_layers(model):
-            for factors in (layer.lora_A, layer.lora_B):
-                for factor in factors.values():
-                    grad = _grad_of(factor.weight) if factor.weight.requires_grad else None
-                    if grad is not None:
-                        grad.mul_(scale)
+    params = _active_lora_parameters(model)
+    norm = grad_norm(params)
+    clip_grads_(params, max_norm, norm)
     return norm

@@ -30,22 +30,21 @@ import torch
 
 from .checkpoint import (
     CONFIG_NAME,
-    FORMAT,
-    FORMAT_VERSION,
     WEIGHTS_NAME,
     AdapterCheckpointError,
-    _all_gather_bytes,
     _collect_on_rank0,
     _distributed,
+    adapter_directory_files,
     adapter_tensors,
     describe_base_model,
     describe_layout,
     load_adapter,
     read_adapter_json,
+    shared_lora_config,
     write_directory_atomically,
 )
 from .config import LoraConfig
-from .model import ModelLike, _chunks, adapter_names, lora_layers
+from .model import ModelLike, _chunks
 
 PEFT_PREFIX = "base_model.model."
 _LAYER = r"decoder\.layers\.(\d+)\."
@@ -185,13 +184,8 @@ def peft_adapter_files(tensors: Dict[str, torch.Tensor], lora: LoraConfig, shape
 def export_peft(model: ModelLike, path, adapter_name: str = "default") -> Optional[Path]:
     """Write ``adapter_name`` as a Hugging Face PEFT LoRA adapter for the equivalent
     transformers Llama model (any TP/PP layout; collective; rank 0 writes)."""
-    if adapter_name not in adapter_names(model):
-        raise InteropError(f"unknown adapter {adapter_name!r}; this model has {adapter_names(model)}")
     shape = _model_shape(model)
-    configs = [layer.lora_configs[adapter_name].to_dict() for _, layer in lora_layers(model)
-               if adapter_name in layer.lora_configs]
-    shared = _all_gather_bytes(json.dumps(configs[0]).encode() if configs else b"")
-    lora = LoraConfig(**next(json.loads(c) for c in shared if c))
+    lora = LoraConfig(**shared_lora_config(model, adapter_name))
     tensors = _collect_on_rank0(adapter_tensors(model, adapter_name))
     if _distributed() and torch.distributed.get_rank() != 0:
         torch.distributed.barrier()
@@ -325,21 +319,9 @@ def megatron_adapter_files(peft_config: dict, peft_tensors: Dict[str, torch.Tens
                            adapter_name: str = "default",
                            base_model: Optional[dict] = None) -> Dict[str, bytes]:
     """A consolidated megatron_lora adapter directory's files from a PEFT adapter."""
-    import hashlib
-
-    from safetensors.torch import save as safetensors_bytes
-
     tensors, lora_kwargs = hf_to_megatron_factors(peft_config, peft_tensors, shape)
-    weights = safetensors_bytes(tensors, metadata={"format": FORMAT})
-    config = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "adapter_name": adapter_name,
-        "lora_config": LoraConfig(**lora_kwargs).to_dict(), "trained_layout": {"source": "peft"},
-        "base_model": base_model or {},
-        "modules": sorted({k.rsplit(".lora_", 1)[0] for k in tensors}),
-        "weights_sha256": hashlib.sha256(weights).hexdigest(),
-    }
-    return {WEIGHTS_NAME: weights,
-            CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+    return adapter_directory_files(tensors, LoraConfig(**lora_kwargs).to_dict(), adapter_name,
+                                   {"source": "peft"}, base_model or {})
 
 
 def import_peft(model: ModelLike, path, adapter_name: str = "default", *, verbose: bool = False) -> str:

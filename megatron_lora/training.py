@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .arguments import add_lora_args, lora_config_from_args
+from .grad_sync import clip_grads_, grad_norm
 
 LATEST = "latest_checkpointed_iteration.txt"
 TRAINER_STATE = "trainer_state.json"
@@ -300,49 +301,17 @@ def synchronise_gradients(model, params: List[torch.nn.Parameter], lora: bool) -
     average over data-parallel replicas. Each is one flattened collective.
     """
     from megatron.core import parallel_state as ps
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    from .grad_sync import finalize_lora_grads
-
-    def all_reduce(grads, group, average=False):
-        if not grads or torch.distributed.get_world_size(group) == 1:
-            return
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
-        if average:
-            flat /= torch.distributed.get_world_size(group)
-        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)
+    from .grad_sync import all_reduce_flat, finalize_lora_grads
 
     if lora:
         finalize_lora_grads(model)
     else:
-        all_reduce([p.grad for p in params if p.grad is not None
-                    and getattr(p, "sequence_parallel", False)], ps.get_tensor_model_parallel_group())
-    all_reduce([p.grad for p in params if p.grad is not None],
-               ps.get_data_parallel_group(with_context_parallel=True), average=True)
-
-
-def gradient_norm(params: List[torch.nn.Parameter]) -> float:
-    """The TP=1 gradient norm: TP-sharded parameters count on every TP rank, replicated ones on
-    TP rank 0 only; summed over the model-parallel group (TP × PP)."""
-    from megatron.core import parallel_state as ps
-
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    total = torch.zeros((), dtype=torch.float64)
-    for param in params:
-        if param.grad is None:
-            continue
-        sharded = getattr(param, "tensor_model_parallel", False)
-        group = getattr(param, "lora_partial_grad_group", None)
-        first = (group is None and tp_rank == 0) or (
-            group is not None and torch.distributed.get_rank(group) == 0)
-        if sharded or first:
-            total += param.grad.detach().double().pow(2).sum().cpu()
-    if torch.cuda.is_available():
-        total = total.cuda()
-    dist.all_reduce(total, group=ps.get_model_parallel_group())
-    return float(total.sqrt())
+        all_reduce_flat([p.grad for p in params if p.grad is not None
+                         and getattr(p, "sequence_parallel", False)],
+                        ps.get_tensor_model_parallel_group())
+    all_reduce_flat([p.grad for p in params if p.grad is not None],
+                    ps.get_data_parallel_group(with_context_parallel=True), average=True)
 
 
 def learning_rate(settings: TrainingSettings, iteration: int) -> float:
@@ -678,11 +647,9 @@ class Trainer:
             loss = run_micro_batches(self.model, batches, settings, self.experiment,
                                      forward_only=False)
             synchronise_gradients(self.model, self.params, self.lora is not None)
-            norm = gradient_norm(self.params)
-            if settings.clip_grad > 0 and norm > settings.clip_grad:
-                for param in self.params:
-                    if param.grad is not None:
-                        param.grad.mul_(settings.clip_grad / (norm + 1e-6))
+            norm = grad_norm(self.params)
+            if settings.clip_grad > 0:
+                clip_grads_(self.params, settings.clip_grad, norm)
             self.optimizer.step()
             self.iteration += 1
             self.consumed_samples += self.global_batch
