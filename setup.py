@@ -11,8 +11,10 @@ setup(
     install_requires=[
         # install the CPU or CUDA build of torch you want first; any 2.4+ satisfies this
         "torch>=2.4",
-        # megatron_lora.cpu patches private names of this line of releases
-        "megatron-core>=0.16,<0.17",
+        # the release lines megatron_lora.cpu is tested on (0.17+ need Python 3.12)
+        "megatron-core>=0.16,<0.20",
+        # megatron's dist-checkpointing writer process needs it to save any checkpoint
+        "psutil>=5.9",
         "pyyaml>=6",
         "safetensors>=0.4",
         "numpy",
@@ -23,10 +25,8 @@ setup(
     ],
     entry_points={"console_scripts": ["megatron-lora=megatron_lora.cli:main"]},
     extras_require={
-        # transformers + peft: the interop tests check exports against the real libraries;
-        # psutil: megatron's dist-checkpointing needs it
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "transformers>=4.45",
-                 "peft>=0.13"],
+        # transformers + peft: the interop tests check exports against the real libraries
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "peft>=0.13"],
         "peft": ["transformers>=4.45", "peft>=0.13"],
         "te": ["transformer-engine[pytorch]"],
     },

@@ -1,12 +1,18 @@
-"""Run megatron-core 0.16 on CPU with gloo.
+"""Run megatron-core (0.16 through 0.19) on CPU with gloo.
 
 megatron-core assumes CUDA in a handful of places that have nothing to do with the
 mathematics: where it allocates buffers (``torch.cuda.current_device()``), where it keeps
-per-rank dropout streams (the CUDA RNG tracker), and where it synchronises a device queue.
-:func:`make_cpu_ready` adjusts exactly those places for the current process so that
-tensor-parallel and sequence-parallel layers run on CPU over gloo, bit for bit the same
-arithmetic as on one device. It changes no numerics: every patched function still does what
-the original promised, only on the CPU.
+per-rank dropout streams (the CUDA RNG tracker), where it orders work on device streams and
+where it synchronises a device queue. :func:`make_cpu_ready` adjusts exactly those places for
+the current process so that tensor-, sequence- and expert-parallel layers run on CPU over gloo,
+bit for bit the same arithmetic as on one device. It changes no numerics: every patched function
+still does what the original promised, only on the CPU.
+
+Each adjustment is a named function below, registered in ``_ADJUSTMENTS`` with the
+megatron-core release lines that need it. Those private names move between releases, so the
+version check is strict: a release line that the test suite has not been run on is refused
+(``SUPPORTED_MEGATRON_CORE_LINES``), rather than failing somewhere deep inside a forward pass.
+``docs/cpu.md`` says what each adjustment is for.
 
 Users call it once per process, before building models, to debug a TP/SP LoRA setup on a
 laptop; the test suite uses it for every multi-process check.
@@ -16,19 +22,180 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
-# The private names patched below were read from megatron-core 0.16.x; a different version
-# may move them, so say so instead of failing somewhere deep inside a forward pass.
-SUPPORTED_MEGATRON_CORE = ("0.16.",)
+# Release lines the whole test suite has been run on (CI runs the two ends, 0.16 and 0.19).
+SUPPORTED_MEGATRON_CORE_LINES = ("0.16", "0.17", "0.18", "0.19")
 
-_READY = False
+_APPLIED: List[str] = []
 
 
 class CudaAvailableError(RuntimeError):
     """Raised when the CPU adjustments are asked for on a machine that has a GPU."""
+
+
+class UnsupportedMegatronVersionError(RuntimeError):
+    """Raised for a megatron-core release line the CPU adjustments were not tested on."""
+
+
+def megatron_core_release_line(version: str) -> str:
+    """``"0.19.2"`` -> ``"0.19"``; ``"0.16.0rc1"`` -> ``"0.16"``."""
+    parts = version.split(".")
+    if len(parts) < 2 or not parts[0].isdigit():
+        return version
+    minor = "".join(ch for ch in parts[1] if ch.isdigit()) or parts[1]
+    return f"{parts[0]}.{minor}"
+
+
+def check_megatron_core_version(version: Optional[str] = None) -> str:
+    """The installed release line, or UnsupportedMegatronVersionError naming what is supported."""
+    if version is None:
+        import megatron.core
+
+        version = getattr(megatron.core, "__version__", "unknown")
+    line = megatron_core_release_line(version)
+    if line not in SUPPORTED_MEGATRON_CORE_LINES:
+        raise UnsupportedMegatronVersionError(
+            f"megatron_lora.cpu supports megatron-core "
+            f"{', '.join(l + '.x' for l in SUPPORTED_MEGATRON_CORE_LINES)}; found {version}. "
+            f"The private names it adjusts move between releases; install a supported "
+            f"release (pip install 'megatron-core>=0.16,<0.20')."
+        )
+    return line
+
+
+# --- the adjustments ---------------------------------------------------------------------------
+
+
+def _allocate_on_cpu() -> None:
+    # ~80 places allocate with device=torch.cuda.current_device() (SP buffers, the global
+    # memory buffer, rotary embeddings, the MoE router, DDP buffers).
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def _no_device_synchronize() -> None:
+    # dist_checkpointing and DDP synchronise a device queue that does not exist on CPU.
+    torch.cuda.synchronize = lambda device=None: None
+
+
+class _HostEvent:
+    """A CUDA event stand-in: on the host every operation has finished when it returns."""
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _HostStream:
+    """A CUDA stream stand-in: CPU work runs in issue order, so waiting on it is a no-op."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> _HostEvent:
+        return event if event is not None else _HostEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_DEFAULT_HOST_STREAM = _HostStream()
+
+
+def _host_synchronous_streams() -> None:
+    # megatron orders work on CUDA streams: DDP's start_grad_sync waits on the current stream
+    # (0.19), the MoE alltoall dispatcher copies split sizes on a side stream (every line).
+    # On CPU there is one queue, the host, so streams and events become no-op stand-ins.
+    torch.cuda.Stream = _HostStream
+    torch.cuda.Event = _HostEvent
+    torch.cuda.current_stream = lambda device=None: _DEFAULT_HOST_STREAM
+    torch.cuda.default_stream = lambda device=None: _DEFAULT_HOST_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+
+def _cpu_rng_tracker() -> None:
+    # megatron looks the tracker class up by name when the tracker is (re)created, and
+    # activation recompute saves/restores "the CUDA state" through these two helpers.
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random.CudaRNGStatesTracker = _make_cpu_rng_tracker_class(
+        mcore_random.CudaRNGStatesTracker
+    )
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    mcore_random.initialize_rng_tracker(force_reset=True)
+
+
+def _cpu_causal_masks() -> None:
+    # When no mask is passed, the softmax builds its causal mask with a hard-coded
+    # device="cuda"; build the same boolean masks on the CPU.
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    for module in (transformer_utils, fused_softmax):
+        module.get_default_causal_mask = _cpu_causal_mask
+        module.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
+
+
+# moe_utils' TransformerEngine names in 0.16, bound only when TE imports
+_MOE_FUSED_NAMES = ("fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                    "fused_permute_with_probs", "fused_sort_chunks_by_index",
+                    "fused_sort_chunks_by_index_with_probs", "fused_topk_with_score_function",
+                    "fused_unpermute", "te_general_gemm")
+
+
+def _bind_moe_fused_names() -> None:
+    # Without TransformerEngine, 0.16's moe_utils never binds its fused_* / te_general_gemm
+    # names, so the router's "is the fused kernel available?" checks raise NameError instead
+    # of taking the torch path (on GPU too). 0.17+ bind them to None themselves.
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in _MOE_FUSED_NAMES:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+
+
+@dataclass(frozen=True)
+class _Adjustment:
+    name: str
+    release_lines: Tuple[str, ...]  # the megatron-core lines that need it
+    apply: Callable[[], None]
+
+
+_ALL_LINES = SUPPORTED_MEGATRON_CORE_LINES
+_ADJUSTMENTS: Tuple[_Adjustment, ...] = (
+    _Adjustment("allocate_on_cpu", _ALL_LINES, _allocate_on_cpu),
+    _Adjustment("no_device_synchronize", _ALL_LINES, _no_device_synchronize),
+    _Adjustment("host_synchronous_streams", _ALL_LINES, _host_synchronous_streams),
+    _Adjustment("cpu_rng_tracker", _ALL_LINES, _cpu_rng_tracker),
+    _Adjustment("cpu_causal_masks", _ALL_LINES, _cpu_causal_masks),
+    _Adjustment("bind_moe_fused_names", ("0.16",), _bind_moe_fused_names),
+)
+
+
+def applied_adjustments() -> List[str]:
+    """Names of the adjustments make_cpu_ready applied in this process, in order."""
+    return list(_APPLIED)
 
 
 def _make_cpu_rng_tracker_class(base_cls):
@@ -80,10 +247,10 @@ def make_cpu_ready(allow_with_cuda: bool = False) -> None:
     """Make this process able to run megatron-core's parallel layers on CPU with gloo.
 
     Idempotent. Call it before building any megatron-core module. Refuses to run when CUDA is
-    available (the patches would silently move work off the GPU) unless ``allow_with_cuda``.
+    available (the patches would silently move work off the GPU) unless ``allow_with_cuda``,
+    and refuses a megatron-core release line it was not tested on.
     """
-    global _READY
-    if _READY:
+    if _APPLIED:
         return
     if torch.cuda.is_available() and not allow_with_cuda:
         raise CudaAvailableError(
@@ -91,53 +258,11 @@ def make_cpu_ready(allow_with_cuda: bool = False) -> None:
             "available; it would redirect megatron-core's CUDA allocations to the CPU. "
             "Run on the GPU instead, or pass allow_with_cuda=True to force CPU execution."
         )
-
-    import megatron.core
-    from megatron.core.tensor_parallel import random as mcore_random
-
-    version = getattr(megatron.core, "__version__", "unknown")
-    if not version.startswith(SUPPORTED_MEGATRON_CORE):
-        raise RuntimeError(
-            f"megatron_lora.cpu supports megatron-core {SUPPORTED_MEGATRON_CORE[0]}x, found "
-            f"{version}; the private names it adjusts may have moved."
-        )
-
-    # 1. Buffers: megatron allocates with device=torch.cuda.current_device().
-    torch.cuda.current_device = lambda: "cpu"
-    # 1b. dist_checkpointing synchronises a device queue that does not exist on CPU.
-    torch.cuda.synchronize = lambda device=None: None
-
-    # 2. RNG: megatron looks the tracker class up by name when the tracker is (re)created, and
-    # activation recompute saves/restores "the CUDA state" through these two helpers.
-    mcore_random.CudaRNGStatesTracker = _make_cpu_rng_tracker_class(
-        mcore_random.CudaRNGStatesTracker
-    )
-    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
-    mcore_random.initialize_rng_tracker(force_reset=True)
-
-    # 3. Attention masks: when no mask is passed, the softmax builds its causal mask with a
-    # hard-coded device="cuda"; build the same boolean masks on the CPU.
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.transformer import utils as transformer_utils
-
-    for module in (transformer_utils, fused_softmax):
-        module.get_default_causal_mask = _cpu_causal_mask
-        module.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
-
-    # 4. MoE: without TransformerEngine, moe_utils never binds its fused_* / te_general_gemm
-    # names, so the router's "is the fused kernel available?" checks raise NameError instead
-    # of taking the torch path; bind them to None as the checks expect.
-    from megatron.core.transformer.moe import moe_utils
-
-    for name in ("fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
-                 "fused_permute_with_probs", "fused_sort_chunks_by_index",
-                 "fused_sort_chunks_by_index_with_probs", "fused_topk_with_score_function",
-                 "fused_unpermute", "te_general_gemm"):
-        if not hasattr(moe_utils, name):
-            setattr(moe_utils, name, None)
-
-    _READY = True
+    line = check_megatron_core_version()
+    for adjustment in _ADJUSTMENTS:
+        if line in adjustment.release_lines:
+            adjustment.apply()
+            _APPLIED.append(adjustment.name)
 
 
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
