@@ -535,12 +535,22 @@ def adapter_sharded_state_dict(model: ModelLike) -> dict:
     return state
 
 
-def save_adapter_distributed(model: ModelLike, directory) -> None:
-    """Adapter-only megatron dist-checkpoint (every rank writes its shards). Collective."""
+def save_dist_checkpoint(sharded_state_dict, directory) -> None:
+    """megatron-core ``dist_checkpointing.save``, guarded: if one of its writer threads or
+    processes dies, this rank ends at once with the cause on stderr instead of waiting for
+    the writer forever (see :mod:`megatron_lora.watchdog`). Collective."""
     from megatron.core import dist_checkpointing
 
+    from .watchdog import end_process_if_helper_dies
+
+    with end_process_if_helper_dies(f"saving the megatron dist-checkpoint {directory}"):
+        dist_checkpointing.save(sharded_state_dict, str(directory))
+
+
+def save_adapter_distributed(model: ModelLike, directory) -> None:
+    """Adapter-only megatron dist-checkpoint (every rank writes its shards). Collective."""
     Path(directory).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(adapter_sharded_state_dict(model), str(directory))
+    save_dist_checkpoint(adapter_sharded_state_dict(model), directory)
 
 
 def load_adapter_distributed(model: ModelLike, directory) -> None:

@@ -590,11 +590,11 @@ class Trainer:
 
             save_adapter(self.model, directory / "adapter")
         else:
-            from megatron.core import dist_checkpointing
+            from .checkpoint import save_dist_checkpoint
 
             (directory / "model").mkdir(parents=True, exist_ok=True)
             dist.barrier()
-            dist_checkpointing.save(self.model.sharded_state_dict(), str(directory / "model"))
+            save_dist_checkpoint(self.model.sharded_state_dict(), directory / "model")
 
     def load_weights(self, directory: Path) -> None:
         if self.lora is not None:

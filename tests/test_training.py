@@ -45,12 +45,12 @@ def config(tmp_path_factory):
     return path
 
 
-def torchrun(script, *flags, nproc=2, wait=True, timeout=300):
+def torchrun(script, *flags, nproc=2, wait=True, timeout=300, env=None):
     """torchrun in its own session, so that on a timeout the launcher *and* its ranks (and
     nothing else) are ended."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(nproc), str(ROOT / "scripts" / script), *map(str, flags)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env, cwd=ROOT, start_new_session=True)
     if not wait:
@@ -178,14 +178,19 @@ def test_killed_run_resumes_bit_identically(config, demo_data, tmp_path):
                            if "finetune_gpt.py" in " ".join(p.cmdline())]
                 killed = workers[-1]
                 killed.send_signal(signal.SIGKILL)  # one rank dies mid-run
+                killed_at = time.monotonic()
                 break
             time.sleep(0.02)
-        launcher.wait(timeout=120)
+        _, stderr = launcher.communicate(timeout=120)
+        ended_after = time.monotonic() - killed_at if killed else None
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
     assert killed is not None, "the run ended before its first checkpoint"
     assert launcher.returncode != 0
+    # the whole job ends promptly (the other rank does not wait for the dead one), saying why
+    assert ended_after < 60, f"the job took {ended_after:.0f} s to end after a rank died"
+    assert f"exitcode  : -9 (pid: {killed.pid})" in stderr, stderr[-3000:]
     assert not (save / "adapter").exists()  # it did not get to the end
     resumed_from = int(latest.read_text())
     assert resumed_from < int(iters)
@@ -199,6 +204,24 @@ def test_killed_run_resumes_bit_identically(config, demo_data, tmp_path):
     assert expected.keys() == actual.keys()
     for key in expected:
         assert (expected[key] == actual[key]).all(), key  # bit-identical
+
+
+def test_a_failing_checkpoint_writer_ends_the_job_with_its_cause(config, demo_data, tmp_path):
+    """megatron's dist-checkpointing writer needs psutil; without it the writer dies before it
+    reports. Once that hung both ranks forever (megatron-core 0.16); now the job ends."""
+    hidden = tmp_path / "no_psutil"
+    hidden.mkdir()
+    (hidden / "psutil.py").write_text('raise ImportError("psutil is hidden by this test")\n')
+    started = time.monotonic()
+    result = torchrun("pretrain_gpt.py", "--config", config, "--data-path",
+                      demo_data / "pretrain_text_document", "--train-iters", "2",
+                      "--eval-iters", "1", "--save", tmp_path / "save", timeout=120,
+                      env={"PYTHONPATH": str(hidden)})
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "psutil is not installed" in result.stderr, result.stderr[-3000:]
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
+    assert not (tmp_path / "save" / "latest_checkpointed_iteration.txt").exists()
 
 
 # --- the same run at other layouts -----------------------------------------------------------------
