@@ -1,0 +1,69 @@
+"""megatron_lora.cpu: the version gate and which adjustments each megatron-core line gets.
+(That the adjusted megatron computes the right numbers is what every spawning test checks.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_lora.cpu import (
+    SUPPORTED_MEGATRON_CORE_LINES,
+    UnsupportedMegatronVersionError,
+    check_megatron_core_version,
+    megatron_core_release_line,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("version, line", [("0.16.1", "0.16"), ("0.19.2", "0.19"),
+                                           ("0.17.0rc1", "0.17"), ("0.18.2.dev0", "0.18"),
+                                           ("1.0.0", "1.0")])
+def test_release_line(version, line):
+    assert megatron_core_release_line(version) == line
+
+
+def test_supported_lines_pass_the_gate():
+    for line in SUPPORTED_MEGATRON_CORE_LINES:
+        assert check_megatron_core_version(f"{line}.0") == line
+
+
+@pytest.mark.parametrize("version", ["0.15.3", "0.20.0", "1.0.0", "unknown"])
+def test_untested_lines_are_refused_with_what_is_supported(version):
+    with pytest.raises(UnsupportedMegatronVersionError) as error:
+        check_megatron_core_version(version)
+    message = str(error.value)
+    assert f"found {version}" in message
+    assert "0.16.x, 0.17.x, 0.18.x, 0.19.x" in message
+
+
+def test_the_installed_line_gets_its_adjustments_and_cuda_streams_become_host_no_ops():
+    script = """
+import json, torch, megatron.core
+from megatron_lora.cpu import applied_adjustments, make_cpu_ready
+make_cpu_ready()
+make_cpu_ready()  # idempotent
+stream = torch.cuda.current_stream()
+side = torch.cuda.Stream()
+side.wait_stream(stream)
+with torch.cuda.stream(side):
+    event = side.record_event()
+event.synchronize()
+print(json.dumps({"version": megatron.core.__version__, "applied": applied_adjustments(),
+                  "device": torch.cuda.current_device()}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120, env={"PYTHONPATH": str(ROOT),
+                                                         "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = ["allocate_on_cpu", "no_device_synchronize", "host_synchronous_streams",
+                "cpu_rng_tracker", "cpu_causal_masks"]
+    if report["version"].startswith("0.16."):
+        expected.append("bind_moe_fused_names")
+    assert report["applied"][:len(expected)] == expected
+    assert report["device"] == "cpu"
