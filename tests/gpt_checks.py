@@ -214,8 +214,39 @@ def tied_weights(exp):
     return out
 
 
-def run_variants(world):
+def tied_checkpoints(exp, directory):
+    """An adapter saved and loaded at this layout, and a megatron dist-checkpoint of base +
+    adapter (the last stage's copy keyed as the embedding) loaded into a model built from
+    another seed: the logits each time. The adapter file is compared across layouts."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_lora.checkpoint import load_adapter, save_adapter
+
+    tokens = batches(0)[0][:, :-1]
+    model = build(exp, random_lora())
+    out = {"logits": logits_of(model, tokens)}
+    save_adapter(model, directory / "adapter")
+    if torch.distributed.get_rank() == 0:
+        (directory / "model").mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(directory / "model"))
+
+    fresh = build(exp)
+    load_adapter(fresh, directory / "adapter")
+    out["adapter_logits"] = logits_of(fresh, tokens)
+    other = build(experiment(exp.tensor_model_parallel_size, exp.pipeline_model_parallel_size,
+                             exp.sequence_parallel, untie_embeddings_and_output_weights=False,
+                             seed=99), random_lora(seed=5))
+    other.load_state_dict(dist_checkpointing.load(other.sharded_state_dict(),
+                                                  str(directory / "model")))
+    out["dist_checkpoint_logits"] = logits_of(other, tokens)
+    return out
+
+
+def run_variants(world, adapter_dir=None):
     """Every variant layout of this world size: {layout id: {"parity": ..., ...}}."""
+    from pathlib import Path
+
     results = {}
     for name, (model_settings, layouts) in VARIANTS.items():
         for layout_id, tp, pp, sp, layout_settings in layouts.get(world, []):
@@ -223,6 +254,8 @@ def run_variants(world):
             layout = {"parity": check_parity(exp, all_logits=True, count_collectives=False)}
             if name == "tied":
                 layout["tied_weights"] = tied_weights(exp)
+                if adapter_dir is not None:
+                    layout["checkpoints"] = tied_checkpoints(exp, Path(adapter_dir) / layout_id)
             results[layout_id] = layout
     return results
 
@@ -467,7 +500,7 @@ def run_all(rank, world, adapter_dir=None):
         if adapter_dir is not None:
             layout["load"] = checkpoint_checks.load_checks(exp, adapter_dir)
         results[(tp, pp, sp)] = layout
-    results["variants"] = run_variants(world)
+    results["variants"] = run_variants(world, adapter_dir)
     if adapter_dir is not None and world in (1, 4):  # expert adapters saved at EP=2
         from pathlib import Path
 

@@ -259,3 +259,24 @@ def test_tied_output_copy_is_the_word_embedding(gpt_spawned, world):
         assert torch.equal(weight, reference)
     # megatron's mark: the grad norm and the parameter report count the copy once
     assert all(w["output_copy_marked_shared"] for w in weights if w["output_copy"] is not None)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_tied_checkpoints_load_with_the_same_logits(gpt_spawned, saved_adapters, world):
+    """Adapter files and megatron dist-checkpoints of the tied model: loaded back at the
+    layout they were saved at, the same logits; the adapter file is the same at every layout
+    (so one saved at PP=2 loads at PP=1)."""
+    from checkpoint_checks import _same_tensors
+
+    (layout_id, *_), = VARIANTS["tied"][1][world]
+    results = [out["checkpoints"] for out in variant_results(gpt_spawned, world, layout_id)]
+    assert any(out["logits"] is not None for out in results)
+    for out in results:
+        if out["logits"] is not None:
+            assert rel_err(out["adapter_logits"], out["logits"]) < FP32
+            assert rel_err(out["dist_checkpoint_logits"], out["logits"]) < FP32
+    if world > 1:
+        directory = saved_adapters[0]
+        gpt_spawned(1)  # the one-process layout's file
+        (reference_id, *_), = VARIANTS["tied"][1][1]
+        assert _same_tensors(directory / layout_id / "adapter", directory / reference_id / "adapter")
