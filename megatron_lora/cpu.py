@@ -2,10 +2,12 @@
 
 megatron-core assumes CUDA in a handful of places that have nothing to do with the
 mathematics: where it allocates buffers (``torch.cuda.current_device()``), where it keeps
-per-rank dropout streams (the CUDA RNG tracker), where it orders work on device streams and
-where it synchronises a device queue. :func:`make_cpu_ready` adjusts exactly those places for
-the current process so that tensor-, sequence- and expert-parallel layers run on CPU over gloo,
-bit for bit the same arithmetic as on one device. It changes no numerics: every patched function
+per-rank dropout streams (the CUDA RNG tracker), where it orders work on device streams,
+where it synchronises a device queue, where a device-to-host copy turns MoE split sizes into
+host arrays, where it all-gathers uneven parts (which NCCL takes and gloo does not) and where
+it moves the tied embeddings' last-stage copy with ``.cuda()``. :func:`make_cpu_ready` adjusts
+exactly those places for the current process so that tensor-, sequence-, pipeline- and
+expert-parallel models run on CPU over gloo, bit for bit the same arithmetic as on one device. It changes no numerics: every patched function
 still does what the original promised, only on the CPU.
 
 Each adjustment is a named function below, registered in ``_ADJUSTMENTS`` with the
@@ -21,6 +23,7 @@ laptop; the test suite uses it for every multi-process check.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
@@ -175,6 +178,61 @@ def _bind_moe_fused_names() -> None:
             setattr(moe_utils, name, None)
 
 
+def _split_sizes_as_host_arrays() -> None:
+    # The alltoall dispatcher moves its split sizes device -> host with
+    # maybe_move_tensor_to_cpu(..., as_numpy=True): on GPU they arrive as numpy arrays, which
+    # all_to_all_single takes as sizes. On CPU the tensors are not is_cuda, so they stay
+    # tensors and the call is refused; convert them exactly as the GPU path does.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _uneven_all_gather_by_padding() -> None:
+    # With expert-TP > 1 the alltoall dispatcher gathers a different number of tokens from
+    # each expert-TP rank (output_split_sizes). gloo's all_gather needs equal sizes, so pad
+    # every rank's part to the largest, gather, and keep each part's own rows: the same
+    # concatenation, bit for bit. (gloo's reduce_scatter takes uneven parts as it is.)
+    from megatron.core.tensor_parallel import mappings
+
+    original = mappings._gather_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        largest = max(output_split_sizes)
+        padded = input_.new_zeros((largest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(parts, padded, group=group)
+        return torch.cat([part[:size] for part, size in zip(parts, output_split_sizes)])
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+
+
+def _tied_embedding_setup_on_cpu() -> None:
+    # With tied embeddings at PP > 1, the last stage holds a copy of the word embeddings that
+    # setup_embeddings_and_output_layer zeroes, moves with a hard-coded .cuda() and all-reduces
+    # with the first stage's. Run that method with CUDA arguments mapped to the CPU.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(original)
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        with cuda_arguments_to_cpu():
+            return original(self, *args, **kwargs)
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 @dataclass(frozen=True)
 class _Adjustment:
     name: str
@@ -190,6 +248,9 @@ _ADJUSTMENTS: Tuple[_Adjustment, ...] = (
     _Adjustment("cpu_rng_tracker", _ALL_LINES, _cpu_rng_tracker),
     _Adjustment("cpu_causal_masks", _ALL_LINES, _cpu_causal_masks),
     _Adjustment("bind_moe_fused_names", ("0.16",), _bind_moe_fused_names),
+    _Adjustment("split_sizes_as_host_arrays", _ALL_LINES, _split_sizes_as_host_arrays),
+    _Adjustment("uneven_all_gather_by_padding", _ALL_LINES, _uneven_all_gather_by_padding),
+    _Adjustment("tied_embedding_setup_on_cpu", _ALL_LINES, _tied_embedding_setup_on_cpu),
 )
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .init import shard_rows, stable_seed
-from .model import _is_packed_gate_up, global_named_modules
+from .model import _chunks, _is_packed_gate_up, global_named_modules
 
 
 class SequenceParallelNorm:
@@ -133,21 +133,38 @@ def _tp_rank_of(param) -> int:
     return parallel_state.get_tensor_model_parallel_rank()
 
 
+WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+
+
+def _tied_output_weight_copies(model) -> set:
+    """ids of the last stage's copies of tied word embeddings (PP > 1 only: at PP = 1 the
+    output layer uses the embedding's own parameter)."""
+    return {id(chunk.shared_embedding_or_output_weight()) for chunk in _chunks(model)
+            if getattr(chunk, "share_embeddings_and_output_weights", False)
+            and not chunk.pre_process and chunk.post_process}
+
+
 @torch.no_grad()
 def initialize_base_weights(model, seed: int, config) -> None:
     """Draw every matrix of the base as its full logical tensor, keep this rank's shard.
 
     Matrices ~ N(0, init_method_std); linear_proj / linear_fc2 with megatron's scaled std
     (std / sqrt(2 · num_layers)). Vectors (norm scales, biases) keep their constructor values,
-    which do not depend on the layout. SwiGLU fc1 is sliced gate/up-aware.
+    which do not depend on the layout. SwiGLU fc1 is sliced gate/up-aware. With tied
+    embeddings at PP > 1 the last stage's output-layer copy is drawn as the word embeddings,
+    so both stages hold the same tensor (megatron's zero-and-all-reduce in the constructor
+    copied its own initialisation, which this draw replaces).
     """
     std = config.init_method_std
     scaled_std = std / math.sqrt(2.0 * config.num_layers)
+    tied_copies = _tied_output_weight_copies(model)
     for module_name, module in global_named_modules(model):
         for param_name, param in module.named_parameters(recurse=False):
             if param.dim() < 2 or getattr(param, "is_lora", False):
                 continue
             name = f"{module_name}.{param_name}" if module_name else param_name
+            if id(param) in tied_copies:  # the same logical tensor as the first stage's
+                name = WORD_EMBEDDINGS
             leaf = module_name.rsplit(".", 1)[-1]
             param_std = scaled_std if leaf in ("linear_proj", "linear_fc2") else std
             full_shape = list(param.shape)

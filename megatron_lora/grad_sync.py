@@ -75,6 +75,53 @@ def all_reduce_flat(grads: List[torch.Tensor], group, average: bool = False) -> 
         grad.copy_(synced)
 
 
+def average_over_data_parallel(params) -> None:
+    """Make each gradient that of the mean loss over the data-parallel replicas.
+
+    Dense parameters: the average over the DP group. Expert parameters (``allreduce=False``)
+    already hold the sum over every replica whose tokens the dispatcher brought to their
+    experts, so they are summed over the expert-DP group and divided by the DP size (how
+    megatron's DDP scales them). At most two flattened collectives.
+    """
+    from megatron.core import parallel_state as ps
+
+    dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+    dense, experts = [], []
+    for param in params:
+        grad = _grad_of(param)
+        if grad is not None:
+            (experts if getattr(param, "allreduce", True) is False else dense).append(grad)
+    all_reduce_flat(dense, dp_group, average=True)
+    dp_size = dist.get_world_size(dp_group)
+    if experts and dp_size > 1:
+        all_reduce_flat(experts, ps.get_expert_data_parallel_group())
+        for grad in experts:
+            grad.div_(dp_size)
+
+
+def all_reduce_tied_embedding_grads(model) -> None:
+    """Sum the gradients of tied word embeddings over the first and last pipeline stages.
+
+    With PP > 1 each of the two stages holds a copy of the shared weight and sees only its
+    own use of it (input embedding or output layer); the sum is the TP=1 gradient, and both
+    copies then take the same optimiser step. What megatron's finalize_model_grads does
+    (``_allreduce_word_embedding_grads``). No-op at PP = 1, off those stages, and when the
+    weight is frozen (LoRA).
+    """
+    from megatron.core import parallel_state as ps
+
+    from .model import _chunks
+
+    if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group():
+        return
+    for chunk in _chunks(model):
+        if getattr(chunk, "share_embeddings_and_output_weights", False) and (
+                chunk.pre_process or chunk.post_process):
+            grad = _grad_of(chunk.shared_embedding_or_output_weight())
+            if grad is not None:
+                dist.all_reduce(grad, group=ps.get_embedding_group())
+
+
 def finalize_model_grads_with_lora(model, *args, **kwargs):
     """megatron-core's ``finalize_model_grads`` followed by :func:`finalize_lora_grads`.
 
@@ -88,52 +135,55 @@ def finalize_model_grads_with_lora(model, *args, **kwargs):
     return result
 
 
-def _norm_group():
-    """The group over which one model replica's parameters are spread (TP × PP)."""
+def _norm_ranks():
+    """(tp_rank, dp_rank, etp_rank, edp_rank) for deciding who counts what, or zeros without
+    megatron's parallel state (a pure-TP setup: the TP rank is then the group rank)."""
     try:
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state as ps
 
-        if parallel_state.model_parallel_is_initialized():
-            return parallel_state.get_model_parallel_group()
+        if ps.model_parallel_is_initialized():
+            return (ps.get_tensor_model_parallel_rank(),
+                    ps.get_data_parallel_rank(with_context_parallel=True),
+                    ps.get_expert_tensor_parallel_rank(), ps.get_expert_data_parallel_rank())
     except (AssertionError, RuntimeError):
         pass
-    return None  # the default group: a pure-TP setup without megatron's parallel state
+    return 0, 0, 0, 0
 
 
-def _tensor_parallel_rank() -> int:
-    try:
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            return parallel_state.get_tensor_model_parallel_rank()
-    except (AssertionError, RuntimeError):
-        pass
-    return 0
-
-
-def _counts_in_norm(param) -> bool:
-    """TP shards count on every rank (each holds a different slice); a replicated tensor only
-    once: a LoRA factor on rank 0 of its layer's group, anything else on TP rank 0."""
+def _counts_in_norm(param, ranks) -> bool:
+    """Whether this rank adds the parameter's gradient to the norm, so that a sum over the
+    world counts every logical tensor once: one data-parallel replica (dense: DP rank 0;
+    experts: expert-DP rank 0, the other replicas hold the same experts); TP shards on every
+    TP rank, a replicated tensor on one (a LoRA factor on rank 0 of its layer's group);
+    never the last stage's copy of tied embeddings (megatron marks it ``shared``)."""
+    tp_rank, dp_rank, etp_rank, edp_rank = ranks
+    if getattr(param, "shared", False):
+        return False
+    expert = getattr(param, "allreduce", True) is False
+    if (edp_rank if expert else dp_rank) != 0:
+        return False
     if getattr(param, "tensor_model_parallel", False):
         return True
     group = getattr(param, "lora_partial_grad_group", None)
     if group is not None:
         return not dist.is_initialized() or dist.get_rank(group) == 0
-    return _tensor_parallel_rank() == 0
+    return (etp_rank if expert else tp_rank) == 0
 
 
 def grad_norm(params) -> float:
     """The L2 norm of the parameters' gradients as the TP=1 model would compute it (after the
-    grad sync). Collective over the model-parallel group (TP × PP) when distributed."""
+    grad sync). Collective over the world when distributed: experts are spread over the
+    expert-parallel ranks, which span data-parallel replicas of the dense parameters."""
+    ranks = _norm_ranks()
     total = torch.zeros((), dtype=torch.float64)
     for param in params:
         grad = _grad_of(param)
-        if grad is not None and _counts_in_norm(param):
+        if grad is not None and _counts_in_norm(param, ranks):
             total += grad.detach().double().pow(2).sum().cpu()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_backend() == "nccl":
             total = total.cuda()
-        dist.all_reduce(total, group=_norm_group())
+        dist.all_reduce(total)
     return float(total.sqrt())
 
 

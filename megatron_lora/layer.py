@@ -187,6 +187,13 @@ class LoraParallelLinear(torch.nn.Module):
         factors = self.lora_A if self.layout.kind == COLUMN else self.lora_B
         return [factors[name].weight for name in factors]
 
+    @property
+    def weight(self) -> Optional[torch.Tensor]:
+        """The base layer's weight, for megatron code that reads ``layer.weight``: with tied
+        embeddings at PP > 1, GPTModel takes the last stage's copy from ``output_layer.weight``
+        (forward, checkpoint tying, embedding-grad sync)."""
+        return self.base_layer.weight
+
     # --- helpers -----------------------------------------------------------------------
     def _base_weight_or_none(self) -> Optional[torch.Tensor]:
         return getattr(self.base_layer, "weight", None)

@@ -202,7 +202,7 @@ def _logical_counts(model: ModelLike) -> Tuple[int, int]:
 
     A TP shard is scaled up to its full tensor; only TP rank 0 of DP rank 0 counts dense
     parameters (expert ones: expert-TP rank 0 of expert-DP rank 0), so a sum over the world
-    counts every logical parameter exactly once.
+    counts every logical parameter exactly once (tied embeddings: their first-stage copy).
     """
     tp_rank, tp_size, dp_rank, etp_rank, etp_size, edp_rank = _parallel_ranks()
     trainable = total = 0
@@ -212,6 +212,8 @@ def _logical_counts(model: ModelLike) -> Tuple[int, int]:
             if id(param) in seen:
                 continue
             seen.add(id(param))
+            if getattr(param, "shared", False):
+                continue  # the last stage's copy of tied embeddings: counted on the first
             expert = getattr(param, "allreduce", True) is False
             owner = (etp_rank, edp_rank) == (0, 0) if expert else (tp_rank, dp_rank) == (0, 0)
             if not owner:
@@ -227,7 +229,9 @@ def _logical_counts(model: ModelLike) -> Tuple[int, int]:
 
 def lora_report(model: ModelLike, adapter_name: str) -> LoraReport:
     """Counts for ``adapter_name``: collective (all ranks call it) when distributed."""
-    adapted = [name for name, layer in lora_layers(model) if adapter_name in layer.lora_A]
+    adapted_layers = [(name, layer) for name, layer in lora_layers(model)
+                      if adapter_name in layer.lora_A]
+    adapted = [name for name, _ in adapted_layers]
     seen, local_trainable, local_total = set(), 0, 0
     for chunk in _chunks(model):
         for param in chunk.parameters():
@@ -236,8 +240,13 @@ def lora_report(model: ModelLike, adapter_name: str) -> LoraReport:
                 local_total += param.numel()
                 local_trainable += param.numel() if param.requires_grad else 0
     trainable, total = _logical_counts(model)
-    tp_rank, _, dp_rank, *_ = _parallel_ranks()
-    counted_adapted = len(adapted) if (tp_rank, dp_rank) == (0, 0) else 0
+    tp_rank, _, dp_rank, etp_rank, _, edp_rank = _parallel_ranks()
+    # a module counts where its parameters do: expert ones on expert-TP / expert-DP rank 0
+    counted_adapted = sum(
+        (etp_rank, edp_rank) == (0, 0) if getattr(layer.weight, "allreduce", True) is False
+        else (tp_rank, dp_rank) == (0, 0)
+        for _, layer in adapted_layers
+    )
     global_trainable, global_total, global_adapted = _sum_over_world(
         [trainable, total, counted_adapted]
     )

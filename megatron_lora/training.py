@@ -297,12 +297,14 @@ def synchronise_gradients(model, params: List[torch.nn.Parameter], lora: bool) -
     """Make every trainable gradient the gradient of the whole global batch at TP=1.
 
     LoRA: the replicated factors' partial sums over TP (finalize_lora_grads). Full training:
-    parameters marked ``sequence_parallel`` (norms under SP) are partial per TP rank. Then the
-    average over data-parallel replicas. Each is one flattened collective.
+    parameters marked ``sequence_parallel`` (norms under SP) are partial per TP rank, and
+    tied word embeddings at PP > 1 are summed over their two stages. Then the average over
+    data-parallel replicas (experts over theirs). Each is one flattened collective.
     """
     from megatron.core import parallel_state as ps
 
-    from .grad_sync import all_reduce_flat, finalize_lora_grads
+    from .grad_sync import (all_reduce_flat, all_reduce_tied_embedding_grads,
+                            average_over_data_parallel, finalize_lora_grads)
 
     if lora:
         finalize_lora_grads(model)
@@ -310,8 +312,8 @@ def synchronise_gradients(model, params: List[torch.nn.Parameter], lora: bool) -
         all_reduce_flat([p.grad for p in params if p.grad is not None
                          and getattr(p, "sequence_parallel", False)],
                         ps.get_tensor_model_parallel_group())
-    all_reduce_flat([p.grad for p in params if p.grad is not None],
-                    ps.get_data_parallel_group(with_context_parallel=True), average=True)
+        all_reduce_tied_embedding_grads(model)
+    average_over_data_parallel(params)
 
 
 def learning_rate(settings: TrainingSettings, iteration: int) -> float:

@@ -39,6 +39,25 @@ TRAIN_STEPS, LEARNING_RATE, CLIP_NORM = 20, 1e-2, 1.0
 # (TP, PP, SP) layouts run by each world size; (1, 1, False) is the reference.
 LAYOUTS = {1: [(1, 1, False)], 2: [(2, 1, True), (1, 2, False)], 4: [(4, 1, False), (2, 2, True)]}
 
+# Model variants whose layouts crashed on CPU before: each variant's layouts are compared with
+# its own world-1 run. name -> (model settings, {world: [(id, TP, PP, SP, layout settings)]}).
+VARIANTS = {
+    # the last stage holds a copy of the word embeddings (zeroed and all-reduced by megatron)
+    "tied": (dict(untie_embeddings_and_output_weights=False), {
+        1: [("tied-tp1", 1, 1, False, {})],
+        2: [("tied-pp2", 1, 2, False, {})],
+        4: [("tied-tp2-sp-pp2", 2, 2, True, {})],
+    }),
+    # 4 experts, top-2, the alltoall dispatcher (split sizes, uneven expert-TP gathers)
+    "alltoall": (dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall"), {
+        1: [("alltoall-ep1", 1, 1, False, {})],
+        2: [("alltoall-ep2", 1, 1, False, dict(expert_model_parallel_size=2)),
+            ("alltoall-tp2-sp-ep2", 2, 1, True,
+             dict(expert_model_parallel_size=2, expert_tensor_parallel_size=1))],
+        4: [("alltoall-tp2-sp-ep2-etp2", 2, 1, True, dict(expert_model_parallel_size=2))],
+    }),
+}
+
 
 def experiment(tp, pp, sp, **overrides):
     from megatron_lora.config import load_experiment
@@ -98,7 +117,7 @@ def run_schedule(model, micro_batches, forward_only=False):
 
     from megatron_lora.cpu import cuda_arguments_to_cpu
 
-    with cuda_arguments_to_cpu():  # the schedules name CUDA explicitly (CPU_NOTES 8)
+    with cuda_arguments_to_cpu():  # the schedules name CUDA explicitly (docs/cpu.md)
         losses = get_forward_backward_func()(
             forward_step_func=_forward_step, data_iterator=iter(micro_batches), model=[model],
             num_microbatches=len(micro_batches), seq_length=TINY_GPT["seq_length"],
@@ -149,9 +168,15 @@ def zero_lora_grads(model):
 # --- sections --------------------------------------------------------------------------------
 
 
-def check_parity(exp):
-    """Logits, loss, every LoRA gradient and the grad norm of one step; collectives counted."""
+def check_parity(exp, all_logits=False, count_collectives=True):
+    """Logits, loss, every LoRA gradient and the grad norm of one step; collectives counted.
+
+    Logits under PP only with ``all_logits`` (through the schedule). Every rank sees the same
+    batches, so data-parallel replicas (expert parallelism at TP x PP < world) average to the
+    single-process gradients.
+    """
     from megatron_lora import finalize_lora_grads, lora_grad_norm
+    from megatron_lora.grad_sync import average_over_data_parallel
 
     model = build(exp, random_lora())
     report = model.lora_report
@@ -159,15 +184,80 @@ def check_parity(exp):
         "factors": full_factors(model),
         "report": (report.global_adapted, report.global_trainable, report.global_total),
     }
-    if exp.pipeline_model_parallel_size == 1:
+    if exp.pipeline_model_parallel_size == 1 or all_logits:
         result["logits"] = logits_of(model, batches(0)[0][:, :-1])
     result["loss"] = run_schedule(model, batches(0))
     finalize_lora_grads(model)
+    average_over_data_parallel([p for p in model.parameters() if p.requires_grad])
     result["grads"] = full_factors(model, grads=True)
     result["grad_norm"] = lora_grad_norm(model)
-    if exp.pipeline_model_parallel_size == 1:
+    if exp.pipeline_model_parallel_size == 1 and count_collectives:
         result["collectives"] = count_step_collectives(model)
     return result
+
+
+def tied_weights(exp):
+    """The full word embeddings on the first stage and the output layer's tied copy on the
+    last (None where a stage has neither; gathered over TP)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    model = build(exp)
+    full = lambda weight: gather_from_tensor_model_parallel_region(  # noqa: E731
+        weight.detach().t().contiguous()).t().contiguous()  # vocab rows are the TP shards
+    out = {"embedding": None, "output_copy": None}
+    if parallel_state.is_pipeline_first_stage():
+        out["embedding"] = full(model.embedding.word_embeddings.weight)
+    if parallel_state.is_pipeline_last_stage() and not parallel_state.is_pipeline_first_stage():
+        out["output_copy"] = full(model.output_layer.weight)
+        out["output_copy_marked_shared"] = getattr(model.output_layer.weight, "shared", False)
+    return out
+
+
+def tied_checkpoints(exp, directory):
+    """An adapter saved and loaded at this layout, and a megatron dist-checkpoint of base +
+    adapter (the last stage's copy keyed as the embedding) loaded into a model built from
+    another seed: the logits each time. The adapter file is compared across layouts."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_lora.checkpoint import load_adapter, save_adapter
+
+    tokens = batches(0)[0][:, :-1]
+    model = build(exp, random_lora())
+    out = {"logits": logits_of(model, tokens)}
+    save_adapter(model, directory / "adapter")
+    if torch.distributed.get_rank() == 0:
+        (directory / "model").mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(directory / "model"))
+
+    fresh = build(exp)
+    load_adapter(fresh, directory / "adapter")
+    out["adapter_logits"] = logits_of(fresh, tokens)
+    other = build(experiment(exp.tensor_model_parallel_size, exp.pipeline_model_parallel_size,
+                             exp.sequence_parallel, untie_embeddings_and_output_weights=False,
+                             seed=99), random_lora(seed=5))
+    other.load_state_dict(dist_checkpointing.load(other.sharded_state_dict(),
+                                                  str(directory / "model")))
+    out["dist_checkpoint_logits"] = logits_of(other, tokens)
+    return out
+
+
+def run_variants(world, adapter_dir=None):
+    """Every variant layout of this world size: {layout id: {"parity": ..., ...}}."""
+    from pathlib import Path
+
+    results = {}
+    for name, (model_settings, layouts) in VARIANTS.items():
+        for layout_id, tp, pp, sp, layout_settings in layouts.get(world, []):
+            exp = experiment(tp, pp, sp, **model_settings, **layout_settings)
+            layout = {"parity": check_parity(exp, all_logits=True, count_collectives=False)}
+            if name == "tied":
+                layout["tied_weights"] = tied_weights(exp)
+                if adapter_dir is not None:
+                    layout["checkpoints"] = tied_checkpoints(exp, Path(adapter_dir) / layout_id)
+            results[layout_id] = layout
+    return results
 
 
 def count_step_collectives(model):
@@ -410,6 +500,7 @@ def run_all(rank, world, adapter_dir=None):
         if adapter_dir is not None:
             layout["load"] = checkpoint_checks.load_checks(exp, adapter_dir)
         results[(tp, pp, sp)] = layout
+    results["variants"] = run_variants(world, adapter_dir)
     if adapter_dir is not None and world in (1, 4):  # expert adapters saved at EP=2
         from pathlib import Path
 

@@ -2,13 +2,15 @@
 
 Every layout builds the same logical model from the same seed (no weight copying) and is
 compared with the TP=1 run: logits, loss, every LoRA gradient, the grad norm, 20 training
-steps, and merge / disable / several adapters. See tests/gpt_checks.py for what runs.
+steps, and merge / disable / several adapters. Tied embeddings under PP and the MoE alltoall
+dispatcher under EP / expert-TP are compared with their own single-process runs. See
+tests/gpt_checks.py for what runs.
 """
 
 import pytest
 import torch
 
-from gpt_checks import LAYOUTS, TRAIN_STEPS
+from gpt_checks import LAYOUTS, TRAIN_STEPS, VARIANTS
 
 FP32 = 1e-5
 REFERENCE = (1, 1, False)
@@ -189,3 +191,92 @@ def test_targeting_and_adapter_errors(gpt_spawned):
     assert out["not_a_config"].startswith("TypeError") and "LoraConfig" in out["not_a_config"]
     assert "unmerge_adapter" in out["disable_merged"]
     assert "unmerge" in out["delete_merged"]
+
+
+# --- model variants: tied embeddings under PP, the MoE alltoall dispatcher under EP ---------------
+
+VARIANT_LAYOUTS = [pytest.param(name, world, entry[0], id=entry[0])
+                   for name, (_, layouts) in VARIANTS.items()
+                   for world, entries in layouts.items() if world > 1 for entry in entries]
+
+
+def variant_results(gpt_spawned, world, layout_id):
+    return [rank_result["variants"][layout_id] for rank_result in gpt_spawned(world)]
+
+
+def variant_reference(gpt_spawned, name):
+    (reference_id, *_), = VARIANTS[name][1][1]
+    return gpt_spawned(1)[0]["variants"][reference_id]
+
+
+@pytest.mark.parametrize("name, world, layout_id", VARIANT_LAYOUTS)
+def test_variant_matches_its_single_process_run(gpt_spawned, name, world, layout_id):
+    reference = variant_reference(gpt_spawned, name)["parity"]
+    results = variant_results(gpt_spawned, world, layout_id)
+    factors = merged_over_ranks(results, "parity", "factors")
+    assert sorted(factors) == sorted(reference["factors"])
+    for factor_name, (weight_a, weight_b) in reference["factors"].items():
+        assert torch.equal(factors[factor_name][0], weight_a), factor_name
+        assert torch.equal(factors[factor_name][1], weight_b), factor_name
+    logits = [out for out in values_over_ranks(results, "parity", "logits") if out is not None]
+    assert logits, "no rank returned logits"
+    for out in logits:
+        assert rel_err(out, reference["logits"]) < FP32
+    losses = [loss for loss in values_over_ranks(results, "parity", "loss") if loss is not None]
+    assert losses
+    for loss in losses:
+        assert loss == pytest.approx(reference["loss"], rel=FP32)
+    grads = merged_over_ranks(results, "parity", "grads")
+    assert sorted(grads) == sorted(reference["grads"])
+    for grad_name, (grad_a, grad_b) in reference["grads"].items():
+        assert grad_a.abs().max() > 0 and grad_b.abs().max() > 0, grad_name
+        assert rel_err(grads[grad_name][0], grad_a) < FP32, f"{grad_name} lora_A"
+        assert rel_err(grads[grad_name][1], grad_b) < FP32, f"{grad_name} lora_B"
+    for norm in values_over_ranks(results, "parity", "grad_norm"):
+        assert norm == pytest.approx(reference["grad_norm"], rel=FP32)
+    for report in values_over_ranks(results, "parity", "report"):
+        assert report == reference["report"]  # the logical model, counted once
+
+
+def test_variants_adapt_what_they_should(gpt_spawned):
+    tied = variant_reference(gpt_spawned, "tied")["parity"]["report"]
+    alltoall = variant_reference(gpt_spawned, "alltoall")["parity"]["report"]
+    assert tied[0] == 17  # output_layer adapted although its weight is the embedding's
+    assert alltoall[0] == 4 * (2 + 4 * 2) + 1  # qkv, proj and 4 experts' fc1 / fc2 per layer
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tied_output_copy_is_the_word_embedding(gpt_spawned, world):
+    """The last stage's copy of tied embeddings starts as the first stage's embedding, the
+    same logical tensor as at PP=1 (drawn once from the embedding's name)."""
+    reference = variant_reference(gpt_spawned, "tied")["tied_weights"]["embedding"]
+    (layout_id, *_), = VARIANTS["tied"][1][world]
+    weights = [out["tied_weights"] for out in variant_results(gpt_spawned, world, layout_id)]
+    embeddings = [w["embedding"] for w in weights if w["embedding"] is not None]
+    copies = [w["output_copy"] for w in weights if w["output_copy"] is not None]
+    assert embeddings and copies
+    for weight in embeddings + copies:
+        assert torch.equal(weight, reference)
+    # megatron's mark: the grad norm and the parameter report count the copy once
+    assert all(w["output_copy_marked_shared"] for w in weights if w["output_copy"] is not None)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_tied_checkpoints_load_with_the_same_logits(gpt_spawned, saved_adapters, world):
+    """Adapter files and megatron dist-checkpoints of the tied model: loaded back at the
+    layout they were saved at, the same logits; the adapter file is the same at every layout
+    (so one saved at PP=2 loads at PP=1)."""
+    from checkpoint_checks import _same_tensors
+
+    (layout_id, *_), = VARIANTS["tied"][1][world]
+    results = [out["checkpoints"] for out in variant_results(gpt_spawned, world, layout_id)]
+    assert any(out["logits"] is not None for out in results)
+    for out in results:
+        if out["logits"] is not None:
+            assert rel_err(out["adapter_logits"], out["logits"]) < FP32
+            assert rel_err(out["dist_checkpoint_logits"], out["logits"]) < FP32
+    if world > 1:
+        directory = saved_adapters[0]
+        gpt_spawned(1)  # the one-process layout's file
+        (reference_id, *_), = VARIANTS["tied"][1][1]
+        assert _same_tensors(directory / layout_id / "adapter", directory / reference_id / "adapter")

@@ -232,13 +232,21 @@ def _losses(save):
     return [r["loss"] for r in records if "loss" in r]
 
 
-@pytest.mark.parametrize("layout", ["pp2", "dp2"])
-def test_pipeline_and_data_parallel_runs_match_tp2_sp(config, demo_data, tmp_path, layout):
-    """The loop's grad sync, norm and data order: PP=2 (1F1B) and DP=2 give the TP=2 + SP loss
-    curve (the same global batches, the same logical model and adapter)."""
-    reference = tmp_path / "tp2"
+@pytest.fixture(scope="module")
+def tp2_sp_finetune(config, demo_data, tmp_path_factory):
+    """The reference run of the layout comparisons: 6 LoRA steps at TP=2 + SP."""
+    reference = tmp_path_factory.mktemp("tp2")
     result = torchrun("finetune_gpt.py", *finetune_flags(config, demo_data, reference, 6))
     assert result.returncode == 0, result.stdout[-3000:]
+    return reference
+
+
+@pytest.mark.parametrize("layout", ["pp2", "dp2"])
+def test_pipeline_and_data_parallel_runs_match_tp2_sp(config, demo_data, tmp_path, layout,
+                                                      tp2_sp_finetune):
+    """The loop's grad sync, norm and data order: PP=2 (1F1B) and DP=2 give the TP=2 + SP loss
+    curve (the same global batches, the same logical model and adapter)."""
+    reference = tp2_sp_finetune
     flags = {"pp2": ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"],
              "dp2": ["--tensor-model-parallel-size", "1"]}[layout]
     other = tmp_path / layout
@@ -248,6 +256,59 @@ def test_pipeline_and_data_parallel_runs_match_tp2_sp(config, demo_data, tmp_pat
     result = torchrun("finetune_gpt.py", *finetune_flags(no_sp, demo_data, other, 6, *flags))
     assert result.returncode == 0, result.stdout[-3000:]
     assert _losses(other) == pytest.approx(_losses(reference), rel=1e-4)
+
+
+def _held_out(output, when):
+    return float(output.split(f"held-out loss {when} training: ")[1].split()[0])
+
+
+def test_tied_embedding_pretraining_at_pp2_matches_tp2_sp_and_loads_at_pp1(demo_data, tmp_path):
+    """Full training with tied embeddings: at PP=2 the last stage's copy of the embeddings gets
+    the gradient of both uses (summed over the embedding group), so the loss curve is the
+    TP=2 + SP one; the PP=2 dist-checkpoint (the copy saved under the embedding's key) loads
+    at PP=1 with the same held-out loss."""
+    def tied_config(name, **layout):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"megatron_config": dict(
+            TINY["megatron_config"], untie_embeddings_and_output_weights=False, **layout),
+            "training": TINY["training"]}))
+        return path
+
+    def pretrain(config, save, iters, *flags):
+        result = torchrun("pretrain_gpt.py", "--config", config,
+                          "--data-path", demo_data / "pretrain_text_document",
+                          "--valid-data-path", demo_data / "finetune_heldout_text_document",
+                          "--train-iters", iters, "--save", save, *flags)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    tp2_sp = tied_config("tp2_sp")
+    pp2 = tied_config("pp2", tensor_model_parallel_size=1, sequence_parallel=False,
+                      pipeline_model_parallel_size=2)
+    pretrain(tp2_sp, tmp_path / "tp2", 6)
+    pp2_output = pretrain(pp2, tmp_path / "pp2", 6)
+    assert _losses(tmp_path / "pp2") == pytest.approx(_losses(tmp_path / "tp2"), rel=1e-4)
+    loaded = pretrain(tp2_sp, tmp_path / "loaded", 1, "--pretrained-checkpoint", tmp_path / "pp2",
+                      "--lr-warmup-iters", "0")
+    assert _held_out(loaded, "before") == pytest.approx(_held_out(pp2_output, "after"), rel=1e-5)
+
+
+def test_alltoall_moe_finetune_at_ep2_matches_one_process(config, demo_data, tmp_path):
+    """A 4-expert MoE with the alltoall dispatcher: EP=2 (experts split over the two
+    data-parallel ranks, whose tokens the dispatcher exchanges) gives the one-process loss
+    curve; expert gradients are averaged like megatron's DDP averages them."""
+    runs = {}
+    for name, world, ep in (("ep1", 1, 1), ("ep2", 2, 2)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(dict(TINY, megatron_config=dict(
+            TINY["megatron_config"], tensor_model_parallel_size=1, sequence_parallel=False,
+            num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+            expert_model_parallel_size=ep))))
+        runs[name] = tmp_path / name
+        result = torchrun("finetune_gpt.py", *finetune_flags(path, demo_data, runs[name], 4),
+                          nproc=world)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert _losses(runs["ep2"]) == pytest.approx(_losses(runs["ep1"]), rel=1e-4)
 
 
 def test_bf16_run_keeps_the_factors_in_fp32(config, demo_data, tmp_path):
