@@ -2,8 +2,8 @@
 """The main job: a real LoRA fine-tuning run, end to end, on a 2-core CPU.
 
 1. makes the demo corpora and their megatron indexed datasets (cached in runs/demo/data):
-   short stories for pretraining, and "<sentence> -> <the sentence in the past tense>" lines
-   for fine-tuning (megatron_lora/data.py says why that task);
+   short stories for pretraining, and "The red fox sees a dog. -> saw" lines (a sentence, then
+   its verb in the past tense) for fine-tuning (megatron_lora/data.py says why that task);
 2. obtains a small pretrained base: pretrain_gpt.py on the stories, full training at TP=2 + SP,
    cached in runs/demo/base (later runs reuse it);
 3. fine-tunes LoRA adapters with finetune_gpt.py at TP=2 + SP on the task, which the base has
@@ -15,7 +15,7 @@
 Exits with status 1 when base + adapter scores under --min-accuracy (so that the demo cannot
 regress silently), 0 otherwise.
 
-    python scripts/demo.py                     # everything, ~4 minutes on 2 cores
+    python scripts/demo.py                     # everything, ~3.5 minutes on 2 cores
     python scripts/demo.py --fresh             # rebuild the cached base too
 """
 
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
           f"curve: {finetune / 'loss_curve.png'}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     if accuracy["base + adapter"] < args.min_accuracy:
-        print(f"FAILED: base + adapter scored {accuracy['base + adapter']:.0%}, under the "
+        print(f"FAILED: base + adapter scored {accuracy['base + adapter']:.1%}, under the "
               f"{args.min_accuracy:.0%} this demo must reach", file=sys.stderr)
         return 1
     return 0
