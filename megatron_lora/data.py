@@ -379,8 +379,17 @@ def micro_batches(
 
 # --- demo corpora ----------------------------------------------------------------------------
 
-# Pretraining: English-like sentences from a small grammar -- no digits, no "->", no word
-# containing "add"; the fine-tuning pattern below is therefore new to a model pretrained on it.
+# The demo's fine-tuning task: the verb of a sentence in the past tense, one sentence per line,
+#     "The red fox sees a dog. -> saw"
+# which asks the model to find the verb among the sentence's words and to conjugate it
+# (regular and irregular verbs). The pretraining corpus is short stories in a small
+# English-like grammar, each told wholly in the present or wholly in the past tense: the base
+# learns the words of both tenses and where a verb stands, but it never sees "->" nor a
+# present-tense verb next to its past: pairing the tenses is what the adapter has to learn.
+# (Rewriting the whole sentence would also need copying from the context, and a base this
+# small did not learn to copy within the demo's pretraining budget, even from repetition.)
+TASK_SEPARATOR = " ->"
+
 _DETERMINERS = ("the", "a", "my", "your", "her", "his", "our", "that", "this")
 _ADJECTIVES = ("small", "big", "red", "old", "young", "happy", "quiet", "green", "brave",
                "tired", "clever", "little", "blue", "kind", "lazy", "bright")
@@ -388,17 +397,19 @@ _NOUNS = ("cat", "dog", "bird", "girl", "boy", "farmer", "teacher", "fox", "hors
           "queen", "child", "sailor", "baker", "rabbit", "owl", "friend", "doctor")
 _OBJECTS = ("ball", "book", "apple", "letter", "hat", "song", "cake", "box", "flower", "map",
             "key", "basket", "lamp", "boat", "picture", "coat")
-_TRANSITIVE = ("sees", "likes", "finds", "carries", "watches", "follows", "paints", "holds",
-               "wants", "loves", "helps", "visits", "brings", "takes", "opens", "draws")
-_INTRANSITIVE = ("sleeps", "sings", "runs", "waits", "smiles", "dances", "sits", "laughs",
-                 "walks", "rests")
+# present -> past, regular and irregular
+_TRANSITIVE = {"sees": "saw", "likes": "liked", "finds": "found", "carries": "carried",
+               "watches": "watched", "follows": "followed", "paints": "painted", "holds": "held",
+               "wants": "wanted", "loves": "loved", "helps": "helped", "visits": "visited",
+               "brings": "brought", "takes": "took", "opens": "opened", "draws": "drew"}
+_INTRANSITIVE = {"sleeps": "slept", "sings": "sang", "runs": "ran", "waits": "waited",
+                 "smiles": "smiled", "dances": "danced", "sits": "sat", "laughs": "laughed",
+                 "walks": "walked", "rests": "rested"}
+_COPULA = {"is": "was"}
+PAST_TENSE = {**_TRANSITIVE, **_INTRANSITIVE, **_COPULA}
 _PLACES = ("in the garden", "near the river", "on the hill", "at the market", "under the tree",
            "by the sea", "in the kitchen", "behind the house", "at school", "in the forest")
 _TIMES = ("every morning", "at night", "today", "in the evening", "on sunday", "again")
-
-# Fine-tuning: one line per sum, "add A and B -> A+B". Operands are small enough that a tiny
-# byte-level GPT can learn the whole table, and the rest of each line is fixed template.
-FINETUNE_MAX_OPERAND = 19
 
 
 def _noun_phrase(rng: random.Random, nouns) -> str:
@@ -409,32 +420,56 @@ def _noun_phrase(rng: random.Random, nouns) -> str:
     return " ".join(words)
 
 
-def _sentence(rng: random.Random) -> str:
-    subject = _noun_phrase(rng, _NOUNS)
+def _verb_and_complement(rng: random.Random) -> Tuple[str, str]:
     kind = rng.random()
     if kind < 0.55:
-        words = [subject, rng.choice(_TRANSITIVE), _noun_phrase(rng, _OBJECTS + _NOUNS)]
-    elif kind < 0.8:
-        words = [subject, rng.choice(_INTRANSITIVE)]
-    else:
-        words = [subject, "is", rng.choice(_ADJECTIVES)]
-    if rng.random() < 0.5:
-        words.append(rng.choice(_PLACES))
-    if rng.random() < 0.3:
-        words.append(rng.choice(_TIMES))
-    text = " ".join(words)
+        return rng.choice(sorted(_TRANSITIVE)), _noun_phrase(rng, _OBJECTS + _NOUNS)
+    if kind < 0.8:
+        return rng.choice(sorted(_INTRANSITIVE)), ""
+    return "is", rng.choice(_ADJECTIVES)
+
+
+def _clause(rng: random.Random, adverbials: bool) -> List[str]:
+    """A sentence as its parts [subject, present-tense verb, complement, place, time] ('' for
+    none), to be rendered in either tense."""
+    verb, complement = _verb_and_complement(rng)
+    place = rng.choice(_PLACES) if adverbials and rng.random() < 0.5 else ""
+    time = rng.choice(_TIMES) if adverbials and rng.random() < 0.3 else ""
+    return [_noun_phrase(rng, _NOUNS), verb, complement, place, time]
+
+
+def _render(parts: Sequence[str], past: bool) -> str:
+    subject, verb, *rest = parts
+    text = " ".join(p for p in (subject, PAST_TENSE[verb] if past else verb, *rest) if p)
     return text[0].upper() + text[1:] + "."
 
 
 def _pretrain_document(rng: random.Random) -> str:
-    return " ".join(_sentence(rng) for _ in range(rng.randint(1, 4)))
+    """A story: 2-5 sentences, all in the present or all in the past tense."""
+    past = rng.random() < 0.5
+    return " ".join(_render(_clause(rng, adverbials=True), past)
+                    for _ in range(rng.randint(2, 5)))
 
 
-def _finetune_document(rng: random.Random) -> str:
-    lines = []
+def task_line(parts: Sequence[str]) -> str:
+    """One fine-tuning line: the sentence, the separator, its verb in the past tense."""
+    return f"{_render(parts, past=False)}{TASK_SEPARATOR} {PAST_TENSE[parts[1]]}"
+
+
+def split_task_line(line: str) -> Tuple[str, str]:
+    """(prompt, expected answer) of a fine-tuning line: ("S ->", " <verb in the past tense>")."""
+    cut = line.index(TASK_SEPARATOR) + len(TASK_SEPARATOR)
+    return line[:cut], line[cut:]
+
+
+def _task_document(rng: random.Random, exclude=frozenset()) -> str:
+    """1-4 task lines; sentences whose prompt is in ``exclude`` (the held-out ones) are skipped."""
+    lines: List[str] = []
     for _ in range(rng.randint(1, 4)):
-        a, b = rng.randint(0, FINETUNE_MAX_OPERAND), rng.randint(0, FINETUNE_MAX_OPERAND)
-        lines.append(f"add {a} and {b} -> {a + b}")
+        line = task_line(_clause(rng, adverbials=False))
+        while split_task_line(line)[0] in exclude:
+            line = task_line(_clause(rng, adverbials=False))
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -472,32 +507,37 @@ def make_demo_corpora(
     out_dir,
     *,
     seed: int = 0,
-    pretrain_docs: int = 2000,
-    finetune_docs: int = 2000,
+    pretrain_docs: int = 5000,
+    finetune_docs: int = 5000,
     heldout_docs: int = 200,
 ) -> Dict[str, str]:
     """Write ``pretrain.jsonl``, ``finetune.jsonl`` and ``finetune_heldout.jsonl`` into
     ``out_dir``; the same arguments always give the same bytes. Returns name -> path.
 
-    pretrain: 1-4 sentences of a small English-like grammar per document. finetune and
-    finetune_heldout: 1-4 lines ``add A and B -> A+B`` (0 <= A, B <= FINETUNE_MAX_OPERAND) per
-    document, drawn from independent random streams.
+    pretrain: a story of 2-5 sentences of a small English-like grammar per document, all in the
+    present or all in the past tense. finetune and finetune_heldout: 1-4 lines
+    ``<present-tense sentence> -> <its verb in the past tense>`` per document, from independent
+    random streams; no fine-tuning line has the prompt of a held-out line.
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    plan = {
-        "pretrain": (pretrain_docs, _pretrain_document),
-        "finetune": (finetune_docs, _finetune_document),
-        "finetune_heldout": (heldout_docs, _finetune_document),
-    }
-    paths = {}
-    for name in DEMO_CORPORA:
-        count, make_document = plan[name]
+
+    def documents(name, count, make_document):
         # string seeds are hashed deterministically (not by PYTHONHASHSEED)
         rng = random.Random(f"megatron_lora-demo-{name}-{seed}")
-        lines = [json.dumps({"text": make_document(rng)}) + "\n" for _ in range(int(count))]
+        return [make_document(rng) for _ in range(int(count))]
+
+    texts = {"pretrain": documents("pretrain", pretrain_docs, _pretrain_document),
+             "finetune_heldout": documents("finetune_heldout", heldout_docs, _task_document)}
+    heldout_prompts = frozenset(split_task_line(line)[0] for text in texts["finetune_heldout"]
+                                for line in text.split("\n"))
+    texts["finetune"] = documents("finetune", finetune_docs,
+                                  lambda rng: _task_document(rng, exclude=heldout_prompts))
+    paths = {}
+    for name in DEMO_CORPORA:
         paths[name] = os.path.join(out_dir, f"{name}.jsonl")
-        _write_if_changed(paths[name], "".join(lines))
+        _write_if_changed(paths[name], "".join(json.dumps({"text": text}) + "\n"
+                                               for text in texts[name]))
     return paths
 
 

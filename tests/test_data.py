@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from megatron_lora.data import (
+    DEMO_CORPORA,
+    PAST_TENSE,
+    TASK_SEPARATOR,
     ByteTokenizer,
-    FINETUNE_MAX_OPERAND,
     TOKENIZER_NAME,
     build_gpt_datasets,
     get_tokenizer,
@@ -21,6 +23,7 @@ from megatron_lora.data import (
     make_demo_data,
     micro_batches,
     preprocess_jsonl,
+    split_task_line,
 )
 
 SEQ = 32
@@ -277,10 +280,14 @@ def test_datasets_built_on_two_gloo_ranks_agree(corpus, tmp_path):
 
 # --- demo data and command line --------------------------------------------------------------
 
-EQUATION = re.compile(r"add (\d+) and (\d+) -> (\d+)")
+TASK_LINE = re.compile(r"([A-Z][a-z ]+)\. -> ([a-z]+)")
 
 
-def test_demo_corpora_deterministic_and_finetune_pattern_is_new(tmp_path):
+def corpus_texts(path):
+    return [json.loads(line)["text"] for line in Path(path).read_text().splitlines()]
+
+
+def test_demo_corpora_deterministic_and_sized(tmp_path):
     sizes = dict(pretrain_docs=300, finetune_docs=300, heldout_docs=50)
     first = make_demo_corpora(tmp_path / "a", **sizes)
     second = make_demo_corpora(tmp_path / "b", **sizes)
@@ -288,19 +295,51 @@ def test_demo_corpora_deterministic_and_finetune_pattern_is_new(tmp_path):
     for name in first:
         assert Path(first[name]).read_bytes() == Path(second[name]).read_bytes()
         assert Path(first[name]).read_bytes() != Path(other_seed[name]).read_bytes()
+    assert [len(corpus_texts(first[name])) for name in DEMO_CORPORA] == [300, 300, 50]
 
-    def texts(name):
-        return [json.loads(line)["text"] for line in Path(first[name]).read_text().splitlines()]
 
-    pretrain = "\n".join(texts("pretrain"))
-    assert not re.search(r"\d|->|add", pretrain)
-    finetune, heldout = texts("finetune"), texts("finetune_heldout")
-    assert (len(texts("pretrain")), len(finetune), len(heldout)) == (300, 300, 50)
-    assert finetune != heldout[:50]
-    for document in finetune + heldout:
-        for line in document.split("\n"):
-            a, b, total = map(int, EQUATION.fullmatch(line).groups())
-            assert a + b == total and max(a, b) <= FINETUNE_MAX_OPERAND
+@pytest.fixture(scope="module")
+def demo_corpora(tmp_path_factory):
+    """The demo's own corpora (default sizes): name -> list of document texts."""
+    paths = make_demo_corpora(tmp_path_factory.mktemp("demo"))
+    return {name: corpus_texts(path) for name, path in paths.items()}
+
+
+def test_finetune_lines_give_the_verb_of_the_sentence_in_the_past_tense(demo_corpora):
+    lines = [line for name in ("finetune", "finetune_heldout")
+             for text in demo_corpora[name] for line in text.split("\n")]
+    pairs = set()
+    for line in lines:
+        sentence, answer = TASK_LINE.fullmatch(line).groups()
+        assert split_task_line(line) == (f"{sentence}. ->", f" {answer}")
+        verbs = [word for word in sentence.split() if word in PAST_TENSE]
+        assert len(verbs) == 1 and sentence.split().index(verbs[0]) >= 2, line
+        assert answer == PAST_TENSE[verbs[0]]
+        pairs.add((verbs[0], answer))
+    assert pairs == set(PAST_TENSE.items())  # every verb of the grammar, irregular ones too
+
+
+def test_heldout_prompts_are_not_in_the_finetuning_data(demo_corpora):
+    def prompts(name):
+        return {split_task_line(line)[0] for text in demo_corpora[name]
+                for line in text.split("\n")}
+
+    heldout, finetune = prompts("finetune_heldout"), prompts("finetune")
+    assert len(heldout) > 400 and len(finetune) > 4000
+    assert not heldout & finetune
+
+
+def test_pretraining_never_shows_the_task(demo_corpora):
+    pretrain = demo_corpora["pretrain"]
+    assert not any(TASK_SEPARATOR.strip() in text or "\n" in text for text in pretrain)
+    # each story is in one tense: no present-tense verb stands next to its past
+    present_verbs, past_verbs = set(PAST_TENSE), set(PAST_TENSE.values())
+    past_stories = 0
+    for text in pretrain:
+        words = set(text.replace(".", "").split())
+        assert not (words & present_verbs and words & past_verbs), text
+        past_stories += bool(words & past_verbs)
+    assert len(pretrain) / 3 < past_stories < 2 * len(pretrain) / 3
 
 
 def test_make_demo_data_is_idempotent(tmp_path):
