@@ -65,6 +65,11 @@ def greedy_complete(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     return [tokens[row, int(start[row]):int(lengths[row])].tolist() for row in range(len(prompts))]
 
 
+def answer_line_ends(tokenizer) -> Tuple[int, ...]:
+    """The token ids that end a one-line answer: a newline and the end of the document."""
+    return (tokenizer.eod, *tokenizer.tokenize("\n"))
+
+
 @torch.no_grad()
 def exact_matches(model, tokenizer, examples: Sequence[Tuple[str, str]], batch_size: int = 64,
                   line_ends: Optional[Sequence[int]] = None) -> List[bool]:
@@ -81,7 +86,7 @@ def exact_matches(model, tokenizer, examples: Sequence[Tuple[str, str]], batch_s
     from .gpt import gathered_logits, gpt_forward_inputs
 
     if line_ends is None:
-        line_ends = [tokenizer.eod, *tokenizer.tokenize("\n")]
+        line_ends = answer_line_ends(tokenizer)
     line_ends = torch.tensor(list(line_ends))
     verdicts: List[bool] = []
     was_training = model.training

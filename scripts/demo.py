@@ -68,7 +68,7 @@ def evaluate_at_tp1(base_dir: Path, adapter_dir: Path, examples, shown: int):
     from megatron_lora.checkpoint import load_adapter
     from megatron_lora.config import load_experiment
     from megatron_lora.data import get_tokenizer
-    from megatron_lora.generation import exact_matches, greedy_complete
+    from megatron_lora.generation import answer_line_ends, exact_matches, greedy_complete
     from megatron_lora.gpt import build_gpt_model, initialize_model_parallel
     from megatron_lora.training import initialize_distributed, load_base_weights
 
@@ -84,10 +84,10 @@ def evaluate_at_tp1(base_dir: Path, adapter_dir: Path, examples, shown: int):
     prompts = [tokenizer.tokenize(prompt) for prompt, _ in examples[:shown]]
     # room for the longest answer and more: a wrong answer may be longer
     new_tokens = max(len(tokenizer.tokenize(answer)) for _, answer in examples) + 10
-    line_ends = (tokenizer.eod, *tokenizer.tokenize("\n"))
 
     def evaluate():
-        answers = greedy_complete(model, prompts, new_tokens, stop_tokens=line_ends)
+        answers = greedy_complete(model, prompts, new_tokens,
+                                  stop_tokens=answer_line_ends(tokenizer))
         return (exact_matches(model, tokenizer, examples),
                 [tokenizer.detokenize(answer) for answer in answers])
 
