@@ -122,6 +122,37 @@ def all_reduce_tied_embedding_grads(model) -> None:
                 dist.all_reduce(grad, group=ps.get_embedding_group())
 
 
+def finalize_gradients(model, params, lora: bool, clip_grad: float) -> float:
+    """Everything that happens to gradients between backward and the optimiser step, in
+    megatron's order (``finalize_model_grads`` + DDP's scaling + ``clip_grad_norm_fp32``):
+
+    1. the partial sums: replicated LoRA factors over their TP group (LoRA), or, in full
+       training, parameters marked ``sequence_parallel`` (norms under SP) over TP and tied
+       word embeddings over their two pipeline stages;
+    2. the data-parallel average: dense parameters averaged over DP, expert parameters
+       summed over expert-DP and divided by DP (:func:`average_over_data_parallel`);
+    3. the norm of the TP=1 model's gradient (:func:`grad_norm`, every group a parameter is
+       split or replicated over, replicated ones counted once) and clipping to ``clip_grad``
+       (0 = off).
+
+    Returns the norm before clipping. Collective: every rank of the world calls it.
+    """
+    from megatron.core import parallel_state as ps
+
+    if lora:
+        finalize_lora_grads(model)
+    else:
+        all_reduce_flat([p.grad for p in params if p.grad is not None
+                         and getattr(p, "sequence_parallel", False)],
+                        ps.get_tensor_model_parallel_group())
+        all_reduce_tied_embedding_grads(model)
+    average_over_data_parallel(params)
+    norm = grad_norm(params)
+    if clip_grad > 0:
+        clip_grads_(params, clip_grad, norm)
+    return norm
+
+
 def finalize_model_grads_with_lora(model, *args, **kwargs):
     """megatron-core's ``finalize_model_grads`` followed by :func:`finalize_lora_grads`.
 

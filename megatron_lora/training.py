@@ -4,8 +4,8 @@ over the trainable parameters, the step, evaluation, checkpoint and exact resume
 The loop uses megatron-core for the model, the parallel layout, the forward-backward schedule
 (micro-batches, 1F1B under PP) and indexed datasets, and plain ``torch.optim.AdamW`` for the
 optimiser: with LoRA the trainable state is tiny, so megatron's distributed optimiser buys
-nothing, and a plain optimiser's state is simple to checkpoint bit-exactly. Gradients are made
-exact by hand in one place (:func:`synchronise_gradients`).
+nothing, and a plain optimiser's state is simple to checkpoint bit-exactly. What happens to
+gradients between backward and the step lives in one place, ``grad_sync.finalize_gradients``.
 
 Checkpoints (``--save DIR``):
 
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .arguments import add_lora_args, lora_config_from_args
-from .grad_sync import clip_grads_, grad_norm
+from .grad_sync import finalize_gradients
 
 LATEST = "latest_checkpointed_iteration.txt"
 TRAINER_STATE = "trainer_state.json"
@@ -143,6 +143,33 @@ class TrainingSettings:
                                 f"model/ folder written by pretrain_gpt.py)")
 
 
+# What the loop runs is what tests/test_training.py compares with a one-process run (loss and
+# grad norm per iteration): dense TP + SP, PP (1F1B, tied embeddings), DP; MoE at EP, expert-TP
+# and TP + SP + EP. Anything else is refused before a process starts.
+_UNPROVEN_LAYOUTS = (
+    (lambda m: m.get("virtual_pipeline_model_parallel_size") is not None,
+     "virtual_pipeline_model_parallel_size (interleaved 1F1B): the loop trains one model chunk "
+     "per stage"),
+    (lambda m: any(m.get(k) is not None for k in (
+        "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+        "pipeline_model_parallel_layout")),
+     "uneven pipeline stages (num_layers_in_first/last_pipeline_stage, "
+     "pipeline_model_parallel_layout): not yet compared with a one-process run; split "
+     "num_layers evenly"),
+    (lambda m: m.get("num_moe_experts") and m["pipeline_model_parallel_size"] > 1,
+     "a mixture-of-experts model with pipeline_model_parallel_size > 1: not yet compared with "
+     "a one-process run; use expert or tensor parallelism for MoE"),
+)
+
+
+def check_layout_is_proven(experiment) -> None:
+    """Refuse a layout whose training has not been shown equal to one process (the reason)."""
+    settings = experiment.megatron_config
+    for unproven, reason in _UNPROVEN_LAYOUTS:
+        if unproven(settings):
+            raise TrainingError(f"the training scripts refuse {reason}")
+
+
 def _model_checkpoint_dir(path) -> Optional[Path]:
     path = Path(path)
     for candidate in (path / "model", path):
@@ -219,6 +246,7 @@ def parse_arguments(argv, mode: str):
     except ExperimentConfigError as error:
         raise TrainingError(str(error)) from None
     source = args.config or "the command line"
+    check_layout_is_proven(experiment)
 
     training = TrainingSettings.from_section(dict(experiment.training or {}), source)
     for f in fields(TrainingSettings):
@@ -288,32 +316,6 @@ def initialize_distributed() -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     dist.init_process_group(backend=backend)
-
-
-# --- gradients ---------------------------------------------------------------------------------
-
-
-def synchronise_gradients(model, params: List[torch.nn.Parameter], lora: bool) -> None:
-    """Make every trainable gradient the gradient of the whole global batch at TP=1.
-
-    LoRA: the replicated factors' partial sums over TP (finalize_lora_grads). Full training:
-    parameters marked ``sequence_parallel`` (norms under SP) are partial per TP rank, and
-    tied word embeddings at PP > 1 are summed over their two stages. Then the average over
-    data-parallel replicas (experts over theirs). Each is one flattened collective.
-    """
-    from megatron.core import parallel_state as ps
-
-    from .grad_sync import (all_reduce_flat, all_reduce_tied_embedding_grads,
-                            average_over_data_parallel, finalize_lora_grads)
-
-    if lora:
-        finalize_lora_grads(model)
-    else:
-        all_reduce_flat([p.grad for p in params if p.grad is not None
-                         and getattr(p, "sequence_parallel", False)],
-                        ps.get_tensor_model_parallel_group())
-        all_reduce_tied_embedding_grads(model)
-    average_over_data_parallel(params)
 
 
 def learning_rate(settings: TrainingSettings, iteration: int) -> float:
@@ -392,9 +394,12 @@ def _rank_file(directory: Path) -> Path:
 def _layout() -> dict:
     from megatron.core import parallel_state as ps
 
+    # every size that decides which shard of parameters and optimiser state a rank holds
     return {"world_size": dist.get_world_size(),
             "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
-            "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size()}
+            "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+            "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+            "expert_tensor_parallel_size": ps.get_expert_tensor_parallel_world_size()}
 
 
 def save_checkpoint(trainer: "Trainer", iteration: int) -> Path:
@@ -648,10 +653,8 @@ class Trainer:
             batches = self._batches(self.train_data, self.consumed_samples, self.num_micro_batches)
             loss = run_micro_batches(self.model, batches, settings, self.experiment,
                                      forward_only=False)
-            synchronise_gradients(self.model, self.params, self.lora is not None)
-            norm = grad_norm(self.params)
-            if settings.clip_grad > 0:
-                clip_grads_(self.params, settings.clip_grad, norm)
+            norm = finalize_gradients(self.model, self.params, self.lora is not None,
+                                      settings.clip_grad)
             self.optimizer.step()
             self.iteration += 1
             self.consumed_samples += self.global_batch

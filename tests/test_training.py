@@ -293,22 +293,78 @@ def test_tied_embedding_pretraining_at_pp2_matches_tp2_sp_and_loads_at_pp1(demo_
     assert _held_out(loaded, "before") == pytest.approx(_held_out(pp2_output, "after"), rel=1e-5)
 
 
-def test_alltoall_moe_finetune_at_ep2_matches_one_process(config, demo_data, tmp_path):
-    """A 4-expert MoE with the alltoall dispatcher: EP=2 (experts split over the two
-    data-parallel ranks, whose tokens the dispatcher exchanges) gives the one-process loss
-    curve; expert gradients are averaged like megatron's DDP averages them."""
-    runs = {}
-    for name, world, ep in (("ep1", 1, 1), ("ep2", 2, 2)):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(dict(TINY, megatron_config=dict(
-            TINY["megatron_config"], tensor_model_parallel_size=1, sequence_parallel=False,
-            num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
-            expert_model_parallel_size=ep))))
-        runs[name] = tmp_path / name
-        result = torchrun("finetune_gpt.py", *finetune_flags(path, demo_data, runs[name], 4),
-                          nproc=world)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert _losses(runs["ep2"]) == pytest.approx(_losses(runs["ep1"]), rel=1e-4)
+# --- script-level parity: every layout the loop runs gives the one-process run's numbers ----------
+
+MOE = dict(num_moe_experts=4, moe_router_topk=2)
+ALLTOALL = dict(MOE, moe_token_dispatcher_type="alltoall")
+TIED = dict(untie_embeddings_and_output_weights=False)
+TP2_SP = dict(tensor_model_parallel_size=2, sequence_parallel=True)
+# name -> (mode, model settings, ranks, layout settings); each is compared with the same mode
+# and model settings in one process. Clipping is active on every step (norms > clip_grad).
+SCRIPT_LAYOUTS = {
+    "ep2-allgather": ("finetune", MOE, 2, dict(expert_model_parallel_size=2)),
+    "ep2-alltoall": ("finetune", ALLTOALL, 2, dict(expert_model_parallel_size=2)),
+    "tp2-sp-etp2": ("finetune", MOE, 2, TP2_SP),
+    "tp2-sp-ep2-etp2": ("finetune", MOE, 4, dict(TP2_SP, expert_model_parallel_size=2)),
+    "tp2-sp-ep2-etp1": ("finetune", ALLTOALL, 2, dict(TP2_SP, expert_model_parallel_size=2,
+                                                      expert_tensor_parallel_size=1)),
+    "pretrain-ep2": ("pretrain", MOE, 2, dict(expert_model_parallel_size=2)),
+    "pretrain-tied-pp2": ("pretrain", TIED, 2, dict(pipeline_model_parallel_size=2)),
+}
+CLIP = {"finetune": 0.25, "pretrain": 1.0}
+
+
+def _metrics(save):
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    return [(r["loss"], r["grad_norm"]) for r in records if "loss" in r]
+
+
+def _script_run(mode, settings, world, data, save):
+    config = save.with_suffix(".yaml")
+    megatron = dict(TINY["megatron_config"], tensor_model_parallel_size=1,
+                    sequence_parallel=False)
+    megatron.update(settings)
+    experiment = {"megatron_config": megatron,
+                  "training": dict(TINY["training"], clip_grad=CLIP[mode])}
+    if mode == "finetune":
+        experiment["lora"] = TINY["lora"]
+    config.write_text(yaml.safe_dump(experiment))
+    corpus = "finetune" if mode == "finetune" else "pretrain"
+    result = torchrun(f"{mode}_gpt.py", "--config", config,
+                      "--data-path", data / f"{corpus}_text_document", "--train-iters", 5,
+                      "--save", save, nproc=world)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return _metrics(save)
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(demo_data, tmp_path_factory):
+    """The reference of each (mode, model settings), run once in one process."""
+    cache = {}
+
+    def get(mode, settings):
+        key = (mode, json.dumps(settings, sort_keys=True))
+        if key not in cache:
+            save = tmp_path_factory.mktemp("one_process") / "run"
+            cache[key] = _script_run(mode, settings, 1, demo_data, save)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(SCRIPT_LAYOUTS))
+def test_layout_gives_the_one_process_loss_and_grad_norm(name, demo_data, tmp_path,
+                                                         one_process_runs):
+    """The loop's gradient handling (grad_sync.finalize_gradients) under each parallel layout:
+    per iteration, loss and grad norm (with clipping active) equal the one-process run's."""
+    mode, settings, world, layout = SCRIPT_LAYOUTS[name]
+    reference = one_process_runs(mode, settings)
+    other = _script_run(mode, dict(settings, **layout), world, demo_data, tmp_path / name)
+    assert len(other) == len(reference) == 5
+    assert all(norm > CLIP[mode] for _, norm in reference)  # clipping acted on every step
+    for (loss, norm), (ref_loss, ref_norm) in zip(other, reference):
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert norm == pytest.approx(ref_norm, rel=1e-5)
 
 
 def test_bf16_run_keeps_the_factors_in_fp32(config, demo_data, tmp_path):
