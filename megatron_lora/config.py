@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Union
 
@@ -23,6 +24,13 @@ def _as_name_list(field_name: str, value) -> Optional[List[str]]:
         raise _invalid(field_name, value, "expected a module name, or a list of non-empty names")
     if not value:
         raise _invalid(field_name, value, "expected at least one module name (or None)")
+    for pattern in value:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as error:
+                raise _invalid(field_name, value, f"{pattern!r} is not a valid regular "
+                                                  f"expression ({error})") from None
     return list(value)
 
 

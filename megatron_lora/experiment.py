@@ -82,6 +82,10 @@ _POSITIVE_KEYS = (
     "rotary_base",
 )
 
+# Sizes past int32 are typos (an extra digit, 1e26): no model dimension comes near it, and torch
+# fails deep inside a kernel instead of naming the key.
+_LARGEST_SIZE = 2**31 - 1
+
 # Keys users will try that YAML does not take, with what to write instead.
 _REDIRECTS = {
     "activation_func": "use `activation: swiglu` (or gelu, silu, relu, squared_relu)",
@@ -200,6 +204,12 @@ def _describe(hint) -> str:
     )
 
 
+def checked_value(name: str, value, hint):
+    """``value`` in its canonical form if it is of type ``hint``, else an ExperimentConfigError
+    naming ``name``, the value and what is valid (the schema check every YAML section uses)."""
+    return _checked(name, value, hint)
+
+
 def _checked(name: str, value, hint):
     try:
         return _coerce(value, hint)
@@ -298,7 +308,11 @@ def _parse_yaml(text: str, what: str):
     try:
         return yaml.load(text, Loader=_Loader)  # safe: _Loader builds plain data only
     except yaml.YAMLError as error:
-        raise ExperimentConfigError(f"{what} is not valid YAML: {error}") from None
+        # one line: the problem and where, not PyYAML's multi-line excerpt
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ExperimentConfigError(f"{what} is not valid YAML{where}: {problem}") from None
 
 
 # ---------------------------------------------------------------- the config
@@ -450,6 +464,10 @@ def _validate_megatron(section) -> dict:
     for key in _POSITIVE_KEYS:
         if values.get(key) is not None and values[key] <= 0:
             raise ExperimentConfigError(f"megatron_config.{key} must be > 0, got {values[key]}")
+        if values.get(key) is not None and values[key] > _LARGEST_SIZE:
+            raise ExperimentConfigError(
+                f"megatron_config.{key} must be at most {_LARGEST_SIZE} (2**31 - 1), got "
+                f"{values[key]}")
     if "seed" in values and values["seed"] < 0:
         raise ExperimentConfigError(f"megatron_config.seed must be >= 0, got {values['seed']}")
     if "rotary_percent" in values and not 0.0 < values["rotary_percent"] <= 1.0:
@@ -617,8 +635,13 @@ def load_experiment(
         if source is not None:
             if not os.path.isfile(source):
                 raise ExperimentConfigError("the file does not exist")
-            with open(source, encoding="utf-8") as handle:
-                data = _parse_yaml(handle.read(), "the file")
+            try:
+                with open(source, encoding="utf-8") as handle:
+                    text = handle.read()
+            except UnicodeDecodeError as error:
+                raise ExperimentConfigError(f"the file is not a YAML text file ({error})") \
+                    from None
+            data = _parse_yaml(text, "the file")
             if data is None:
                 raise ExperimentConfigError("the file is empty; it needs a megatron_config section")
         else:

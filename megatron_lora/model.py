@@ -26,6 +26,7 @@ import torch.distributed as dist
 from .config import LoraConfig
 from .dispatch import SUPPORTED_LAYERS, dispatch_megatron
 from .layer import LoraParallelLinear
+from .parallel import ParallelLayout
 
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
@@ -306,6 +307,24 @@ def apply_lora(
         if any(name_matches(p, item[0]) for p in targets)
         and not any(name_matches(p, item[0]) for p in excludes)
     ]
+    if _sum_over_world([len(selected)])[0] == 0:
+        raise ValueError(
+            f"LoRA exclude_modules {excludes} remove every layer target_modules {targets} select: "
+            f"the adapter would adapt nothing and train nothing"
+        )
+    too_small = [
+        (name, min(layout.in_features, layout.out_features))
+        for name, _, _, module in selected
+        for layout in [module.layout if isinstance(module, LoraParallelLinear)
+                       else ParallelLayout(module)]
+        if config.r > min(layout.in_features, layout.out_features)
+    ]
+    if _sum_over_world([len(too_small)])[0]:  # every rank raises, not only the ones that saw it
+        example = f" ({too_small[0][0]} allows {too_small[0][1]})" if too_small else ""
+        raise ValueError(
+            f"LoRA r={config.r} is larger than min(in_features, out_features) of a targeted "
+            f"layer{example}: such a rank adds parameters and no capacity"
+        )
     clashes = [
         name for name, _, _, module in selected
         if isinstance(module, LoraParallelLinear) and adapter_name in module.lora_A

@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import List, Optional
@@ -39,6 +40,12 @@ from .grad_sync import finalize_gradients
 
 LATEST = "latest_checkpointed_iteration.txt"
 TRAINER_STATE = "trainer_state.json"
+METRICS = "metrics.jsonl"
+# beside a full-training dist-checkpoint's metadata.json: the model it holds, so a later run
+# is checked against it before any model is built
+MODEL_DESCRIPTION = "model_description.json"
+# what these scripts write into --save; a directory holding anything else is not theirs
+_RUN_ENTRIES = (LATEST, METRICS, "tensorboard", "loss_curve.png", "adapter", "model")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
 
@@ -63,6 +70,10 @@ _MODEL_FLAGS = {
 }
 
 
+# settings a YAML file must not carry into every later run: a flag each time it is meant
+_FLAG_ONLY = {"overwrite", "allow_longer_sequences"}
+
+
 @dataclass
 class TrainingSettings:
     """The loop's settings (YAML ``training:`` section, overridden by flags)."""
@@ -82,6 +93,8 @@ class TrainingSettings:
     save: Optional[str] = None
     load: Optional[str] = None
     pretrained_checkpoint: Optional[str] = None
+    overwrite: bool = False
+    allow_longer_sequences: bool = False
     save_interval: Optional[int] = None
     eval_interval: Optional[int] = None
     eval_iters: int = 10
@@ -93,13 +106,21 @@ class TrainingSettings:
     def from_section(cls, section: dict, source: str) -> "TrainingSettings":
         import difflib
 
-        known = {f.name for f in fields(cls)}
-        for key in section:
+        from .experiment import ExperimentConfigError, checked_value
+
+        known = {f.name for f in fields(cls)} - _FLAG_ONLY
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for key, value in section.items():
             if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(known)}"
                 raise TrainingError(f"{source}: training.{key} is not a known key{hint}")
-        return cls(**section)
+            try:
+                values[key] = checked_value(f"training.{key}", value, hints[key])
+            except ExperimentConfigError as error:
+                raise TrainingError(f"{source}: {error}") from None
+        return cls(**values)
 
     def check(self, mode: str) -> None:
         def positive(name):
@@ -141,6 +162,93 @@ class TrainingSettings:
             raise TrainingError(f"--pretrained-checkpoint {self.pretrained_checkpoint} holds no "
                                 f"megatron dist-checkpoint (expected a metadata.json, or a "
                                 f"model/ folder written by pretrain_gpt.py)")
+        if self.load:
+            _latest_iteration_directory(self.load)
+        if self.save:
+            check_save_directory(self)
+
+
+# --- where a run writes: never over another run, the base or a file by surprise ------------------
+
+
+def _is_run_entry(name: str) -> bool:
+    return name in _RUN_ENTRIES or (name.startswith("iter_") and name[5:].isdigit())
+
+
+def _inside(path: Path, other: Path) -> bool:
+    """Whether ``path`` is ``other`` or lies under it (both resolved)."""
+    return path == other or other in path.parents
+
+
+def check_save_directory(settings: "TrainingSettings") -> None:
+    """--save must be a new or empty directory, this run's own (resumed with --load of it), or
+    replaced on purpose (--overwrite); never the base checkpoint; writable. No side effects."""
+    save = Path(settings.save)
+    target = save.resolve()
+    if settings.pretrained_checkpoint:
+        base = Path(settings.pretrained_checkpoint).resolve()
+        if _inside(target, base) or _inside(base, target):
+            raise TrainingError(
+                f"--save {settings.save} overlaps --pretrained-checkpoint "
+                f"{settings.pretrained_checkpoint}: the base checkpoint is never written to; "
+                f"save to another directory")
+    if save.exists() and not save.is_dir():
+        raise TrainingError(f"--save {settings.save} is a file, not a directory")
+    entries = sorted(p.name for p in save.iterdir()) if save.is_dir() else []
+    if entries:
+        foreign = [name for name in entries if not _is_run_entry(name)]
+        if foreign:
+            raise TrainingError(
+                f"--save {settings.save} holds files that are not a run of these scripts "
+                f"({', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}); choose a new or "
+                f"empty directory")
+        resuming = settings.load and Path(settings.load).resolve() == target
+        if not resuming and not settings.overwrite:
+            marker = save / LATEST
+            where = f" (at iteration {marker.read_text().strip()})" if marker.is_file() else ""
+            raise TrainingError(
+                f"--save {settings.save} holds another run{where}; resume it with --load "
+                f"{settings.save}, or replace it with --overwrite")
+    existing = save
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainingError(f"--save {settings.save} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainingError(f"--save {settings.save} cannot be written: {existing} is not "
+                            f"writable by this user")
+
+
+def clear_previous_run(save: Path) -> None:
+    """--overwrite: remove what an earlier run wrote into --save (only the scripts' own
+    entries; check_save_directory refused anything else). Rank 0, before anything is written."""
+    import shutil
+
+    if not save.is_dir():
+        return
+    for entry in save.iterdir():
+        if _is_run_entry(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _latest_iteration_directory(load) -> Path:
+    """The iteration directory --load resumes from, checked to hold a complete save."""
+    marker = Path(load) / LATEST
+    if not marker.is_file():
+        raise TrainingError(f"--load {load} is not a checkpoint directory of these scripts: "
+                            f"{LATEST} is missing")
+    text = marker.read_text(errors="replace").strip()
+    if not text.isdigit():
+        raise TrainingError(f"--load {load}: {marker} holds {text[:40]!r}, not an iteration "
+                            f"number")
+    directory = Path(load) / f"iter_{int(text):07d}"
+    if not (directory / TRAINER_STATE).is_file():
+        raise TrainingError(f"--load {load}: {LATEST} points at iteration {int(text)}, but "
+                            f"{directory / TRAINER_STATE} does not exist")
+    return directory
 
 
 # What the loop runs is what tests/test_training.py compares with a one-process run (loss and
@@ -178,15 +286,70 @@ def _model_checkpoint_dir(path) -> Optional[Path]:
     return None
 
 
+# the megatron_config keys that decide a base checkpoint's tensors (and what it was trained on)
+_DESCRIBED_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                   "num_query_groups", "kv_channels", "vocab_size", "num_moe_experts",
+                   "moe_ffn_hidden_size", "activation", "normalization", "add_bias_linear",
+                   "untie_embeddings_and_output_weights", "position_embedding_type",
+                   "rotary_base", "rotary_percent", "seq_length")
+
+
+def describe_model(experiment) -> dict:
+    return {key: experiment.megatron_config.get(key) for key in _DESCRIBED_KEYS}
+
+
+def check_base_fits(experiment, settings: "TrainingSettings") -> None:
+    """The model of --pretrained-checkpoint (its model_description.json, written by
+    pretrain_gpt.py) against this run's, before any model is built. A longer --seq-length than
+    the base was trained with is refused unless --allow-longer-sequences: positions it never
+    saw (RoPE) give a model that runs but is not the one the user meant."""
+    directory = _model_checkpoint_dir(settings.pretrained_checkpoint)
+    path = directory / MODEL_DESCRIPTION
+    if not path.is_file():
+        return  # a checkpoint from elsewhere: its shapes are checked when it is loaded
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise TrainingError(f"--pretrained-checkpoint: {path} is damaged ({error})") from None
+    ours = describe_model(experiment)
+    differing = [f"{key}: checkpoint {saved[key]!r}, this run {ours[key]!r}"
+                 for key in _DESCRIBED_KEYS if key != "seq_length" and key in saved
+                 and saved[key] != ours[key]]
+    if differing:
+        raise TrainingError(f"--pretrained-checkpoint {settings.pretrained_checkpoint} holds "
+                            f"another model ({'; '.join(differing)}); {path}")
+    trained, asked = saved.get("seq_length"), ours["seq_length"]
+    if isinstance(trained, int) and asked > trained:
+        if ours["position_embedding_type"] == "learned_absolute":
+            raise TrainingError(f"--seq-length {asked} is longer than the {trained} positions "
+                                f"the base's learned position embeddings have")
+        if not settings.allow_longer_sequences:
+            raise TrainingError(f"--seq-length {asked} is longer than the base was trained with "
+                                f"({trained}, {path}); pass --allow-longer-sequences to run "
+                                f"positions the base never saw")
+
+
 def load_base_weights(model, path) -> None:
     """Base weights from a megatron dist-checkpoint (pretrain_gpt.py's --save, or its model/),
     at any TP/PP layout. Collective."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
 
     directory = _model_checkpoint_dir(path)
     if directory is None:
         raise TrainingError(f"{path} holds no megatron dist-checkpoint (no metadata.json)")
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(directory)))
+    try:
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(directory)))
+    except (CheckpointingException, CheckpointException) as error:
+        # a key or shape this model does not have; torch's exception carries megatron's as
+        # the last line of each failed rank's traceback
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        cause = next((line.split("Exception: ", 1)[1] for line in reversed(lines)
+                      if "CheckpointingException: " in line), lines[0] if lines else "")
+        raise TrainingError(f"{directory} does not fit this model: {cause[:300]}") from None
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
@@ -218,6 +381,10 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     loop.add_argument("--split", default=None, help="train,valid,test weights, e.g. 98,2,0")
     loop.add_argument("--save", default=None)
     loop.add_argument("--load", default=None, help="resume from a --save directory")
+    loop.add_argument("--overwrite", action="store_true", default=None,
+                      help="let --save replace the run already in that directory")
+    loop.add_argument("--allow-longer-sequences", action="store_true", default=None,
+                      help="allow a --seq-length longer than --pretrained-checkpoint's")
     loop.add_argument("--pretrained-checkpoint", default=None,
                       help="base weights: a dist-checkpoint (e.g. pretrain_gpt.py's --save)")
     loop.add_argument("--tokenizer", default=None, help="tokenizer name (built in: byte)")
@@ -260,6 +427,8 @@ def parse_arguments(argv, mode: str):
             value = value[0]
         setattr(training, f.name, value)
     training.check(mode)
+    if training.pretrained_checkpoint:
+        check_base_fits(experiment, training)
 
     # the YAML's lora: section is the starting point only when the file has one
     yaml_lora = experiment.lora if args.config and _has_section(args.config, "lora") else None
@@ -442,16 +611,47 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def load_checkpoint(trainer: "Trainer") -> None:
-    """Resume exactly: weights, optimiser state, RNG states, iteration and data position."""
+def _raise_on_every_rank(problem: Optional[str]) -> None:
+    """Collective: if any rank found a problem, every rank raises it (the first one), so no
+    rank walks on into a collective the others left."""
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)  # our own ranks' strings, not file contents
+    first = next((p for p in problems if p), None)
+    if first:
+        raise TrainingError(first)
+
+
+def _read_rank_state(load, directory: Path) -> dict:
+    """This rank's optimiser and RNG state; a damaged file is an error on every rank."""
     from safetensors.torch import load_file
 
+    path, state, problem = _rank_file(directory), None, None
+    try:
+        state = load_file(str(path))
+        if "rng.torch" not in state:
+            problem = f"--load {load}: {path} holds no RNG state (not written by these scripts)"
+    except FileNotFoundError:
+        problem = f"--load {load}: {path} is missing (the save did not finish on every rank)"
+    except Exception as error:  # safetensors' own error type for a truncated/corrupt file
+        problem = (f"--load {load}: {path} cannot be read ({str(error).splitlines()[0]}); the "
+                   f"checkpoint is damaged: resume from an earlier iteration")
+    _raise_on_every_rank(problem)
+    return state
+
+
+def load_checkpoint(trainer: "Trainer") -> None:
+    """Resume exactly: weights, optimiser state, RNG states, iteration and data position."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     load = Path(trainer.settings.load)
-    iteration = int((load / LATEST).read_text().strip())
-    directory = load / f"iter_{iteration:07d}"
-    info = json.loads((directory / TRAINER_STATE).read_text())
+    directory = _latest_iteration_directory(load)
+    iteration = int(directory.name[len("iter_"):])
+    try:
+        info = json.loads((directory / TRAINER_STATE).read_text())
+        info["layout"], info["lora"], info["consumed_samples"]  # noqa: B018 (presence)
+    except (ValueError, KeyError, TypeError) as error:
+        raise TrainingError(f"--load {load}: {directory / TRAINER_STATE} is damaged ({error})") \
+            from None
     if info["layout"] != _layout():
         raise TrainingError(
             f"--load {load}: saved with layout {info['layout']}, this run has {_layout()}; exact "
@@ -460,8 +660,8 @@ def load_checkpoint(trainer: "Trainer") -> None:
     if info["lora"] != (trainer.lora is not None):
         raise TrainingError(f"--load {load}: a {'LoRA' if info['lora'] else 'full'} training "
                             f"checkpoint cannot resume a {'LoRA' if trainer.lora else 'full'} run")
+    state = _read_rank_state(load, directory)
     trainer.load_weights(directory)
-    state = load_file(str(_rank_file(directory)))
     torch.set_rng_state(state["rng.torch"])
     tracker = get_cuda_rng_tracker()
     tracker.set_states({k[len("rng.tracker."):]: v for k, v in state.items()
@@ -480,26 +680,43 @@ def load_checkpoint(trainer: "Trainer") -> None:
 
 
 class MetricsLog:
-    """Rank 0: metrics.jsonl, TensorBoard events and, at the end, loss_curve.png."""
+    """Rank 0: metrics.jsonl, TensorBoard events and, at the end, loss_curve.png.
 
-    def __init__(self, directory: Optional[str]):
+    A run resumed at iteration N continues the log of iterations up to N: the records a killed
+    run wrote past N are dropped from metrics.jsonl (rewritten atomically) and hidden from
+    TensorBoard (its ``purge_step``), since the resumed run writes those iterations again.
+    """
+
+    def __init__(self, directory: Optional[str], resumed_at: int = 0):
         self.directory = Path(directory) if directory and dist.get_rank() == 0 else None
         self.records: List[dict] = []
         self.writer = None
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / METRICS
+        if resumed_at and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short when the run was killed
+                    continue
+                if isinstance(record, dict) and record.get("iteration", 0) <= resumed_at:
+                    self.records.append(record)
+        _write_atomically(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.directory / "tensorboard"))
-            except ImportError:  # tensorboard is an optional extra
-                self.writer = None
+            self.writer = SummaryWriter(str(self.directory / "tensorboard"),
+                                        purge_step=resumed_at + 1 if resumed_at else None)
+        except ImportError:  # tensorboard is an optional extra
+            self.writer = None
 
     def log(self, record: dict) -> None:
         if self.directory is None:
             return
         self.records.append(record)
-        with open(self.directory / "metrics.jsonl", "a") as handle:
+        with open(self.directory / METRICS, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
@@ -602,6 +819,10 @@ class Trainer:
             (directory / "model").mkdir(parents=True, exist_ok=True)
             dist.barrier()
             save_dist_checkpoint(self.model.sharded_state_dict(), directory / "model")
+            if dist.get_rank() == 0:
+                _write_atomically(directory / "model" / MODEL_DESCRIPTION,
+                                  json.dumps(describe_model(self.experiment), indent=2))
+            dist.barrier()
 
     def load_weights(self, directory: Path) -> None:
         if self.lora is not None:
@@ -635,7 +856,7 @@ class Trainer:
     # the loop -------------------------------------------------------------------------------
     def train(self) -> dict:
         settings = self.settings
-        metrics = MetricsLog(settings.save)
+        metrics = MetricsLog(settings.save, resumed_at=self.iteration)
         before = self.evaluate() if self.iteration == 0 else None
         if before is not None:
             _print0(f"held-out loss before training: {before:.4f}")
@@ -721,6 +942,9 @@ def main(argv=None, mode: str = "finetune") -> int:
     initialize_distributed()
     try:
         trainer = Trainer(experiment, settings, lora, args)
+        if settings.overwrite and not settings.load and dist.get_rank() == 0:
+            clear_previous_run(Path(settings.save))
+        dist.barrier()
         if settings.load:
             load_checkpoint(trainer)
             _print0(f"resumed from {settings.load} at iteration {trainer.iteration}")

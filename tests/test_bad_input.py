@@ -52,8 +52,9 @@ def given(saved_adapters, tmp_path_factory):
 
 
 def _hashes(directory: Path) -> dict:
+    """Every file's sha256 and every directory under ``directory`` (an empty one made counts)."""
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+            if p.is_file() else "directory" for p in sorted(directory.rglob("*"))}
 
 
 def _run(program: str, argv) -> int:
