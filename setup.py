@@ -26,7 +26,9 @@ setup(
     entry_points={"console_scripts": ["megatron-lora=megatron_lora.cli:main"]},
     extras_require={
         # transformers + peft: the interop tests check exports against the real libraries
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "peft>=0.13"],
+        # tensorboard: the resume test reads the events back
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "peft>=0.13",
+                 "tensorboard>=2.14"],
         "peft": ["transformers>=4.45", "peft>=0.13"],
         "te": ["transformer-engine[pytorch]"],
     },

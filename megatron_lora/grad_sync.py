@@ -135,7 +135,8 @@ def finalize_gradients(model, params, lora: bool, clip_grad: float) -> float:
        split or replicated over, replicated ones counted once) and clipping to ``clip_grad``
        (0 = off).
 
-    Returns the norm before clipping. Collective: every rank of the world calls it.
+    Returns the norm before clipping. Collective: every rank of the world calls it. The rules
+    and what is proven: docs/gradients.md.
     """
     from megatron.core import parallel_state as ps
 

@@ -113,6 +113,13 @@ class LoraParallelLinear(torch.nn.Module):
                 f"adapter_name={adapter_name!r} is invalid: expected a non-empty name without '.'"
             )
         layout = self.layout
+        if config.r > min(layout.in_features, layout.out_features):
+            raise ValueError(
+                f"LoRA r={config.r} is larger than {self.module_name or 'this layer'} allows: "
+                f"min(in_features, out_features) = "
+                f"{min(layout.in_features, layout.out_features)}; a larger rank adds parameters "
+                f"and no capacity"
+            )
         full_a, full_b = full_lora_factors(
             config, self.module_name, adapter_name, layout.in_features, layout.out_features
         )

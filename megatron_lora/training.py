@@ -360,6 +360,9 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                     f"megatron-core GPT (launch with torchrun; CPU gloo or GPU nccl).")
     parser.add_argument("--config", help="YAML experiment (megatron_config / lora / training); "
                                          "flags override its values")
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="start this many workers on this machine (torchrun --standalone), "
+                             "after checking every input once here; leave it out under torchrun")
     model = parser.add_argument_group("model and layout")
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers",
                  "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
@@ -927,14 +930,57 @@ def _progress_bar(settings: TrainingSettings, start: int):
                 file=sys.stdout)
 
 
+def _under_a_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ  # torchrun, or srun through scripts/slurm
+
+
+def launch_workers(argv: List[str], nproc: int, mode: str) -> int:
+    """--nproc-per-node N: the inputs were checked here, in one process; now torchrun starts
+    the N workers on this machine with the same arguments (less this flag). Its exit code."""
+    import subprocess
+
+    script = Path(sys.argv[0]).resolve()
+    if script.name != f"{mode}_gpt.py":
+        raise TrainingError(f"--nproc-per-node launches scripts/{mode}_gpt.py itself; from "
+                            f"{script.name} start the workers with torchrun")
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc-per-node":
+            skip = True
+        elif not item.startswith("--nproc-per-node="):
+            rest.append(item)
+    # OMP_NUM_THREADS set here keeps torchrun from printing its advice about it
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nproc), str(script), *rest]
+    code = subprocess.run(command, env=env).returncode
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
+
+
 def main(argv=None, mode: str = "finetune") -> int:
-    """The scripts' entry point: exit code 0, or 2 with a one-line error and nothing written."""
+    """The scripts' entry point: exit code 0, or 2 with a one-line error and nothing written.
+
+    Under torchrun every rank checks the inputs and rank 0 prints the error; with
+    --nproc-per-node N (no launcher) they are checked once, before any worker starts.
+    """
     name = f"{mode}_gpt.py"
+    argv = list(sys.argv[1:] if argv is None else argv)
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         experiment, settings, lora, args = parse_arguments(argv, mode)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        launching = args.nproc_per_node is not None
+        if launching and _under_a_launcher():
+            raise TrainingError(f"--nproc-per-node {args.nproc_per_node} starts the workers "
+                                f"itself; under torchrun or srun leave it out")
+        if launching and args.nproc_per_node < 1:
+            raise TrainingError(f"--nproc-per-node {args.nproc_per_node} is invalid: expected "
+                                f"a positive number of processes")
+        world = args.nproc_per_node if launching else int(os.environ.get("WORLD_SIZE", "1"))
         experiment.check_world_size(world)
+        if launching:
+            return launch_workers(argv, args.nproc_per_node, mode)
     except ValueError as error:
         if rank0:
             print(f"{name}: error: {error}", file=sys.stderr, flush=True)

@@ -125,6 +125,41 @@ def test_bad_input_is_one_line_and_writes_nothing(case, config, demo_data, tmp_p
     assert not save.exists()
 
 
+def _script(script, *flags, timeout=300):
+    """A script run as a user runs it, in its own session (ended with its workers on a
+    timeout)."""
+    command = [sys.executable, str(ROOT / "scripts" / script), *map(str, flags)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_nproc_per_node_checks_the_inputs_once_then_starts_the_workers(config, demo_data,
+                                                                        tmp_path):
+    """`python scripts/finetune_gpt.py --nproc-per-node 2 ...`: a bad input is the one line
+    and exit code 2 with no worker started (nothing else on stderr); good input trains."""
+    bad = _script("finetune_gpt.py", *finetune_flags(config, demo_data, tmp_path / "bad", 2),
+                  "--nproc-per-node", 3)  # TP=2 does not divide 3 workers
+    assert bad.returncode == 2
+    lines = [line for line in bad.stderr.splitlines()
+             if line.strip() and "No CUDA runtime is found" not in line]  # torch's own log line
+    assert len(lines) == 1, bad.stderr
+    assert lines[0].startswith("finetune_gpt.py: error: ") and \
+        "does not divide the world size 3" in lines[0], lines[0]
+    assert not (tmp_path / "bad").exists()
+    good = _script("finetune_gpt.py", *finetune_flags(config, demo_data, tmp_path / "good", 2),
+                   "--nproc-per-node", 2)
+    assert good.returncode == 0, good.stdout[-2000:] + good.stderr[-2000:]
+    assert len(_losses(tmp_path / "good")) == 2
+
+
 # --- a real run ------------------------------------------------------------------------------------
 
 
@@ -195,6 +230,10 @@ def test_killed_run_resumes_bit_identically(config, demo_data, tmp_path):
     resumed_from = int(latest.read_text())
     assert resumed_from < int(iters)
 
+    # a rank killed at once usually stops rank 0 before it logs past the checkpoint; a record
+    # it did log, as a slower kill would leave it, must not survive the resume
+    with open(save / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"iteration": resumed_from + 1, "loss": -1.0}) + "\n")
     resumed = torchrun("finetune_gpt.py", *finetune_flags(config, demo_data, save, iters,
                                                           "--save-interval", interval,
                                                           "--load", save))
@@ -204,6 +243,19 @@ def test_killed_run_resumes_bit_identically(config, demo_data, tmp_path):
     assert expected.keys() == actual.keys()
     for key in expected:
         assert (expected[key] == actual[key]).all(), key  # bit-identical
+    # the log holds each iteration once: the killed run's records past the resume point are
+    # gone, and the resumed run's equal the uninterrupted run's
+    def logged(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["iteration"], r["loss"]) for r in records if "loss" in r]
+
+    assert logged(save) == logged(tmp_path / "straight")
+    assert [iteration for iteration, _ in logged(save)] == list(range(1, int(iters) + 1))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(save / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == list(range(1, int(iters) + 1))
 
 
 def test_a_failing_checkpoint_writer_ends_the_job_with_its_cause(config, demo_data, tmp_path):
