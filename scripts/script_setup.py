@@ -5,9 +5,14 @@ megatron-core announces its fallbacks (no TransformerEngine / Apex) on every imp
 its deprecations on every call; expected here, they would bury the progress output.
 """
 
+import logging
 import sys
 import warnings
 from pathlib import Path
+
+# torch's CUDA build logs "No CUDA runtime is found" when megatron-core imports it on a machine
+# without a GPU: set before torch is imported, so a bad input's one line stays the only line
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
