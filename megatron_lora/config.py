@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Union
 
@@ -10,8 +11,12 @@ INIT_CHOICES = (True, False, "kaiming", "gaussian", "xavier")
 LORA_DTYPE_CHOICES = (None, "float32", "bfloat16", "float16", "float64")
 
 
-def _invalid(field_name: str, value, valid: str) -> ValueError:
-    return ValueError(f"LoraConfig.{field_name}={value!r} is invalid: {valid}")
+class LoraConfigError(ValueError):
+    """A LoraConfig field with a value it cannot take (the message names the field and value)."""
+
+
+def _invalid(field_name: str, value, valid: str) -> LoraConfigError:
+    return LoraConfigError(f"LoraConfig.{field_name}={value!r} is invalid: {valid}")
 
 
 def _as_name_list(field_name: str, value) -> Optional[List[str]]:
@@ -23,6 +28,13 @@ def _as_name_list(field_name: str, value) -> Optional[List[str]]:
         raise _invalid(field_name, value, "expected a module name, or a list of non-empty names")
     if not value:
         raise _invalid(field_name, value, "expected at least one module name (or None)")
+    for name in value:  # a bad regex fails here, not later while matching module names
+        if name.startswith("re:"):
+            try:
+                re.compile(name[3:])
+            except re.error as error:
+                raise _invalid(field_name, value, f"{name!r} is not a valid regular expression "
+                                                  f"({error})") from None
     return list(value)
 
 
