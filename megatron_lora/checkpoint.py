@@ -275,7 +275,9 @@ def adapter_directory_files(tensors: Dict[str, torch.Tensor], lora_config: dict,
 def save_adapter(model: ModelLike, path, adapter_name: str = "default",
                  *, extra_metadata: Optional[dict] = None) -> Optional[Path]:
     """Save one adapter as a consolidated, layout-free directory. Collective: call on every
-    rank; global rank 0 writes. Returns the path on rank 0, None elsewhere."""
+    rank; global rank 0 writes. Returns the path on rank 0, None elsewhere. An adapter
+    directory already at ``path`` is replaced atomically (periodic saves rely on it); a
+    directory holding other files is refused (see write_directory_atomically)."""
     lora_config = shared_lora_config(model, adapter_name)
     tensors = _collect_on_rank0(adapter_tensors(model, adapter_name))
     if _distributed() and dist.get_rank() != 0:

@@ -18,7 +18,6 @@ must agree with the tensors (rank, modules, base-model sizes). When stdout is cl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

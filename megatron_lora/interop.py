@@ -207,7 +207,9 @@ def peft_adapter_files(tensors: Dict[str, torch.Tensor], lora: LoraConfig, shape
 
 def export_peft(model: ModelLike, path, adapter_name: str = "default") -> Optional[Path]:
     """Write ``adapter_name`` as a Hugging Face PEFT LoRA adapter for the equivalent
-    transformers Llama model (any TP/PP layout; collective; rank 0 writes)."""
+    transformers Llama model (any TP/PP layout; collective; rank 0 writes). Like save_adapter,
+    it replaces an adapter directory already at ``path`` atomically and refuses one holding
+    other files (a PEFT model card, say); the CLI asks for --overwrite first."""
     shape = _model_shape(model)
     lora = LoraConfig(**shared_lora_config(model, adapter_name))
     tensors = _collect_on_rank0(adapter_tensors(model, adapter_name))

@@ -45,6 +45,32 @@ def _edited_tensors(source, workdir, name, edit):
     return target
 
 
+def _retensored_adapter(edit):
+    """export-peft of the adapter with edited tensors and a matching sha256 (what a buggy
+    writer, not a damaged copy, would leave)."""
+    def make(w, g):
+        import hashlib
+
+        adapter = _edited_tensors(g.adapter, w, "edited", edit)
+        config_path = adapter / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["weights_sha256"] = hashlib.sha256(
+            (adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+        config_path.write_text(json.dumps(config))
+        return ["export-peft", adapter, w / "out"]
+    return make
+
+
+def _base_weight_in_adapter(tensors):
+    tensors["decoder.layers.0.mlp.linear_fc1.weight"] = \
+        tensors["decoder.layers.0.mlp.linear_fc1.lora_A.weight"].clone()
+
+
+def _ranks_differ(tensors):
+    key = "decoder.layers.2.mlp.linear_fc2.lora_B.weight"
+    tensors[key] = tensors[key][:, :2].contiguous()
+
+
 def _lora(**fields):
     def edit(config):
         config["lora_config"].update(fields)
@@ -246,6 +272,15 @@ ROWS = [
              "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight has shape [32, 4]"),
     BadInput("cli_import_fewer_layers", "cli", _other_model(num_layers=2),
              "other.yaml: num_layers is 2 there, but the adapter has layer 3"),
+    BadInput("cli_import_query_groups_do_not_fit_tp", "cli", _other_model(num_query_groups=3),
+             "other.yaml: megatron_config: num_query_groups (3) is not divisible"),
+    BadInput("cli_import_like_a_peft_adapter", "cli",
+             lambda w, g: ["import-peft", g.peft, w / "out", "--like", g.peft],
+             "peft/adapter_config.json is not a megatron_lora adapter config"),
+    BadInput("cli_export_base_weight_key", "cli", _retensored_adapter(_base_weight_in_adapter),
+             "unexpected key 'decoder.layers.0.mlp.linear_fc1.weight'"),
+    BadInput("cli_export_factor_ranks_differ", "cli", _retensored_adapter(_ranks_differ),
+             "decoder.layers.2.mlp.linear_fc2: lora_A is [4, 96] and lora_B is [64, 2]"),
     BadInput("cli_import_missing_config", "cli",
              lambda w, g: ["import-peft", g.peft, w / "out", "--config", w / "absent.yaml"],
              "absent.yaml: the file does not exist"),
