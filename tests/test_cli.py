@@ -64,7 +64,7 @@ def test_errors_are_one_line_with_exit_code_2(saved_adapters, saved, tmp_path, c
 def test_console_command_runs_without_warnings(saved_adapters, saved):
     result = subprocess.run([sys.executable, "-m", "megatron_lora", "inspect",
                              str(saved_adapters[0] / "random")], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=300)  # imports are slow on a loaded machine
     assert result.returncode == 0, result.stderr
     assert "megatron_lora adapter" in result.stdout
     assert result.stderr == ""  # no megatron / torch import-time notices
@@ -77,7 +77,7 @@ def test_a_closed_pipe_ends_quietly_with_141(saved_adapters, saved):
                                stderr=subprocess.PIPE)
     process.stdout.close()  # the reader is gone long before the imports finish
     err = process.stderr.read().decode()
-    assert process.wait(timeout=120) == 141, err
+    assert process.wait(timeout=300) == 141, err
     assert err == ""
 
 
