@@ -22,6 +22,7 @@ def _invalid(field_name: str, value, valid: str) -> LoraConfigError:
 def _as_name_list(field_name: str, value) -> Optional[List[str]]:
     if value is None:
         return None
+    given = value  # errors name what the user wrote
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
@@ -33,7 +34,7 @@ def _as_name_list(field_name: str, value) -> Optional[List[str]]:
             try:
                 re.compile(name[3:])
             except re.error as error:
-                raise _invalid(field_name, value, f"{name!r} is not a valid regular expression "
+                raise _invalid(field_name, given, f"{name!r} is not a valid regular expression "
                                                   f"({error})") from None
     return list(value)
 
