@@ -1,46 +1,45 @@
-"""LoRA adapters for megatron-core models split by tensor and sequence parallelism."""
+"""LoRA adapters for megatron-core models split by tensor and sequence parallelism.
 
-from .config import LoraConfig
-from .dispatch import dispatch_megatron
-from .grad_sync import (
-    clip_lora_grads_,
-    finalize_lora_grads,
-    finalize_model_grads_with_lora,
-    lora_grad_norm,
-)
-from .layer import LoraParallelLinear
-from .model import (
-    LoraReport,
-    active_adapters,
-    adapter_names,
-    apply_lora,
-    delete_adapter,
-    disable_adapters,
-    merge_adapter,
-    merge_and_unload,
-    set_adapter,
-    unmerge_adapter,
-)
-from .parallel import ParallelLayoutError
+The public names resolve on first use (PEP 562), so ``import megatron_lora.cli`` does not
+import megatron-core before the command line has silenced its import-time warnings.
+"""
 
-__all__ = [
-    "LoraConfig",
-    "LoraReport",
-    "active_adapters",
-    "adapter_names",
-    "apply_lora",
-    "clip_lora_grads_",
-    "delete_adapter",
-    "disable_adapters",
-    "lora_grad_norm",
-    "merge_adapter",
-    "merge_and_unload",
-    "set_adapter",
-    "unmerge_adapter",
-    "LoraParallelLinear",
-    "ParallelLayoutError",
-    "dispatch_megatron",
-    "finalize_lora_grads",
-    "finalize_model_grads_with_lora",
-]
+from importlib import import_module
+
+_HOMES = {
+    "LoraConfig": "config",
+    "LoraConfigError": "config",
+    "dispatch_megatron": "dispatch",
+    "clip_lora_grads_": "grad_sync",
+    "finalize_lora_grads": "grad_sync",
+    "finalize_model_grads_with_lora": "grad_sync",
+    "lora_grad_norm": "grad_sync",
+    "LoraParallelLinear": "layer",
+    "LoraReport": "model",
+    "active_adapters": "model",
+    "adapter_names": "model",
+    "apply_lora": "model",
+    "delete_adapter": "model",
+    "disable_adapters": "model",
+    "merge_adapter": "model",
+    "merge_and_unload": "model",
+    "set_adapter": "model",
+    "unmerge_adapter": "model",
+    "ParallelLayoutError": "parallel",
+}
+
+__all__ = sorted(_HOMES)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{home}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOMES))

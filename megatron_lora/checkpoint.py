@@ -15,7 +15,9 @@ import ctypes
 import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -273,7 +275,9 @@ def adapter_directory_files(tensors: Dict[str, torch.Tensor], lora_config: dict,
 def save_adapter(model: ModelLike, path, adapter_name: str = "default",
                  *, extra_metadata: Optional[dict] = None) -> Optional[Path]:
     """Save one adapter as a consolidated, layout-free directory. Collective: call on every
-    rank; global rank 0 writes. Returns the path on rank 0, None elsewhere."""
+    rank; global rank 0 writes. Returns the path on rank 0, None elsewhere. An adapter
+    directory already at ``path`` is replaced atomically (periodic saves rely on it); a
+    directory holding other files is refused (see write_directory_atomically)."""
     lora_config = shared_lora_config(model, adapter_name)
     tensors = _collect_on_rank0(adapter_tensors(model, adapter_name))
     if _distributed() and dist.get_rank() != 0:
@@ -351,15 +355,170 @@ def read_adapter(path) -> AdapterFile:
     except Exception as error:  # safetensors raises its own error types for bad headers
         raise AdapterCheckpointError(f"{weights_path} cannot be read as safetensors: {error}") \
             from None
+    check_config_against_tensors(config, lora_config, factor_pairs(shapes, dtypes, weights_path),
+                                 config_path)
     return AdapterFile(path, config, lora_config, shapes, dtypes)
+
+
+# --- the tensors are the truth: adapter_config.json must describe them -----------------------
+
+_LAYER_INDEX = re.compile(r"decoder\.layers\.(\d+)\.")
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+_HIDDEN_IN = ("linear_qkv", "linear_fc1", "output_layer")  # A: [r, hidden_size]
+_HIDDEN_OUT = ("linear_proj", "linear_fc2")  # B: [hidden_size, r]
+
+
+def _few(names, count: int = 3) -> str:
+    """A few names, then how many more: for one-line messages."""
+    names = sorted(names)
+    more = f" and {len(names) - count} more" if len(names) > count else ""
+    return ", ".join(names[:count]) + more
+
+
+def factor_pairs(shapes: Dict[str, Tuple[int, ...]], dtypes: Dict[str, str],
+                 weights_path: Path) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+    """{module: (A shape, B shape)}: every key a 2-D floating-point factor with its partner
+    of the same rank, else AdapterCheckpointError naming the key."""
+    by_module: Dict[str, Dict[str, Tuple[int, ...]]] = {}
+    for key, shape in sorted(shapes.items()):
+        suffix = next((s for s in FACTOR_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            raise AdapterCheckpointError(f"{weights_path}: unexpected key {key!r}: adapter keys end "
+                                         f"in .lora_A.weight or .lora_B.weight")
+        if dtypes[key] not in _FLOAT_DTYPES:
+            raise AdapterCheckpointError(f"{weights_path}: {key}: dtype {dtypes[key]} is not a "
+                                         f"floating-point factor dtype ({', '.join(_FLOAT_DTYPES)})")
+        if len(shape) != 2:
+            raise AdapterCheckpointError(f"{weights_path}: {key} has shape {list(shape)}; a factor "
+                                         f"is a matrix")
+        by_module.setdefault(key[: -len(suffix)], {})[suffix] = shape
+    pairs = {}
+    for module, factors in by_module.items():
+        for suffix in FACTOR_SUFFIXES:
+            if suffix not in factors:
+                raise AdapterCheckpointError(f"{weights_path}: missing key {module + suffix!r} "
+                                             f"(its partner factor is in the file)")
+        shape_a, shape_b = factors[FACTOR_SUFFIXES[0]], factors[FACTOR_SUFFIXES[1]]
+        if shape_a[0] != shape_b[1]:
+            raise AdapterCheckpointError(
+                f"{weights_path}: {module}: lora_A is {list(shape_a)} and lora_B is "
+                f"{list(shape_b)}; A's rows and B's columns are the rank and must be equal")
+        pairs[module] = (shape_a, shape_b)
+    return pairs
+
+
+def _base_value(base: dict, field: str, config_path: Path, kind=int):
+    value = base.get(field)
+    if value is None:
+        return None
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise AdapterCheckpointError(f"{config_path}: base_model.{field} is {value!r}; expected a "
+                                     f"positive integer")
+    if kind is bool and not isinstance(value, bool):
+        raise AdapterCheckpointError(f"{config_path}: base_model.{field} is {value!r}; expected "
+                                     f"true or false")
+    return value
+
+
+def _layer_agnostic(lora: LoraConfig) -> bool:
+    """Targets that select the same modules in every layer (then each layer is in the file)."""
+    from .model import DEFAULT_TARGETS
+
+    targets = lora.target_modules or list(DEFAULT_TARGETS)
+    return lora.exclude_modules is None and not any(
+        t.startswith("re:") or any(c in t for c in "*?[") or "layers" in t for t in targets)
+
+
+def check_config_against_tensors(config: dict, lora: LoraConfig, pairs, config_path: Path) -> None:
+    """adapter_config.json's rank, module list and base-model description against the
+    safetensors header (``pairs`` from :func:`factor_pairs`; the weights' sha256 does not
+    cover the JSON, so it is checked here): AdapterCheckpointError naming the file, the field
+    and both values."""
+
+    def disagree(field, claimed, actual, module, shape):
+        return AdapterCheckpointError(f"{config_path}: {field} is {claimed!r}, but the tensors say "
+                                      f"{actual!r} ({module} has shape {list(shape)})")
+
+    for module, (shape_a, _) in sorted(pairs.items()):
+        if shape_a[0] != lora.r:
+            raise disagree("lora_config.r", lora.r, shape_a[0], module + FACTOR_SUFFIXES[0], shape_a)
+    listed = config.get("modules")
+    if not isinstance(listed, list) or not all(isinstance(m, str) for m in listed):
+        raise AdapterCheckpointError(f"{config_path}: modules is {str(listed)[:60]!r}; expected "
+                                     f"the list of adapted module names")
+    if set(listed) != set(pairs):
+        unlisted, absent = set(pairs) - set(listed), set(listed) - set(pairs)
+        raise AdapterCheckpointError(
+            f"{config_path}: modules does not match the tensors: "
+            + "; ".join(part for part in (
+                f"listed without tensors: {_few(absent)}" if absent else "",
+                f"tensors not listed: {_few(unlisted)}" if unlisted else "") if part))
+
+    base = config.get("base_model", {})
+    if not isinstance(base, dict):
+        raise AdapterCheckpointError(f"{config_path}: base_model is {str(base)[:60]!r}; expected "
+                                     f"an object of base-model sizes")
+    hidden = _base_value(base, "hidden_size", config_path)
+    heads = _base_value(base, "num_attention_heads", config_path)
+    groups = _base_value(base, "num_query_groups", config_path) or heads
+    head_dim = _base_value(base, "kv_channels", config_path)
+    ffn = _base_value(base, "ffn_hidden_size", config_path)
+    glu = _base_value(base, "gated_linear_unit", config_path, bool)
+    vocab = _base_value(base, "vocab_size", config_path)
+    num_layers = _base_value(base, "num_layers", config_path)
+    if heads and groups and heads % groups:
+        raise AdapterCheckpointError(
+            f"{config_path}: base_model.num_attention_heads {heads} is not a multiple of "
+            f"base_model.num_query_groups {groups}; query groups must divide the heads")
+    if head_dim is None and heads and hidden:
+        head_dim = hidden // heads if hidden % heads == 0 else None
+    for module, (shape_a, shape_b) in sorted(pairs.items()):
+        leaf = module.rsplit(".", 1)[-1]
+        key_a, key_b = module + FACTOR_SUFFIXES[0], module + FACTOR_SUFFIXES[1]
+        if hidden and leaf in _HIDDEN_IN and shape_a[1] != hidden:
+            raise disagree("base_model.hidden_size", hidden, shape_a[1], key_a, shape_a)
+        if hidden and leaf in _HIDDEN_OUT and shape_b[0] != hidden:
+            raise disagree("base_model.hidden_size", hidden, shape_b[0], key_b, shape_b)
+        if leaf == "linear_qkv" and heads and head_dim and \
+                shape_b[0] != (heads + 2 * groups) * head_dim:
+            raise AdapterCheckpointError(
+                f"{config_path}: base_model heads ({heads} attention heads, {groups} query groups, "
+                f"{head_dim} channels each) give {(heads + 2 * groups) * head_dim} qkv rows, but "
+                f"{key_b} has shape {list(shape_b)}")
+        if leaf == "linear_proj" and heads and head_dim and shape_a[1] != heads * head_dim:
+            raise disagree("base_model.num_attention_heads × kv_channels", heads * head_dim,
+                           shape_a[1], key_a, shape_a)
+        if re.fullmatch(r"decoder\.layers\.\d+\.mlp\.linear_fc[12]", module) and ffn:
+            if leaf == "linear_fc2" and shape_a[1] != ffn:
+                raise disagree("base_model.ffn_hidden_size", ffn, shape_a[1], key_a, shape_a)
+            halves = 2 if glu else 1  # SwiGLU's fc1 B holds gate and up: 2 × ffn rows
+            if leaf == "linear_fc1" and shape_b[0] != ffn * halves:
+                raise disagree("base_model.ffn_hidden_size", ffn, shape_b[0] / halves
+                               if shape_b[0] % halves else shape_b[0] // halves, key_b, shape_b)
+        if module == "output_layer" and vocab and shape_b[0] != vocab:
+            raise disagree("base_model.vocab_size", vocab, shape_b[0], key_b, shape_b)
+    layers = {int(m.group(1)) for m in map(_LAYER_INDEX.match, pairs) if m}
+    if num_layers and layers:
+        if max(layers) >= num_layers:
+            raise AdapterCheckpointError(
+                f"{config_path}: base_model.num_layers is {num_layers}, but the tensors hold "
+                f"layer {max(layers)} (layers 0-{max(layers)})")
+        if _layer_agnostic(lora) and len(layers) != num_layers:
+            raise AdapterCheckpointError(
+                f"{config_path}: base_model.num_layers is {num_layers}, but the tensors hold "
+                f"{len(layers)} layers, and target_modules {lora.target_modules} select modules "
+                f"in every layer")
 
 
 def _expected_full_shapes(layout: ParallelLayout, r: int):
     return (r, layout.in_features), (layout.out_features, r)
 
 
-def _validate_against_model(model, adapter: AdapterFile, adapter_name: str) -> Tuple[List[str], dict]:
-    """This rank's problems, and {module name: module} of the file's modules found here."""
+def _validate_against_model(model, adapter: AdapterFile, adapter_name: str):
+    """This rank's view of the file against the model: (problems, {file module: module here},
+    file modules here that are not LoRA-wrapped under ``adapter_name`` although the model has
+    that adapter, modules here wrapped under ``adapter_name`` that the file has no factors for).
+    """
     problems: List[str] = []
     saved_base = adapter.config.get("base_model", {})
     ours = describe_base_model(model)
@@ -368,46 +527,37 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str) -> T
     if differing:
         details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in sorted(differing.items()))
         problems.append(f"the adapter was trained for another base model ({details})")
-        return problems, {}
+        return problems, {}, [], []
 
-    by_module: Dict[str, Dict[str, Tuple[int, ...]]] = {}
-    for key, shape in adapter.shapes.items():
-        suffix = next((s for s in FACTOR_SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            problems.append(f"unexpected key {key!r}: adapter keys end in .lora_A.weight or "
-                            f".lora_B.weight")
-            continue
-        by_module.setdefault(key[: -len(suffix)], {})[suffix] = shape
-    for key, dtype in adapter.dtypes.items():
-        if dtype not in ("F32", "F16", "BF16", "F64"):
-            problems.append(f"{key}: dtype {dtype} is not a floating-point factor dtype")
-
+    pairs = factor_pairs(adapter.shapes, adapter.dtypes, adapter.path / WEIGHTS_NAME)
     modules = {name: module for name, _, _, module in _adaptable_modules(model)}
-    found = {}
+    model_has_adapter = adapter_name in adapter_names(model)
+
+    def wrapped(module):
+        return hasattr(module, "lora_A") and adapter_name in module.lora_A
+
+    found, not_wrapped = {}, []
     r = adapter.lora_config.r
-    for module_name, factors in sorted(by_module.items()):
-        for suffix in FACTOR_SUFFIXES:
-            if suffix not in factors:
-                problems.append(f"missing key {module_name + suffix!r} (its partner factor is in "
-                                f"the file)")
+    for module_name, shapes in sorted(pairs.items()):
         module = modules.get(module_name)
-        if module is None or len(factors) != 2:
+        if module is None:
+            continue
+        if model_has_adapter and not wrapped(module):
+            not_wrapped.append(module_name)
             continue
         layout = module.layout if hasattr(module, "layout") else ParallelLayout(
             module, packed_gate_up=_is_packed_gate_up(module_name, module))
-        if hasattr(module, "lora_A") and adapter_name in module.lora_A and \
-                module.lora_configs[adapter_name].r != r:
+        if wrapped(module) and module.lora_configs[adapter_name].r != r:
             problems.append(f"{module_name}: the model's adapter {adapter_name!r} has rank "
                             f"{module.lora_configs[adapter_name].r}, the file has rank {r}")
-        expected_a, expected_b = _expected_full_shapes(layout, r)
-        for suffix, expected in zip(FACTOR_SUFFIXES, (expected_a, expected_b)):
-            actual = factors[suffix]
+        for suffix, actual, expected in zip(FACTOR_SUFFIXES, shapes,
+                                            _expected_full_shapes(layout, r)):
             split_dim = None
             if layout.kind == COLUMN and suffix == FACTOR_SUFFIXES[1]:
                 split_dim, parts = 0, layout.world_size * (2 if layout.packed_gate_up else 1)
             elif layout.kind != COLUMN and suffix == FACTOR_SUFFIXES[0]:
                 split_dim, parts = 1, layout.world_size
-            if split_dim is not None and len(actual) == 2 and actual[split_dim] % parts:
+            if split_dim is not None and actual[split_dim] % parts:
                 problems.append(
                     f"{module_name + suffix}: dimension {split_dim} of shape {list(actual)} cannot "
                     f"be split evenly over tensor-parallel size {layout.world_size}"
@@ -422,31 +572,52 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str) -> T
     for name in modules:
         targeted = any(name_matches(p, name) for p in targets) and not any(
             name_matches(p, name) for p in excludes)
-        if targeted and name not in by_module:
+        if targeted and name not in pairs and not model_has_adapter:
             problems.append(f"missing key {name + FACTOR_SUFFIXES[0]!r}: the adapter's "
                             f"target_modules select {name}, but the file has no factors for it")
-    return problems, found
+    unfilled = sorted(name for name, module in modules.items()
+                      if wrapped(module) and name not in pairs) if model_has_adapter else []
+    return problems, found, not_wrapped, unfilled
 
 
-def _agree_on_problems(problems: List[str], missing_here: List[str], existing: List[str]) -> None:
-    """Raise on every rank if any rank found a problem (so no rank applies anything).
+def _agree_on_problems(path, problems: List[str], missing_here: List[str], existing: List[str],
+                       not_wrapped: List[str], unfilled: List[str], adapter_name: str,
+                       allow_subset: bool) -> List[str]:
+    """Raise on every rank if any rank found a problem (so no rank applies anything); else
+    return the model's modules under ``adapter_name`` that keep their factors (the file has
+    none for them; only with ``allow_subset``).
 
     ``missing_here``: the file's modules this rank does not have; those missing on every rank
     are extra keys.
     """
     message = "; ".join(problems[:8]) + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
-    messages = [m.decode() for m in _all_gather_bytes(message.encode())]
-    missing_sets = [set(json.loads(m)) for m in _all_gather_bytes(json.dumps(missing_here).encode())]
-    message = next((m for m in messages if m), "")
-    extra = sorted(set.intersection(*missing_sets))
+    views = [json.loads(v) for v in _all_gather_bytes(json.dumps(
+        [message, missing_here, not_wrapped, unfilled]).encode())]
+    message = next((m for m, *_ in views if m), "")
+    extra = sorted(set.intersection(*(set(v[1]) for v in views)))
+    not_wrapped = sorted(set().union(*(v[2] for v in views)))
+    unfilled = sorted(set().union(*(v[3] for v in views)))
     if not message and extra:
         from .model import _name_shapes
 
         keys = [name + suffix for name in extra for suffix in FACTOR_SUFFIXES]
         message = (f"extra key(s) {keys[:4]}{' …' if len(keys) > 4 else ''}: no layer of this "
                    f"model has that name (layers that exist: {_name_shapes(existing)})")
+    if not message and (not_wrapped or (unfilled and not allow_subset)):
+        parts = []
+        if not_wrapped:
+            parts.append(f"{len(not_wrapped)} module(s) in the file are not adapted by the "
+                         f"model's adapter {adapter_name!r}: {_few(not_wrapped)}")
+        if unfilled:
+            parts.append(f"{len(unfilled)} module(s) adapted by the model's adapter "
+                         f"{adapter_name!r} have no factors in the file: {_few(unfilled)}")
+        message = ("the file and the model's adapter cover different modules: "
+                   + "; ".join(parts)
+                   + ("" if not_wrapped else "; pass allow_subset=True to load the file's modules "
+                                             "and keep the others' current factors"))
     if message:
-        raise AdapterCheckpointError(message)
+        raise AdapterCheckpointError(f"{path}: {message}")
+    return unfilled
 
 
 # --- load ----------------------------------------------------------------------------------
@@ -475,22 +646,27 @@ def _local_slices(handle, key_a, key_b, layer) -> Tuple[torch.Tensor, torch.Tens
 
 
 def load_adapter(model: ModelLike, path, adapter_name: Optional[str] = None,
-                 *, verbose: bool = False) -> str:
+                 *, verbose: bool = False, allow_subset: bool = False) -> str:
     """Load a saved adapter into ``model`` at its current layout; returns the adapter name.
 
     Collective: call on every rank. Everything is validated on every rank first; on any
     problem every rank raises AdapterCheckpointError and no parameter has changed. A new
-    adapter name is added (and made active) through apply_lora; an existing one is
-    overwritten in place.
+    adapter name is added (and made active) through apply_lora, covering the file's modules;
+    an existing one is overwritten in place, and then the file must cover exactly the modules
+    that adapter adapts. ``allow_subset=True`` lets the file cover only some of them: those
+    keep their current factors, and rank 0 logs which (a warning of the
+    ``megatron_lora.checkpoint`` logger). A module in the file that the existing adapter does
+    not adapt is always an error.
     """
     from safetensors import safe_open
 
     adapter = read_adapter(path)
     name = adapter_name or adapter.config.get("adapter_name") or "default"
-    problems, found = _validate_against_model(model, adapter, name)
+    problems, found, not_wrapped, unfilled = _validate_against_model(model, adapter, name)
     in_file = {k.rsplit(".lora_", 1)[0] for k in adapter.shapes}
     existing = [module_name for module_name, *_ in _adaptable_modules(model)]
-    _agree_on_problems(problems, sorted(in_file - set(existing)), existing)
+    kept = _agree_on_problems(adapter.path, problems, sorted(in_file - set(existing)), existing,
+                              not_wrapped, unfilled, name, allow_subset)
 
     if name not in adapter_names(model):
         config = replace(adapter.lora_config, target_modules=sorted(adapter.config["modules"]),
@@ -507,9 +683,11 @@ def load_adapter(model: ModelLike, path, adapter_name: Optional[str] = None,
                                                module_name + FACTOR_SUFFIXES[1], layer)
             layer.lora_A[name].weight.copy_(weight_a)
             layer.lora_B[name].weight.copy_(weight_b)
+    if kept and (not _distributed() or dist.get_rank() == 0):
+        logging.getLogger(__name__).warning(
+            "%s loaded into adapter %r for %d module(s); %d module(s) keep their current factors: "
+            "%s", adapter.path, name, len(in_file), len(kept), _few(kept, 8))
     return name
-
-
 
 
 # --- megatron dist-checkpointing -------------------------------------------------------------

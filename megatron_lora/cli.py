@@ -1,19 +1,58 @@
 """``megatron-lora``: look into adapters and convert them, without a model or a GPU.
 
     megatron-lora inspect ADAPTER_DIR
-    megatron-lora export-peft ADAPTER_DIR OUT_DIR
+    megatron-lora export-peft ADAPTER_DIR OUT_DIR [--overwrite]
     megatron-lora import-peft PEFT_DIR OUT_DIR (--config EXPERIMENT.yaml | --like ADAPTER_DIR)
+                              [--overwrite]
 
 Every error is one line on stderr naming the problem, with exit code 2; nothing is written
-unless the whole conversion succeeded (the output directory is swapped in atomically).
+unless the whole conversion succeeded (the output directory is swapped in atomically). An
+OUT_DIR that is an existing file or a non-empty directory is refused unless --overwrite is
+given; with it, an adapter directory there is replaced atomically (a directory holding other
+files is still refused). Adapters are checked before anything is done: adapter_config.json
+must agree with the tensors (rank, modules, base-model sizes). When stdout is closed early
+(``megatron-lora inspect X | head -3``) the command stops without a message and exits with
+141 (128 + SIGPIPE), the status a shell reports for a program ended by a closed pipe.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_CLOSED_PIPE = 128 + 13  # SIGPIPE
+
+
+def _user_errors() -> tuple:
+    """The package's own error classes: their message is the whole story (anything else is a
+    bug and keeps its traceback)."""
+    from .checkpoint import AdapterCheckpointError
+    from .config import LoraConfigError
+    from .experiment import ExperimentConfigError
+    from .interop import InteropError
+
+    return AdapterCheckpointError, InteropError, ExperimentConfigError, LoraConfigError
+
+
+def _import_quietly() -> None:
+    """Import megatron-core (through this package's modules) with its import-time notices
+    silenced: the 'Transformer Engine and Apex are not installed' UserWarnings and torch's
+    'No CUDA runtime is found' log line say nothing about a conversion on the CPU."""
+    cpp_extension = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_extension.level
+    cpp_extension.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not "
+                                                      "installed", category=UserWarning)
+            from . import checkpoint, experiment, interop  # noqa: F401
+    finally:
+        cpp_extension.setLevel(level)
 
 
 def _human_bytes(count: int) -> str:
@@ -36,14 +75,13 @@ def _print_keys(shapes, dtypes, out) -> int:
 
 
 def inspect(path: Path, out=None) -> None:
-    from .checkpoint import CONFIG_NAME, FORMAT, WEIGHTS_NAME, read_adapter
+    from .checkpoint import FORMAT, WEIGHTS_NAME, read_adapter, read_adapter_json
 
     out = out or sys.stdout
-    config_file = path / CONFIG_NAME
-    raw = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else 0
+    raw, _, _ = read_adapter_json(path, "an adapter directory")
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     if raw.get("format") == FORMAT or not raw.get("peft_type"):
-        adapter = read_adapter(path)  # validates the checksum and header
+        adapter = read_adapter(path)  # validates the checksum, the header and the JSON
         lora = adapter.lora_config
         print(f"{path}: megatron_lora adapter, format version {adapter.config['format_version']}, "
               f"adapter {adapter.config.get('adapter_name')!r}", file=out)
@@ -60,7 +98,7 @@ def inspect(path: Path, out=None) -> None:
 
         from .interop import read_peft
 
-        config, _ = read_peft(path)
+        config, _ = read_peft(path)  # validates r, target_modules and the factor pairs
         print(f"{path}: Hugging Face PEFT {config['peft_type']} adapter, r={config.get('r')} "
               f"lora_alpha={config.get('lora_alpha')} targets={config.get('target_modules')}",
               file=out)
@@ -72,6 +110,24 @@ def inspect(path: Path, out=None) -> None:
     print(f"  {total:,} parameters, {_human_bytes(size)} on disk", file=out)
 
 
+def check_output(out_dir: Path, source: Path, overwrite: bool) -> None:
+    """Refuse an OUT_DIR that would lose something: the input itself, or (without
+    --overwrite) an existing file or non-empty directory."""
+    from .checkpoint import AdapterCheckpointError
+
+    if out_dir.exists() and source.exists() and os.path.samefile(out_dir, source):
+        raise AdapterCheckpointError(f"{out_dir} is the input directory; write the output "
+                                     f"elsewhere")
+    if overwrite or not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    if not out_dir.is_dir():
+        raise AdapterCheckpointError(f"{out_dir} exists and is not a directory; choose a new "
+                                     f"output directory")
+    if any(out_dir.iterdir()):
+        raise AdapterCheckpointError(f"{out_dir} already exists and is not empty; choose a new "
+                                     f"output directory or pass --overwrite to replace it")
+
+
 def export_peft_files(adapter_dir: Path, out_dir: Path) -> Path:
     from safetensors.torch import load_file
 
@@ -79,7 +135,7 @@ def export_peft_files(adapter_dir: Path, out_dir: Path) -> Path:
     from .interop import peft_adapter_files, shape_from_description
 
     adapter = read_adapter(adapter_dir)
-    base = adapter.config.get("base_model", {})
+    base = adapter.config["base_model"]
     files = peft_adapter_files(
         load_file(adapter_dir / WEIGHTS_NAME), adapter.lora_config, shape_from_description(base),
         int(base.get("num_layers", 0)),
@@ -105,13 +161,17 @@ def _shape_source(args):
             "gated_linear_unit": transformer.gated_linear_unit, "vocab_size": settings["vocab_size"]}
 
 
-def import_peft_files(peft_dir: Path, out_dir: Path, base_model: dict, adapter_name: str) -> Path:
+def import_peft_files(peft_dir: Path, out_dir: Path, base_model: dict, adapter_name: str,
+                      described_by: str = "the base-model description") -> Path:
     from .checkpoint import write_directory_atomically
-    from .interop import megatron_adapter_files, read_peft, shape_from_description
+    from .interop import (check_peft_against_model, megatron_adapter_files, peft_modules,
+                          read_peft, shape_from_description)
 
     config, tensors = read_peft(peft_dir)
-    files = megatron_adapter_files(config, tensors, shape_from_description(base_model),
-                                   adapter_name, base_model=base_model)
+    shape = shape_from_description(base_model)
+    check_peft_against_model(config, peft_modules(tensors, peft_dir), shape, peft_dir,
+                             described_by)
+    files = megatron_adapter_files(config, tensors, shape, adapter_name, base_model=base_model)
     return write_directory_atomically(out_dir, files)
 
 
@@ -122,10 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("adapter_dir", type=Path)
     export = commands.add_parser("export-peft", help="consolidated adapter -> Hugging Face PEFT")
     export.add_argument("adapter_dir", type=Path)
-    export.add_argument("out_dir", type=Path)
+    export.add_argument("out_dir", type=Path, help="a new or empty directory")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing adapter directory at OUT_DIR (atomically)")
     imp = commands.add_parser("import-peft", help="Hugging Face PEFT adapter -> consolidated")
     imp.add_argument("peft_dir", type=Path)
-    imp.add_argument("out_dir", type=Path)
+    imp.add_argument("out_dir", type=Path, help="a new or empty directory")
+    imp.add_argument("--overwrite", action="store_true",
+                     help="replace an existing adapter directory at OUT_DIR (atomically)")
     shape = imp.add_mutually_exclusive_group(required=True)
     shape.add_argument("--config", help="experiment YAML of the megatron model (gives the heads)")
     shape.add_argument("--like", help="an adapter of the same base model (its base description)")
@@ -133,20 +197,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args) -> None:
+    if args.command == "inspect":
+        inspect(args.adapter_dir)
+    elif args.command == "export-peft":
+        check_output(args.out_dir, args.adapter_dir, args.overwrite)
+        print(f"wrote {export_peft_files(args.adapter_dir, args.out_dir)}")
+    else:
+        check_output(args.out_dir, args.peft_dir, args.overwrite)
+        written = import_peft_files(args.peft_dir, args.out_dir, _shape_source(args),
+                                    args.adapter_name, args.config or args.like)
+        print(f"wrote {written}")
+
+
+def _stdout_to_devnull() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush does
+    not report the same broken pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+        pass
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _import_quietly()
+    user_errors = _user_errors()
     try:
-        if args.command == "inspect":
-            inspect(args.adapter_dir)
-        elif args.command == "export-peft":
-            print(f"wrote {export_peft_files(args.adapter_dir, args.out_dir)}")
-        else:
-            written = import_peft_files(args.peft_dir, args.out_dir, _shape_source(args),
-                                        args.adapter_name)
-            print(f"wrote {written}")
-    except (ValueError, OSError) as error:  # our errors are ValueErrors with the details
-        print(f"megatron-lora {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        _run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_CLOSED_PIPE
+    except (OSError, *user_errors) as error:
+        if isinstance(error, OSError) and not error.filename:
+            raise  # not about a file the user named: a bug or the system, with its traceback
+        message = str(error) if not isinstance(error, OSError) else \
+            f"{error.filename}: {error.strerror or error}"
+        print(f"megatron-lora {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

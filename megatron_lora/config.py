@@ -11,26 +11,31 @@ INIT_CHOICES = (True, False, "kaiming", "gaussian", "xavier")
 LORA_DTYPE_CHOICES = (None, "float32", "bfloat16", "float16", "float64")
 
 
-def _invalid(field_name: str, value, valid: str) -> ValueError:
-    return ValueError(f"LoraConfig.{field_name}={value!r} is invalid: {valid}")
+class LoraConfigError(ValueError):
+    """A LoraConfig field with a value it cannot take (the message names the field and value)."""
+
+
+def _invalid(field_name: str, value, valid: str) -> LoraConfigError:
+    return LoraConfigError(f"LoraConfig.{field_name}={value!r} is invalid: {valid}")
 
 
 def _as_name_list(field_name: str, value) -> Optional[List[str]]:
     if value is None:
         return None
+    given = value  # errors name what the user wrote
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
         raise _invalid(field_name, value, "expected a module name, or a list of non-empty names")
     if not value:
         raise _invalid(field_name, value, "expected at least one module name (or None)")
-    for pattern in value:
-        if pattern.startswith("re:"):
+    for name in value:  # a bad regex fails here, not later while matching module names
+        if name.startswith("re:"):
             try:
-                re.compile(pattern[3:])
+                re.compile(name[3:])
             except re.error as error:
-                raise _invalid(field_name, value, f"{pattern!r} is not a valid regular "
-                                                  f"expression ({error})") from None
+                raise _invalid(field_name, given, f"{name!r} is not a valid regular expression "
+                                                  f"({error})") from None
     return list(value)
 
 

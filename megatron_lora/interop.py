@@ -64,7 +64,7 @@ def _model_shape(model: ModelLike) -> Dict[str, int]:
         raise InteropError("PEFT interop needs a megatron GPTModel (its .config gives the heads)")
     heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
     head_dim = config.kv_channels or config.hidden_size // heads
-    return {"heads": heads, "groups": groups, "head_dim": head_dim,
+    return {"heads": heads, "groups": groups, "head_dim": head_dim, "hidden": config.hidden_size,
             "ffn": config.ffn_hidden_size, "glu": bool(config.gated_linear_unit)}
 
 
@@ -103,6 +103,7 @@ def megatron_to_hf_factors(tensors: Dict[str, torch.Tensor], shape) -> Dict[str,
             layer, rest = match.group(1), match.group(2)
             prefix = f"model.layers.{layer}."
             if rest == "self_attention.linear_qkv":
+                _check_qkv_rows(module, weight_b.shape[0], shape)
                 q, k, v = _split_qkv_rows(weight_b, shape)
                 targets = {prefix + "self_attn.q_proj": q, prefix + "self_attn.k_proj": k,
                            prefix + "self_attn.v_proj": v}
@@ -134,13 +135,36 @@ def shape_from_description(base_model: Dict[str, object]) -> Dict[str, int]:
     try:
         heads = int(base_model["num_attention_heads"])
         groups = int(base_model.get("num_query_groups") or heads)
-        head_dim = int(base_model.get("kv_channels") or int(base_model["hidden_size"]) // heads)
-        return {"heads": heads, "groups": groups, "head_dim": head_dim,
-                "ffn": int(base_model["ffn_hidden_size"]),
-                "glu": bool(base_model.get("gated_linear_unit", False))}
+        hidden = int(base_model["hidden_size"])
+        head_dim = int(base_model.get("kv_channels") or 0)
+        shape = {"heads": heads, "groups": groups, "head_dim": head_dim, "hidden": hidden,
+                 "ffn": int(base_model["ffn_hidden_size"]),
+                 "glu": bool(base_model.get("gated_linear_unit", False))}
     except (KeyError, TypeError, ValueError) as error:
-        raise InteropError(f"the adapter's base_model description lacks {error}; it is needed "
+        raise InteropError(f"the base-model description lacks {error}; it is needed "
                            f"to split linear_qkv into q/k/v") from None
+    if heads <= 0 or groups <= 0 or heads % groups:
+        raise InteropError(f"num_attention_heads {heads} is not a positive multiple of "
+                           f"num_query_groups {groups}; the heads cannot be split into q/k/v")
+    if not head_dim:
+        if hidden % heads:
+            raise InteropError(f"hidden_size {hidden} is not a multiple of num_attention_heads "
+                               f"{heads} (and kv_channels is not given)")
+        shape["head_dim"] = hidden // heads
+    for field in ("num_layers", "vocab_size"):
+        if base_model.get(field) is not None:
+            shape[field] = int(base_model[field])
+    return shape
+
+
+def _check_qkv_rows(module: str, rows: int, shape) -> None:
+    """linear_qkv's B rows must be whole query groups of this head layout."""
+    expected = (shape["heads"] + 2 * shape["groups"]) * shape["head_dim"]
+    if rows != expected:
+        raise InteropError(
+            f"{module}.lora_B.weight has {rows} rows, but {shape['heads']} attention heads in "
+            f"{shape['groups']} query groups of {shape['head_dim']} channels need {expected}; "
+            f"the heads of the base-model description do not fit")
 
 
 def peft_adapter_files(tensors: Dict[str, torch.Tensor], lora: LoraConfig, shape,
@@ -183,7 +207,9 @@ def peft_adapter_files(tensors: Dict[str, torch.Tensor], lora: LoraConfig, shape
 
 def export_peft(model: ModelLike, path, adapter_name: str = "default") -> Optional[Path]:
     """Write ``adapter_name`` as a Hugging Face PEFT LoRA adapter for the equivalent
-    transformers Llama model (any TP/PP layout; collective; rank 0 writes)."""
+    transformers Llama model (any TP/PP layout; collective; rank 0 writes). Like save_adapter,
+    it replaces an adapter directory already at ``path`` atomically and refuses one holding
+    other files (a PEFT model card, say); the CLI asks for --overwrite first."""
     shape = _model_shape(model)
     lora = LoraConfig(**shared_lora_config(model, adapter_name))
     tensors = _collect_on_rank0(adapter_tensors(model, adapter_name))
@@ -219,11 +245,149 @@ def _read_peft(path: Path):
     except Exception as error:  # safetensors' own error types
         raise AdapterCheckpointError(f"{weights_path} cannot be read as safetensors: {error}") \
             from None
+    check_peft_config_against_tensors(config, peft_modules(tensors, weights_path), config_path)
     return config, tensors
 
 
+def peft_modules(tensors: Dict[str, torch.Tensor], weights_path) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{HF module name: {"A": tensor, "B": tensor}} of PEFT tensors; every key a LoRA factor
+    with its partner, else an error naming the key."""
+    factors: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, tensor in sorted(tensors.items()):
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        match = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
+        if match is None:
+            raise AdapterCheckpointError(f"{weights_path}: unexpected PEFT key {key!r}; LoRA keys "
+                                         f"end in .lora_A.weight or .lora_B.weight")
+        if tensor.dim() != 2 or not tensor.is_floating_point():
+            raise AdapterCheckpointError(f"{weights_path}: {key} is a {tensor.dim()}-D "
+                                         f"{tensor.dtype} tensor; a factor is a float matrix")
+        factors.setdefault(match.group(1), {})[match.group(2)] = tensor
+    for module, pair in factors.items():
+        for side in "AB":
+            if side not in pair:
+                raise AdapterCheckpointError(
+                    f"{weights_path}: missing key {PEFT_PREFIX + module}.lora_{side}.weight "
+                    f"(its partner factor is in the file)")
+    return factors
+
+
+def _pattern_value(patterns, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern: a key names the module or a dotted suffix of it."""
+    for key, value in (patterns or {}).items():
+        if module == key or module.endswith("." + key):
+            return value
+    return default
+
+
+def _targeted(targets, module: str) -> bool:
+    """PEFT's target_modules: a string is a regex over the whole name; a list holds names that
+    match the module or a dotted suffix of it."""
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, module) is not None
+        except re.error:
+            return False
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def check_peft_config_against_tensors(config: dict, factors, config_path) -> None:
+    """A PEFT adapter_config.json's r, rank_pattern, lora_alpha and target_modules against its
+    tensors: AdapterCheckpointError naming the file, the field and both values."""
+    r = config.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterCheckpointError(f"{config_path}: r is {r!r}; expected a positive integer")
+    alpha = config.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise AdapterCheckpointError(f"{config_path}: lora_alpha is {alpha!r}; expected a number "
+                                     f"> 0")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(field) or {}, dict):
+            raise AdapterCheckpointError(f"{config_path}: {field} is {config.get(field)!r}; "
+                                         f"expected an object of module name: value")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets
+                                         and all(isinstance(t, str) for t in targets))):
+        raise AdapterCheckpointError(f"{config_path}: target_modules is {targets!r}; expected "
+                                     f"a list of module names or a regex string")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise AdapterCheckpointError(f"{config_path}: target_modules {targets!r} is not a "
+                                         f"valid regular expression ({error})") from None
+    for module, pair in sorted(factors.items()):
+        rank = _pattern_value(config.get("rank_pattern"), module, None)
+        field, rank = ("r", r) if rank is None else ("rank_pattern", rank)
+        for side, actual in (("A", pair["A"].shape[0]), ("B", pair["B"].shape[1])):
+            if actual != rank:
+                raise AdapterCheckpointError(
+                    f"{config_path}: {field} gives {module} rank {rank}, but "
+                    f"{PEFT_PREFIX}{module}.lora_{side}.weight has shape {list(pair[side].shape)}")
+        if not _targeted(targets, module):
+            raise AdapterCheckpointError(f"{config_path}: target_modules {targets} does not select "
+                                         f"{module}, which has factors in the file")
+
+
+_HF_HIDDEN_IN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+_HF_BLOCKS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+              "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def check_peft_against_model(config: dict, factors, shape, path, described_by: str) -> None:
+    """The PEFT tensors against the megatron model's description (``shape`` from
+    shape_from_description or the model): InteropError naming what differs, and a missing
+    tensor of a targeted module by its key."""
+    heads_rows = shape["heads"] * shape["head_dim"]
+    group_rows = shape["groups"] * shape["head_dim"]
+    hidden = shape.get("hidden")
+    expected_rows = {"q_proj": heads_rows, "k_proj": group_rows, "v_proj": group_rows,
+                     "gate_proj": shape["ffn"], "up_proj": shape["ffn"] if shape["glu"] else None,
+                     "o_proj": hidden, "down_proj": hidden, "lm_head": shape.get("vocab_size")}
+    expected_cols = {"o_proj": heads_rows, "down_proj": shape["ffn"],
+                     **{leaf: hidden for leaf in _HF_HIDDEN_IN}}
+    if not shape["glu"]:
+        expected_rows["up_proj"] = shape["ffn"]
+
+    def differs(what, expected, module, side, tensor):
+        return InteropError(
+            f"{path} does not fit the model described by {described_by}: {what} is {expected} "
+            f"there, but {PEFT_PREFIX}{module}.lora_{side}.weight has shape {list(tensor.shape)}")
+
+    layers = set()
+    for module, pair in sorted(factors.items()):
+        leaf = module.rsplit(".", 1)[-1]
+        match = re.match(r"model\.layers\.(\d+)\.", module)
+        if match:
+            layers.add(int(match.group(1)))
+        rows, cols = expected_rows.get(leaf), expected_cols.get(leaf)
+        if rows is not None and pair["B"].shape[0] != rows:
+            field = {"q_proj": "heads × head_dim", "k_proj": "query groups × head_dim",
+                     "v_proj": "query groups × head_dim", "gate_proj": "ffn_hidden_size",
+                     "up_proj": "ffn_hidden_size", "lm_head": "vocab_size"}.get(leaf, "hidden_size")
+            raise differs(field, rows, module, "B", pair["B"])
+        if cols is not None and pair["A"].shape[1] != cols:
+            field = {"o_proj": "heads × head_dim", "down_proj": "ffn_hidden_size"}.get(
+                leaf, "hidden_size")
+            raise differs(field, cols, module, "A", pair["A"])
+    num_layers = shape.get("num_layers")
+    if num_layers and layers and max(layers) >= num_layers:
+        raise InteropError(f"{path} does not fit the model described by {described_by}: "
+                           f"num_layers is {num_layers} there, but the adapter has layer "
+                           f"{max(layers)}")
+    targets = config.get("target_modules")
+    if num_layers and isinstance(targets, list) and config.get("layers_to_transform") is None:
+        for leaf in sorted(set(targets) & set(_HF_BLOCKS)):
+            for layer in range(num_layers):
+                module = f"model.layers.{layer}.{_HF_BLOCKS[leaf]}.{leaf}"
+                if module not in factors:
+                    raise InteropError(f"{path}: missing key {PEFT_PREFIX}{module}.lora_A.weight: "
+                                       f"target_modules select {leaf} in each of the "
+                                       f"{num_layers} layers")
+
+
 def _peft_scaling(config, module: str, rank: int) -> float:
-    alpha = config.get("alpha_pattern", {}).get(module, config["lora_alpha"])
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
     return alpha / (rank ** 0.5) if config.get("use_rslora") else alpha / rank
 
 
@@ -252,13 +416,7 @@ def _fuse(parts, config, target_rank: int, target_scaling: float):
 
 def hf_to_megatron_factors(config, tensors: Dict[str, torch.Tensor], shape):
     """PEFT tensors (prefix stripped) → (canonical megatron tensors, rank, LoraConfig kwargs)."""
-    factors: Dict[str, Dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        match = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
-        if match is None:
-            raise InteropError(f"unexpected PEFT key {key!r}")
-        factors.setdefault(match.group(1), {})[match.group(2)] = tensor
+    factors = peft_modules(tensors, "the PEFT adapter")
     groups: Dict[str, List[str]] = {}
     for module in factors:
         if module == "lm_head":
@@ -329,7 +487,10 @@ def import_peft(model: ModelLike, path, adapter_name: str = "default", *, verbos
     current layout. Collective. Goes through load_adapter, so everything is validated before
     any parameter changes."""
     config, tensors = read_peft(path)
-    files = megatron_adapter_files(config, tensors, _model_shape(model), adapter_name)
+    shape = dict(_model_shape(model), **{k: v for k, v in describe_base_model(model).items()
+                                         if k in ("num_layers", "vocab_size")})
+    check_peft_against_model(config, peft_modules(tensors, path), shape, path, "this model")
+    files = megatron_adapter_files(config, tensors, shape, adapter_name)
     with tempfile.TemporaryDirectory(prefix="megatron_lora_import_") as scratch:
         staged = write_directory_atomically(Path(scratch) / "adapter", files)
         return load_adapter(model, staged, adapter_name, verbose=verbose)

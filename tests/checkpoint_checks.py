@@ -70,7 +70,8 @@ def greedy_generate(model, prompt, new_tokens):
 def _rewrite(source: Path, target: Path, edit_tensors=None, edit_config=None, raw=None,
              rehash=True):
     """A copy of an adapter with edited tensors / config / raw weight bytes; the config's
-    sha256 is updated to match unless rehash=False (damage after the save)."""
+    sha256 and module list are updated to match the tensors unless rehash=False (damage after
+    the save)."""
     import hashlib
 
     from safetensors.torch import load_file, save
@@ -85,6 +86,7 @@ def _rewrite(source: Path, target: Path, edit_tensors=None, edit_config=None, ra
     weights = save(tensors, metadata={"format": "megatron_lora.adapter"}) if raw is None else raw
     if rehash:
         config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+        config["modules"] = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
     if edit_config:
         edit_config(config)
     (target / WEIGHTS_NAME).write_bytes(weights)
@@ -118,6 +120,12 @@ def _broken_adapters(good: Path, scratch: Path):
     def version(config):
         config["format_version"] = 99
 
+    def no_base(config):  # as import_peft(model, …) writes it: the model checks the shapes
+        config["base_model"] = {}
+
+    def rank_edited(config):
+        config["lora_config"]["r"] = 2
+
     def other_base(config):
         config["base_model"]["hidden_size"] = 128
 
@@ -125,9 +133,14 @@ def _broken_adapters(good: Path, scratch: Path):
     damaged[len(damaged) // 2] ^= 0xFF
     cases = {
         "missing_key": _rewrite(good, scratch / "missing_key", edit_tensors=drop),
-        "extra_key": _rewrite(good, scratch / "extra_key", edit_tensors=extra),
-        "wrong_shape": _rewrite(good, scratch / "wrong_shape", edit_tensors=reshape),
-        "tp_does_not_divide": _rewrite(good, scratch / "tp_does_not_divide", edit_tensors=odd_split),
+        "extra_key": _rewrite(good, scratch / "extra_key", edit_tensors=extra, edit_config=no_base),
+        "wrong_shape": _rewrite(good, scratch / "wrong_shape", edit_tensors=reshape,
+                                edit_config=no_base),
+        "tp_does_not_divide": _rewrite(good, scratch / "tp_does_not_divide", edit_tensors=odd_split,
+                                       edit_config=no_base),
+        "shape_against_description": _rewrite(good, scratch / "shape_against_description",
+                                              edit_tensors=reshape),
+        "rank_edited": _rewrite(good, scratch / "rank_edited", edit_config=rank_edited),
         "integer_dtype": _rewrite(good, scratch / "integer_dtype", edit_tensors=integer),
         "format_version": _rewrite(good, scratch / "format_version", edit_config=version),
         "other_base": _rewrite(good, scratch / "other_base", edit_config=other_base),
@@ -227,9 +240,67 @@ def save_and_break(rank, world, directory):
     load_adapter(fresh, directory / "random")
     out["reloaded_logits"] = logits_of(fresh, tokens)
     torch.distributed.barrier()
+    out["coverage"] = coverage_checks(exp, directory)
     if rank == 0:
         out["crash"] = _crash_mid_save_single(model, directory / "random")
     out["moe"] = moe_check(2, directory / "moe", save=True)
+    return out
+
+
+def _refusal(model, path, **kwargs):
+    """(error message or None, every parameter and the adapter set unchanged)."""
+    from megatron_lora.checkpoint import AdapterCheckpointError, load_adapter
+
+    state = _model_state(model)
+    try:
+        load_adapter(model, path, **kwargs)
+        message = None
+    except AdapterCheckpointError as error:
+        message = str(error)
+    return message, _same_state(model, state)
+
+
+def coverage_checks(exp, directory: Path):
+    """The file and the model's existing adapter covering different modules: refused before
+    any parameter changes, and allow_subset=True loading a subset with a rank-0 warning."""
+    import logging
+
+    from megatron_lora.checkpoint import load_adapter, save_adapter
+    from megatron_lora.model import lora_layers
+
+    out = {}
+    # the whole adapter into a model whose "default" adapts only linear_fc1
+    fc1_only = build(exp, random_lora(seed=11, target_modules=["linear_fc1"]))
+    out["more_in_file"] = _refusal(fc1_only, directory / "random")
+    # an fc1-only file into a model whose "default" adapts every target
+    save_adapter(fc1_only, directory / "fc1_only")
+    torch.distributed.barrier()
+    everything = build(exp, random_lora(seed=12))
+    out["fewer_in_file"] = _refusal(everything, directory / "fc1_only")
+
+    before = {name: (layer.lora_A["default"].weight.detach().clone(),
+                     layer.lora_B["default"].weight.detach().clone())
+              for name, layer in lora_layers(everything)}
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("megatron_lora.checkpoint")
+    logger.addHandler(handler)
+    try:
+        out["subset_name"] = load_adapter(everything, directory / "fc1_only", allow_subset=True)
+    finally:
+        logger.removeHandler(handler)
+    out["subset_log"] = [record.getMessage() for record in records]
+    source = dict(lora_layers(fc1_only))
+    changed, kept = [], []
+    for name, layer in lora_layers(everything):
+        now = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+        if all(torch.equal(a, b) for a, b in zip(now, before[name])):
+            kept.append(name)
+        if name in source and all(torch.equal(a, b) for a, b in zip(
+                now, (source[name].lora_A["default"].weight, source[name].lora_B["default"].weight))):
+            changed.append(name)
+    out["subset_loaded"], out["subset_kept"] = sorted(changed), sorted(kept)
     return out
 
 

@@ -79,7 +79,10 @@ EXPECTED_ERRORS = {
                           "[4, 97] cannot be split evenly over tensor-parallel size 2",
     "integer_dtype": "dtype I32 is not a floating-point factor dtype",
     "format_version": "format_version 99 is not supported",
-    "other_base": "trained for another base model (hidden_size: adapter 128 vs model 64)",
+    "other_base": "base_model.hidden_size is 128, but the tensors say 64 "
+                  "(decoder.layers.0.mlp.linear_fc1.lora_A.weight has shape [4, 64])",
+    "shape_against_description": "base_model.hidden_size is 64, but the tensors say 72",
+    "rank_edited": "lora_config.r is 2, but the tensors say 4",
     "truncated": "is truncated, corrupt or from another save",
     "corrupt": "is truncated, corrupt or from another save",
     "truncated_checked": "cannot be read as safetensors",
@@ -96,6 +99,33 @@ def test_broken_adapter_is_refused_and_the_model_untouched(saved, case):
         assert message is not None, f"{case} was loaded"
         assert EXPECTED_ERRORS[case] in message
         assert rank_result["untouched"][case]
+
+
+def test_a_file_with_modules_the_model_adapter_lacks_is_refused_untouched(saved):
+    """The whole adapter into a model whose "default" adapts only linear_fc1: it used to copy
+    layer 0's fc1 and then raise a KeyError."""
+    for rank_result in saved:
+        message, untouched = rank_result["coverage"]["more_in_file"]
+        assert message is not None and untouched
+        assert "module(s) in the file are not adapted by the model's adapter 'default'" in message
+        assert "decoder.layers.0.mlp.linear_fc2" in message and "random:" in message
+
+
+def test_a_file_with_fewer_modules_is_refused_unless_allow_subset(saved):
+    for rank_result in saved:
+        coverage = rank_result["coverage"]
+        message, untouched = coverage["fewer_in_file"]
+        assert message is not None and untouched
+        assert "13 module(s) adapted by the model's adapter 'default' have no factors in the " \
+               "file: decoder.layers.0.mlp.linear_fc2" in message
+        assert "allow_subset=True" in message
+        assert coverage["subset_name"] == "default"
+        fc1 = [f"decoder.layers.{i}.mlp.linear_fc1" for i in range(4)]
+        assert coverage["subset_loaded"] == fc1  # the file's modules now hold its factors
+        assert len(coverage["subset_kept"]) == 13 and not set(fc1) & set(coverage["subset_kept"])
+    logs = [rank_result["coverage"]["subset_log"] for rank_result in saved]
+    assert len(logs[0]) == 1 and logs[1:] == [[]]  # rank 0 says which modules kept theirs
+    assert "13 module(s) keep their current factors: decoder.layers.0.mlp.linear_fc2" in logs[0][0]
 
 
 def test_a_good_adapter_still_loads_after_refusals(saved):

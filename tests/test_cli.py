@@ -61,9 +61,54 @@ def test_errors_are_one_line_with_exit_code_2(saved_adapters, saved, tmp_path, c
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-def test_console_command_runs(saved_adapters, saved):
+def test_console_command_runs_without_warnings(saved_adapters, saved):
     result = subprocess.run([sys.executable, "-m", "megatron_lora", "inspect",
                              str(saved_adapters[0] / "random")], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=300)  # imports are slow on a loaded machine
     assert result.returncode == 0, result.stderr
     assert "megatron_lora adapter" in result.stdout
+    assert result.stderr == ""  # no megatron / torch import-time notices
+
+
+def test_a_closed_pipe_ends_quietly_with_141(saved_adapters, saved):
+    """``megatron-lora inspect X | head -3``: stdout closed before the output is written."""
+    process = subprocess.Popen([sys.executable, "-m", "megatron_lora", "inspect",
+                                str(saved_adapters[0] / "random")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone long before the imports finish
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141, err
+    assert err == ""
+
+
+def test_overwrite_replaces_an_existing_output(saved_adapters, saved, tmp_path, capsys):
+    directory = saved_adapters[0]
+    out = tmp_path / "out"
+    out.mkdir()  # an empty directory is not refused
+    assert main(["export-peft", str(directory / "random"), str(out)]) == 0
+    before = (out / "adapter_config.json").read_bytes()
+    (out / "adapter_model.safetensors").write_bytes(b"stale")
+    assert main(["export-peft", str(directory / "random"), str(out)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").read_bytes() == b"stale"
+    assert main(["export-peft", str(directory / "random"), str(out), "--overwrite"]) == 0
+    assert same(out, directory / "peft") and (out / "adapter_config.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left behind
+    back = tmp_path / "back"
+    assert main(["import-peft", str(out), str(back), "--like", str(directory / "random")]) == 0
+    assert main(["import-peft", str(out), str(back), "--like", str(directory / "random"),
+                 "--overwrite"]) == 0
+    assert same(back, directory / "random")
+
+
+@pytest.mark.parametrize("error", [ValueError("an internal bug"), OSError(5, "no file named")])
+def test_errors_that_are_not_about_the_input_keep_their_traceback(saved_adapters, saved,
+                                                                  monkeypatch, error):
+    import megatron_lora.cli as cli
+
+    def broken(path, out=None):
+        raise error
+
+    monkeypatch.setattr(cli, "inspect", broken)
+    with pytest.raises(type(error)):
+        cli.main(["inspect", str(saved_adapters[0] / "random")])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_lora import LoraConfig, dispatch_megatron
+from megatron_lora import LoraConfig, LoraConfigError, dispatch_megatron
 
 
 @pytest.mark.parametrize(
@@ -26,6 +26,8 @@ from megatron_lora import LoraConfig, dispatch_megatron
         ("target_modules", [], "at least one"),
         ("target_modules", ["linear_qkv", ""], "module name"),
         ("exclude_modules", {"a": 1}, "module name"),
+        ("target_modules", ["re:linear_(qkv"], "'re:linear_(qkv' is not a valid regular expression"),
+        ("exclude_modules", "re:*fc1", "not a valid regular expression"),
         ("init_lora_weights", "pissa", "'kaiming', 'gaussian', 'xavier'"),
         ("init_lora_weights", 1, "'kaiming', 'gaussian', 'xavier'"),
         ("use_rslora", "yes", "True or False"),
@@ -35,7 +37,7 @@ from megatron_lora import LoraConfig, dispatch_megatron
     ],
 )
 def test_invalid_config_field_names_field_value_and_choices(field, value, hint):
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(LoraConfigError) as error:  # the CLI reports exactly this class
         LoraConfig(**{field: value})
     message = str(error.value)
     assert f"LoraConfig.{field}={value!r}" in message
