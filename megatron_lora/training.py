@@ -435,12 +435,15 @@ def parse_arguments(argv, mode: str):
 
     # the YAML's lora: section is the starting point only when the file has one
     yaml_lora = experiment.lora if args.config and _has_section(args.config, "lora") else None
+    saved = _saved_adapter_config(args.lora_load, yaml_lora) if args.lora_load else None
     try:
-        lora = lora_config_from_args(args, yaml_lora)
+        lora = lora_config_from_args(args, saved or yaml_lora)
     except ValueError as error:
         raise TrainingError(str(error)) from None
-    if mode == "pretrain" and args.lora_rank is None:
-        lora = None  # pretraining is full training unless --lora-rank asks for LoRA
+    if saved is not None:
+        _check_continues(saved, lora, f"--lora-load {args.lora_load}", "the flags")
+    if mode == "pretrain" and args.lora_rank is None and not args.lora_load:
+        lora = None  # pretraining is full training unless --lora-rank or --lora-load asks for LoRA
     if lora is not None and lora.lora_dtype is None and experiment.params_dtype != torch.float32:
         # a bf16/fp16 base: keep the trainable factors in fp32 (their own master copy); they
         # are cast to the activation dtype in the forward, never the activations up
@@ -450,14 +453,39 @@ def parse_arguments(argv, mode: str):
     if mode == "finetune" and lora is None:
         raise TrainingError("finetune_gpt.py trains LoRA adapters: give --lora-rank > 0 (or a "
                             "lora: section in --config); full training is pretrain_gpt.py")
-    if getattr(args, "lora_load", None):
-        from .checkpoint import read_adapter
-
-        try:
-            read_adapter(args.lora_load)
-        except ValueError as error:
-            raise TrainingError(f"--lora-load: {error}") from None
     return experiment, training, lora, args
+
+
+def _saved_adapter_config(path, yaml_lora):
+    """--lora-load: the saved adapter defines the one this run continues (its rank, scaling and
+    modules); a YAML lora: section that says otherwise is an error, not silently ignored."""
+    from dataclasses import replace
+
+    from .checkpoint import read_adapter
+
+    try:
+        adapter = read_adapter(path)
+    except ValueError as error:
+        raise TrainingError(f"--lora-load: {error}") from None
+    saved = replace(adapter.lora_config, target_modules=sorted(adapter.config["modules"]),
+                    exclude_modules=None)
+    if yaml_lora is not None:
+        _check_continues(saved, replace(yaml_lora, target_modules=saved.target_modules),
+                         f"--lora-load {path}", "the YAML lora: section")
+    return saved
+
+
+def _check_continues(saved, asked, what: str, source: str) -> None:
+    for field in ("r", "lora_alpha", "use_rslora"):
+        if getattr(saved, field) != getattr(asked, field):
+            raise TrainingError(
+                f"{what} holds an adapter with {field}={getattr(saved, field)!r}, {source} "
+                f"ask for {field}={getattr(asked, field)!r}; a loaded adapter keeps its own "
+                f"(leave the setting out, or match it)")
+    if sorted(saved.target_modules) != sorted(asked.target_modules or []):
+        raise TrainingError(f"{what} adapts {len(saved.target_modules)} modules; {source} "
+                            f"target {asked.target_modules}: a loaded adapter keeps its modules "
+                            f"(leave --lora-target-modules out)")
 
 
 def _has_section(path, name: str) -> bool:

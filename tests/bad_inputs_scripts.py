@@ -263,6 +263,13 @@ ROWS = [
              lambda w, g: _flags(g, w, "--pretrained-checkpoint", _base_copy(w, g),
                                  "--seq-length", 64),
              "--seq-length 64 is longer than the base was trained with (32"),
+    BadInput("lora_load_with_another_rank", "finetune",
+             lambda w, g: _flags(g, w, "--lora-load", g.run / "adapter", "--lora-rank", 8),
+             "holds an adapter with r=4, the flags ask for r=8"),
+    BadInput("lora_load_with_other_targets", "finetune",
+             lambda w, g: _flags(g, w, "--lora-load", g.run / "adapter",
+                                 "--lora-target-modules", "linear_qkv"),
+             "adapts 8 modules; the flags target ['linear_qkv']"),
     BadInput("lora_load_not_an_adapter", "finetune",
              lambda w, g: _file(w) and _flags(g, w, "--lora-load", w), "--lora-load: "),
 ]

@@ -418,6 +418,31 @@ def test_layout_gives_the_one_process_loss_and_grad_norm(name, demo_data, tmp_pa
         assert norm == pytest.approx(ref_norm, rel=1e-5)
 
 
+def test_lora_load_continues_an_adapter_at_another_layout(config, demo_data, tmp_path,
+                                                         tp2_sp_finetune):
+    """--lora-load of the TP=2 + SP run's adapter at TP=1 (one process): the held-out loss
+    before training equals the TP=2 + SP run's after it (the same adapter, its own r,
+    scaling and modules, no --lora-rank needed)."""
+    tp1 = tmp_path / "tp1.yaml"
+    tp1.write_text(yaml.safe_dump({"megatron_config": dict(
+        TINY["megatron_config"], tensor_model_parallel_size=1, sequence_parallel=False),
+        "training": TINY["training"]}))
+    reference = torchrun("finetune_gpt.py", "--config", config, "--data-path",
+                         demo_data / "finetune_text_document", "--valid-data-path",
+                         demo_data / "finetune_heldout_text_document", "--train-iters", 1,
+                         "--save", tmp_path / "again", "--lora-load", tp2_sp_finetune / "adapter",
+                         "--lr-warmup-iters", 0)
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    continued = torchrun("finetune_gpt.py", "--config", tp1, "--data-path",
+                         demo_data / "finetune_text_document", "--valid-data-path",
+                         demo_data / "finetune_heldout_text_document", "--train-iters", 1,
+                         "--save", tmp_path / "tp1", "--lora-load", tp2_sp_finetune / "adapter",
+                         "--lr-warmup-iters", 0, nproc=1)
+    assert continued.returncode == 0, continued.stdout[-3000:] + continued.stderr[-3000:]
+    assert _held_out(continued.stdout, "before") == pytest.approx(
+        _held_out(reference.stdout, "before"), rel=1e-5)
+
+
 def test_bf16_run_keeps_the_factors_in_fp32(config, demo_data, tmp_path):
     from safetensors import safe_open
 
