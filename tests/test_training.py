@@ -443,6 +443,32 @@ def test_lora_load_continues_an_adapter_at_another_layout(config, demo_data, tmp
         _held_out(reference.stdout, "before"), rel=1e-5)
 
 
+def test_overwrite_replaces_the_previous_run_and_only_it(demo_data, tmp_path):
+    """--save over another run needs --overwrite; it then holds only the new run (no
+    iteration directory, metrics or adapter of the old one left)."""
+    tp1 = tmp_path / "tp1.yaml"
+    tp1.write_text(yaml.safe_dump(dict(TINY, megatron_config=dict(
+        TINY["megatron_config"], tensor_model_parallel_size=1, sequence_parallel=False))))
+    save = tmp_path / "run"
+
+    def run(iters, *extra):
+        return _script("finetune_gpt.py", *finetune_flags(tp1, demo_data, save, iters,
+                                                          "--save-interval", 1, *extra))
+
+    first = run(3)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (save / "iter_0000003").is_dir()
+    refused = run(2)
+    assert refused.returncode == 2 and "holds another run (at iteration 3)" in refused.stderr
+    assert (save / "iter_0000003").is_dir()  # untouched
+    replaced = run(2, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000001", "iter_0000002"]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert [r["iteration"] for r in map(json.loads, (save / "metrics.jsonl").read_text()
+                                        .splitlines()) if "loss" in r] == [1, 2]
+
+
 def test_bf16_run_keeps_the_factors_in_fp32(config, demo_data, tmp_path):
     from safetensors import safe_open
 
