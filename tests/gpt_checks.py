@@ -323,9 +323,13 @@ RECOMPUTE_CASES = {
                           recompute_num_layers=1), "plain"),
     "full-block-all": (dict(recompute_granularity="full", recompute_method="block",
                             recompute_num_layers="all"), "plain"),
+    # the issue's model: nothing after the decoder trains, so without the fix the loss had no
+    # grad_fn (loss.backward() raises; megatron's schedule silently left every grad None)
+    "full-uniform-1-four-linears": (dict(recompute_granularity="full", recompute_method="uniform",
+                                         recompute_num_layers=1), "four-linears"),
     "selective": (dict(recompute_granularity="selective"), "plain"),
-    # the MLP recomputed too; layer 0's attention has no adapter, so the
-    # recomputed MLP's input would not require grad without the fix
+    # the MLP recomputed too; no attention has an adapter, so without the fix no recomputed
+    # MLP's input required grad
     "selective-mlp": (dict(recompute_granularity="selective",
                            recompute_modules=["core_attn", "mlp"]), "mlp-only"),
     "selective-moe": (dict(recompute_granularity="selective", recompute_modules=["moe"]),
@@ -340,7 +344,8 @@ RECOMPUTE_CASES = {
                                         distribute_saved_activations=True), "plain"),
 }
 RECOMPUTE_LORA = {"plain": {}, "dropout": dict(lora_dropout=0.1),
-                  "mlp-only": dict(target_modules=["linear_fc1", "linear_fc2"])}
+                  "mlp-only": dict(target_modules=["linear_fc1", "linear_fc2"]),
+                  "four-linears": dict(target_modules=TARGETS[:4])}
 # layout id -> (world, (TP, PP, SP), model settings, cases); each case's reference is its
 # layout without recompute. distribute_saved_activations splits over TP, which megatron
 # refuses with SP; the MoE layout has 4 experts split over 2 ranks (alltoall dispatcher).
