@@ -83,11 +83,16 @@ class PeakTensorMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self._collect_freed()
+        # a view, an in-place or an out= result shares an input's storage: not an allocation
+        # (else a parameter would count from its first .t() on)
+        inputs = {item.untyped_storage().data_ptr()
+                  for item in tree_flatten((args, kwargs or {}))[0]
+                  if isinstance(item, torch.Tensor) and item.layout == torch.strided}
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor) and item.layout == torch.strided:
                 storage = item.untyped_storage()
                 key = storage.data_ptr()
-                if storage.nbytes() and key not in self._live:
+                if storage.nbytes() and key not in self._live and key not in inputs:
                     self._live[key] = (self._weak_ref(storage), storage.nbytes())
                     self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)

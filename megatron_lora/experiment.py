@@ -515,6 +515,8 @@ def _check_layout(m: dict):
     if not any(m.get(key) is not None for key in uneven):  # megatron checks uneven splits
         _divides(m, "num_layers", "pipeline_model_parallel_size")
 
+    _check_recompute(m)
+
     experts, ep = m.get("num_moe_experts"), m["expert_model_parallel_size"]
     if ep > 1 and not experts:
         raise ExperimentConfigError(
@@ -530,6 +532,55 @@ def _check_layout(m: dict):
                 f"megatron_config: the expert ffn size ({moe_ffn}) is not divisible by the "
                 f"expert tensor-parallel size ({etp})"
             )
+
+
+# selective recompute modules proven exact with LoRA (docs/recompute.md); why the others are not
+_RECOMPUTE_MODULES_REFUSED = {
+    "layernorm": "megatron-core's CheckpointWithoutOutput calls TransformerEngine's FP8 state "
+                 "even without fp8, so it fails without TransformerEngine",
+    "moe_act": "recomputing the experts' activation alone is not proven exact with LoRA here",
+    "shared_experts": "shared-expert recompute is not proven exact with LoRA here",
+    "mla_up_proj": "multi-latent attention is not supported by megatron_lora",
+}
+
+
+def _check_recompute(m: dict):
+    """Recompute settings LoRA is not proven exact with, refused with the reason
+    (docs/recompute.md); the combinations megatron checks itself are left to it."""
+    granularity = m.get("recompute_granularity")
+    if granularity is None:
+        return
+    for low_precision in ("fp8", "fp4"):
+        if m.get(low_precision):
+            raise ExperimentConfigError(
+                f"megatron_config.recompute_granularity={granularity!r} with {low_precision}: "
+                "megatron then recomputes through TransformerEngine's te_checkpoint, which is "
+                "not proven exact with LoRA here"
+            )
+    if granularity == "selective":
+        for module in m.get("recompute_modules") or ():
+            if module in _RECOMPUTE_MODULES_REFUSED:
+                raise ExperimentConfigError(
+                    f"megatron_config.recompute_modules: {module!r} is refused: "
+                    f"{_RECOMPUTE_MODULES_REFUSED[module]} (use 'core_attn', 'mlp' or 'moe')"
+                )
+    count, method = m.get("recompute_num_layers"), m.get("recompute_method")
+    uneven = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+              "pipeline_model_parallel_layout")
+    if granularity != "full" or count is None or any(m.get(k) is not None for k in uneven):
+        return
+    per_stage = m["num_layers"] // m["pipeline_model_parallel_size"]
+    if not 1 <= count <= per_stage:
+        raise ExperimentConfigError(
+            f"megatron_config.recompute_num_layers={count} must be between 1 and the "
+            f"{per_stage} layers of a pipeline stage"
+        )
+    if method == "uniform" and per_stage % count:
+        raise ExperimentConfigError(
+            f"megatron_config.recompute_num_layers={count} does not divide the {per_stage} "
+            "layers of a pipeline stage, which recompute_method 'uniform' needs (megatron-core "
+            "0.16 indexes past the stage's last layer)"
+        )
 
 
 def _validate_lora(section) -> LoraConfig:

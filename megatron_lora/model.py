@@ -27,6 +27,7 @@ from .config import LoraConfig
 from .dispatch import SUPPORTED_LAYERS, dispatch_megatron
 from .layer import LoraParallelLinear
 from .parallel import ParallelLayout
+from .recompute import connect_recomputed_regions, disconnect_recomputed_regions
 
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
@@ -356,6 +357,8 @@ def apply_lora(
         registered = getattr(chunk, "lora_adapter_names", [])
         chunk.lora_adapter_names = registered + [adapter_name]
     set_adapter(model, adapter_name)
+    # a frozen base would cut megatron's recomputed regions off from autograd (docs/recompute.md)
+    connect_recomputed_regions(_chunks(model))
 
     report = lora_report(model, adapter_name)
     if verbose and report.rank == 0:
@@ -476,6 +479,7 @@ def merge_and_unload(model: ModelLike, adapter_names_: Optional[Sequence[str]] =
         ]
         for parent, attribute, base in replacements:
             setattr(parent, attribute, base)
+        disconnect_recomputed_regions([chunk])
         for attribute in ("lora_report", "lora_adapter_names"):
             if hasattr(chunk, attribute):
                 delattr(chunk, attribute)

@@ -67,6 +67,9 @@ _MODEL_FLAGS = {
     "seq_length": "seq_length",
     "vocab_size": "vocab_size",
     "seed": "seed",
+    "recompute_granularity": "recompute_granularity",
+    "recompute_method": "recompute_method",
+    "recompute_num_layers": "recompute_num_layers",
 }
 
 
@@ -369,6 +372,10 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                  "--num-query-groups", "--seq-length", "--vocab-size", "--seed"):
         model.add_argument(flag, type=int, default=None)
     model.add_argument("--sequence-parallel", action="store_true", default=None)
+    # activation recompute works with LoRA in every mode (docs/recompute.md)
+    model.add_argument("--recompute-granularity", default=None, choices=("full", "selective"))
+    model.add_argument("--recompute-method", default=None, choices=("uniform", "block"))
+    model.add_argument("--recompute-num-layers", type=int, default=None)
     model.add_argument("--bf16", action="store_true", default=None)
     loop = parser.add_argument_group("training loop")
     for flag in ("--micro-batch-size", "--global-batch-size", "--train-iters", "--lr-warmup-iters",

@@ -311,6 +311,102 @@ def check_training(exp):
             "factors": full_factors(model), "base_unchanged": unchanged}
 
 
+# Activation recompute (docs/recompute.md): each case is compared with the same layout and
+# adapter without recompute. id -> (megatron_config settings, LoRA variant). "all" layers
+# means every layer of a pipeline stage.
+RECOMPUTE_CASES = {
+    "full-uniform-1": (dict(recompute_granularity="full", recompute_method="uniform",
+                            recompute_num_layers=1), "plain"),
+    "full-uniform-2": (dict(recompute_granularity="full", recompute_method="uniform",
+                            recompute_num_layers=2), "plain"),
+    "full-block-1": (dict(recompute_granularity="full", recompute_method="block",
+                          recompute_num_layers=1), "plain"),
+    "full-block-all": (dict(recompute_granularity="full", recompute_method="block",
+                            recompute_num_layers="all"), "plain"),
+    # the issue's model: nothing after the decoder trains, so without the fix the loss had no
+    # grad_fn (loss.backward() raises; megatron's schedule silently left every grad None)
+    "full-uniform-1-four-linears": (dict(recompute_granularity="full", recompute_method="uniform",
+                                         recompute_num_layers=1), "four-linears"),
+    "selective": (dict(recompute_granularity="selective"), "plain"),
+    # the MLP recomputed too; no attention has an adapter, so without the fix no recomputed
+    # MLP's input required grad
+    "selective-mlp": (dict(recompute_granularity="selective",
+                           recompute_modules=["core_attn", "mlp"]), "mlp-only"),
+    "selective-moe": (dict(recompute_granularity="selective", recompute_modules=["moe"]),
+                      "plain"),
+    "full-uniform-1-dropout": (dict(recompute_granularity="full", recompute_method="uniform",
+                                    recompute_num_layers=1), "dropout"),
+    "full-block-1-dropout": (dict(recompute_granularity="full", recompute_method="block",
+                                  recompute_num_layers=1), "dropout"),
+    "selective-dropout": (dict(recompute_granularity="selective"), "dropout"),
+    "full-uniform-1-distributed": (dict(recompute_granularity="full", recompute_method="uniform",
+                                        recompute_num_layers=1,
+                                        distribute_saved_activations=True), "plain"),
+}
+RECOMPUTE_LORA = {"plain": {}, "dropout": dict(lora_dropout=0.1),
+                  "mlp-only": dict(target_modules=["linear_fc1", "linear_fc2"]),
+                  "four-linears": dict(target_modules=TARGETS[:4])}
+# layout id -> (world, (TP, PP, SP), model settings, cases); each case's reference is its
+# layout without recompute. distribute_saved_activations splits over TP, which megatron
+# refuses with SP; the MoE layout has 4 experts split over 2 ranks (alltoall dispatcher).
+_ALLTOALL_EP2 = dict(VARIANTS["alltoall"][0], expert_model_parallel_size=2)
+RECOMPUTE_LAYOUTS = {
+    "tp1": (1, (1, 1, False), {}, [c for c in RECOMPUTE_CASES if "distributed" not in c
+                                   and "moe" not in c]),
+    "tp2-sp": (2, (2, 1, True), {}, [c for c in RECOMPUTE_CASES if "distributed" not in c
+                                     and "moe" not in c]),
+    "tp2": (2, (2, 1, False), {}, ["full-uniform-1-distributed"]),
+    "pp2": (2, (1, 2, False), {}, ["full-block-1", "full-uniform-1-dropout"]),
+    "alltoall-ep2": (2, (1, 1, False), _ALLTOALL_EP2, ["full-uniform-1", "selective-moe"]),
+}
+RECOMPUTE_TRAINING_CASE = "full-uniform-1"
+
+
+def _recompute_settings(case, pp):
+    settings = dict(RECOMPUTE_CASES[case][0])
+    if settings.get("recompute_num_layers") == "all":
+        settings["recompute_num_layers"] = TINY_GPT["num_layers"] // pp
+    return settings
+
+
+def _recompute_step(exp, lora_variant):
+    """One schedule step: loss, logits (PP=1, no dropout), every LoRA gradient, and the
+    trainable parameters whose .grad is None after backward (their names)."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_lora import finalize_lora_grads
+
+    model = build(exp, random_lora(**RECOMPUTE_LORA[lora_variant]))
+    torch.manual_seed(42)  # the same dropout streams in every run
+    model_parallel_cuda_manual_seed(exp.seed)
+    out = {}
+    if exp.pipeline_model_parallel_size == 1 and lora_variant != "dropout":
+        out["logits"] = logits_of(model, batches(0)[0][:, :-1])
+    out["loss"] = run_schedule(model, batches(0))
+    out["no_grad"] = sorted(n for n, p in model.named_parameters()
+                            if p.requires_grad and p.grad is None)
+    out["trainable"] = sum(p.requires_grad for p in model.parameters())
+    if not out["no_grad"]:
+        finalize_lora_grads(model)
+        out["grads"] = full_factors(model, grads=True)
+    return out
+
+
+def check_recompute(layout_id):
+    """{"reference": {variant: step}, "cases": {case: step}, "training": ...} at one layout."""
+    _, (tp, pp, sp), settings, cases = RECOMPUTE_LAYOUTS[layout_id]
+    variants = sorted({RECOMPUTE_CASES[case][1] for case in cases})
+    out = {"reference": {v: _recompute_step(experiment(tp, pp, sp, **settings), v)
+                         for v in variants},
+           "cases": {case: _recompute_step(
+               experiment(tp, pp, sp, **settings, **_recompute_settings(case, pp)),
+               RECOMPUTE_CASES[case][1]) for case in cases}}
+    if RECOMPUTE_TRAINING_CASE in cases and not settings:
+        out["training"] = check_training(
+            experiment(tp, pp, sp, **_recompute_settings(RECOMPUTE_TRAINING_CASE, pp)))
+    return out
+
+
 def _ulp(x: torch.Tensor) -> torch.Tensor:
     """The spacing of floating-point numbers at |x| in x's dtype."""
     mantissa_bits = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10, torch.float64: 52}
@@ -501,6 +597,8 @@ def run_all(rank, world, adapter_dir=None):
             layout["load"] = checkpoint_checks.load_checks(exp, adapter_dir)
         results[(tp, pp, sp)] = layout
     results["variants"] = run_variants(world, adapter_dir)
+    results["recompute"] = {layout_id: check_recompute(layout_id)
+                            for layout_id, entry in RECOMPUTE_LAYOUTS.items() if entry[0] == world}
     if adapter_dir is not None and world in (1, 4):  # expert adapters saved at EP=2
         from pathlib import Path
 

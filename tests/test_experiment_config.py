@@ -418,6 +418,47 @@ def test_megatron_errors_are_wrapped(tmp_path):
         config.transformer_config()
 
 
+FULL = dict(recompute_granularity="full")
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(FULL, recompute_method="block", recompute_num_layers=5),
+     "recompute_num_layers=5 must be between 1 and the 4 layers of a pipeline stage"),
+    (dict(FULL, recompute_method="block", recompute_num_layers=0),
+     "recompute_num_layers=0 must be between 1 and the 4 layers"),
+    (dict(FULL, recompute_method="block", recompute_num_layers=3, pipeline_model_parallel_size=2),
+     "recompute_num_layers=3 must be between 1 and the 2 layers of a pipeline stage"),
+    (dict(FULL, recompute_method="uniform", recompute_num_layers=3),
+     "recompute_num_layers=3 does not divide the 4 layers of a pipeline stage, which "
+     "recompute_method 'uniform' needs"),
+    (dict(recompute_granularity="selective", recompute_modules=["core_attn", "layernorm"]),
+     "recompute_modules: 'layernorm' is refused: megatron-core's CheckpointWithoutOutput"),
+    (dict(recompute_granularity="selective", recompute_modules=["moe_act"]),
+     "recompute_modules: 'moe_act' is refused"),
+    (dict(FULL, recompute_method="block", recompute_num_layers=1, fp8="hybrid"),
+     "recompute_granularity='full' with fp8: megatron then recomputes through "
+     "TransformerEngine's te_checkpoint"),
+    (dict(recompute_granularity="fulll"), "recompute_granularity must be null or one of"),
+    (dict(FULL, recompute_method="blocks"), "recompute_method must be null or one of"),
+])
+def test_recompute_settings_lora_is_not_proven_with_are_refused(settings, message):
+    with pytest.raises(ExperimentConfigError) as error:
+        load_experiment(data=small(**settings))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(FULL, recompute_method="uniform", recompute_num_layers=2),
+    dict(FULL, recompute_method="block", recompute_num_layers=4),
+    dict(FULL, recompute_method="uniform", recompute_num_layers=1,
+         distribute_saved_activations=True, sequence_parallel=False),
+    dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"]),
+])
+def test_recompute_settings_proven_exact_are_accepted(settings):
+    config = load_experiment(data=small(**settings)).transformer_config()
+    assert config.recompute_granularity == settings["recompute_granularity"]
+
+
 # ---------------------------------------------------------------- reading files
 
 

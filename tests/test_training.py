@@ -83,7 +83,8 @@ def _run_main(capsys, argv, mode="finetune", world=None, monkeypatch=None):
 
 
 @pytest.mark.parametrize("case", ["missing_data", "yaml_typo", "tp_world", "negative_rank",
-                                  "load_not_checkpoint", "finetune_without_rank", "bad_lr_style"])
+                                  "load_not_checkpoint", "finetune_without_rank", "bad_lr_style",
+                                  "recompute_layers"])
 def test_bad_input_is_one_line_and_writes_nothing(case, config, demo_data, tmp_path, capsys,
                                                   monkeypatch):
     save = tmp_path / "save"
@@ -112,6 +113,10 @@ def test_bad_input_is_one_line_and_writes_nothing(case, config, demo_data, tmp_p
         (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
         argv[1] = str(tmp_path / "plain.yaml")
         expected = "give --lora-rank > 0"
+    elif case == "recompute_layers":  # the tiny model has 2 layers
+        argv += ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                 "--recompute-num-layers", "3"]
+        expected = "megatron_config.recompute_num_layers=3 must be between 1 and the 2 layers"
     elif case == "bad_lr_style":
         with pytest.raises(SystemExit) as exit_info:  # argparse's own choices check
             _run_main(capsys, argv + ["--lr-decay-style", "cosin"], mode)
@@ -307,6 +312,35 @@ def test_pipeline_and_data_parallel_runs_match_tp2_sp(config, demo_data, tmp_pat
     result = torchrun("finetune_gpt.py", *finetune_flags(no_sp, demo_data, other, 6, *flags))
     assert result.returncode == 0, result.stdout[-3000:]
     assert _losses(other) == pytest.approx(_losses(reference), rel=1e-4)
+
+
+def test_recompute_flags_reach_the_megatron_config(config, demo_data, tmp_path):
+    from megatron_lora.training import parse_arguments
+
+    flags = ["--recompute-granularity", "full", "--recompute-method", "block",
+             "--recompute-num-layers", "1"]
+    experiment = parse_arguments([str(f) for f in finetune_flags(
+        config, demo_data, tmp_path / "save", 2, *flags)], "finetune")[0]
+    settings = experiment.transformer_config()
+    assert (settings.recompute_granularity, settings.recompute_method,
+            settings.recompute_num_layers) == ("full", "block", 1)
+
+
+def test_full_recompute_flags_give_the_no_recompute_curve(config, demo_data, tmp_path,
+                                                           tp2_sp_finetune):
+    """Megatron-LM's recompute flags reach megatron's config, and LoRA under full recompute
+    (layer 0 of 2 recomputed, the case that once left its adapter untrained) gives the
+    TP=2 + SP loss curve and adapter bit for bit (docs/recompute.md)."""
+    save = tmp_path / "recompute"
+    result = torchrun("finetune_gpt.py", *finetune_flags(
+        config, demo_data, save, 6, "--recompute-granularity", "full", "--recompute-method",
+        "block", "--recompute-num-layers", "1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert _losses(save) == _losses(tp2_sp_finetune)
+    expected, actual = _adapter_tensors(tp2_sp_finetune), _adapter_tensors(save)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert (expected[key] == actual[key]).all(), key
 
 
 def _held_out(output, when):
