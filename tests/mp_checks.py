@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lora.diagnostics import CollectiveCounter
+from numerics import relative_error
 
 SEQ, BATCH, HIDDEN, FFN, RANK = 8, 2, 16, 24, 5  # r=5 divides no TP size on purpose
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -86,11 +87,9 @@ def logical_factors(lora, name, in_f, out_f, dtype, adapter="default"):
     return full_a.to(dtype), full_b.to(dtype)
 
 
-def rel_err(actual, expected):
-    actual, expected = actual.detach().double(), expected.detach().double()
-    if actual.shape != expected.shape:
-        return float("inf")
-    return (actual - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+def error_absolute_below_one(actual, expected):
+    """The layer checks' error: relative to the largest value, absolute below 1."""
+    return relative_error(actual, expected, scale_floor=1.0)
 
 
 def ref_lora_linear(x, weight, bias, weight_a, weight_b, scaling, add_bias=True):
@@ -195,32 +194,32 @@ def run_single_layer_case(case, rank, world, group):
     result = {"bias_returned_iff_skip": (output_bias is not None) == (skip and case["bias"])}
     if output_bias is not None:  # megatron returns its own (local, for column) bias unadded
         local_bias = full_b.chunk(world, 0)[rank] if kind == "column" else full_b
-        result["returned_bias"] = rel_err(output_bias, local_bias)
+        result["returned_bias"] = error_absolute_below_one(output_bias, local_bias)
     with torch.no_grad():
         expected = ref_lora_linear(x, full_w, full_b, full_a, full_b_lora, lora.scaling,
                                    add_bias=not skip)
-    result["out"] = rel_err(output, local(expected))
+    result["out"] = error_absolute_below_one(output, local(expected))
     output.backward(local(dy))
     finalize_lora_grads([layer])
-    result["dx"] = rel_err(x_local.grad, expect_dx)
+    result["dx"] = error_absolute_below_one(x_local.grad, expect_dx)
     weight_a, weight_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     if kind == "column":
-        result["dA"] = rel_err(weight_a.grad, ra.grad)
-        result["dB"] = rel_err(weight_b.grad, rb.grad.chunk(world, 0)[rank])
+        result["dA"] = error_absolute_below_one(weight_a.grad, ra.grad)
+        result["dB"] = error_absolute_below_one(weight_b.grad, rb.grad.chunk(world, 0)[rank])
     else:
-        result["dA"] = rel_err(weight_a.grad, ra.grad.chunk(world, 1)[rank])
-        result["dB"] = rel_err(weight_b.grad, rb.grad)
+        result["dA"] = error_absolute_below_one(weight_a.grad, ra.grad.chunk(world, 1)[rank])
+        result["dB"] = error_absolute_below_one(weight_b.grad, rb.grad)
     if trainable and not skip:
         base = layer.base_layer
         if kind == "column":
-            result["dW"] = rel_err(base.weight.grad, rw.grad.chunk(world, 0)[rank])
+            result["dW"] = error_absolute_below_one(base.weight.grad, rw.grad.chunk(world, 0)[rank])
             if rbias is not None:
-                result["dbias"] = rel_err(base.bias.grad, rbias.grad.chunk(world, 0)[rank])
+                result["dbias"] = error_absolute_below_one(base.bias.grad, rbias.grad.chunk(world, 0)[rank])
         else:
-            result["dW"] = rel_err(base.weight.grad, rw.grad.chunk(world, 1)[rank])
+            result["dW"] = error_absolute_below_one(base.weight.grad, rw.grad.chunk(world, 1)[rank])
             if rbias is not None:
                 # under SP the row bias meets a sequence shard: megatron's finalize sums it
-                result["dbias"] = rel_err(sum_over_tp_if(base.bias.grad, sp, group), rbias.grad)
+                result["dbias"] = error_absolute_below_one(sum_over_tp_if(base.bias.grad, sp, group), rbias.grad)
     return result
 
 
@@ -250,14 +249,14 @@ def run_chain_case(case, rank, world, group):
     seq_local = (lambda t: t.chunk(world, 0)[rank]) if sp else (lambda t: t)
     x_local = leaf(seq_local(x))
     y = with_bias(fc2(F.gelu(with_bias(fc1(x_local)))))
-    result = {"out": rel_err(y, seq_local(ref.detach()))}
+    result = {"out": error_absolute_below_one(y, seq_local(ref.detach()))}
     y.backward(seq_local(dy))
     finalize_lora_grads([fc1, fc2])
-    result["dx"] = rel_err(x_local.grad, seq_local(rx.grad))
-    result["dA1"] = rel_err(fc1.lora_A["default"].weight.grad, ra1.grad)
-    result["dB1"] = rel_err(fc1.lora_B["default"].weight.grad, rb1.grad.chunk(world, 0)[rank])
-    result["dA2"] = rel_err(fc2.lora_A["default"].weight.grad, ra2.grad.chunk(world, 1)[rank])
-    result["dB2"] = rel_err(fc2.lora_B["default"].weight.grad, rb2.grad)
+    result["dx"] = error_absolute_below_one(x_local.grad, seq_local(rx.grad))
+    result["dA1"] = error_absolute_below_one(fc1.lora_A["default"].weight.grad, ra1.grad)
+    result["dB1"] = error_absolute_below_one(fc1.lora_B["default"].weight.grad, rb1.grad.chunk(world, 0)[rank])
+    result["dA2"] = error_absolute_below_one(fc2.lora_A["default"].weight.grad, ra2.grad.chunk(world, 1)[rank])
+    result["dB2"] = error_absolute_below_one(fc2.lora_B["default"].weight.grad, rb2.grad)
     return result
 
 
@@ -309,15 +308,15 @@ def multi_adapter(rank, world, group):
         out, _ = layer(x_local)
         out.backward(local_out(dy))
         finalize_lora_grads(layer)
-        metrics = {"out": rel_err(out, local_out(ref.detach())), "dx": rel_err(x_local.grad, expect_dx)}
+        metrics = {"out": error_absolute_below_one(out, local_out(ref.detach())), "dx": error_absolute_below_one(x_local.grad, expect_dx)}
         for name, (full_a, full_b) in factors.items():
             got_a, got_b = layer.lora_A[name].weight.grad, layer.lora_B[name].weight.grad
             if kind == "column":
-                metrics[f"dA-{name}"] = rel_err(got_a, full_a.grad)
-                metrics[f"dB-{name}"] = rel_err(got_b, full_b.grad.chunk(world, 0)[rank])
+                metrics[f"dA-{name}"] = error_absolute_below_one(got_a, full_a.grad)
+                metrics[f"dB-{name}"] = error_absolute_below_one(got_b, full_b.grad.chunk(world, 0)[rank])
             else:
-                metrics[f"dA-{name}"] = rel_err(got_a, full_a.grad.chunk(world, 1)[rank])
-                metrics[f"dB-{name}"] = rel_err(got_b, full_b.grad)
+                metrics[f"dA-{name}"] = error_absolute_below_one(got_a, full_a.grad.chunk(world, 1)[rank])
+                metrics[f"dB-{name}"] = error_absolute_below_one(got_b, full_b.grad)
         results[f"{kind}-{'sp' if sp else 'nosp'}-{path}"] = metrics
     return results
 
@@ -397,9 +396,9 @@ def dropout_checks(rank, world, group):
         out.backward(dy.chunk(world, -1)[rank])
         finalize_lora_grads([layer])
         results[f"column-replicated-{path}"] = {
-            "out": rel_err(out, ref.detach().chunk(world, -1)[rank]),
-            "dA": rel_err(layer.lora_A["default"].weight.grad, ra.grad),
-            "dB": rel_err(layer.lora_B["default"].weight.grad, rb.grad.chunk(world, 0)[rank]),
+            "out": error_absolute_below_one(out, ref.detach().chunk(world, -1)[rank]),
+            "dA": error_absolute_below_one(layer.lora_A["default"].weight.grad, ra.grad),
+            "dB": error_absolute_below_one(layer.lora_B["default"].weight.grad, rb.grad.chunk(world, 0)[rank]),
         }
 
     # sharded inputs: row (input split along hidden) and column under SP (split along sequence)
@@ -440,9 +439,9 @@ def dropout_checks(rank, world, group):
             "dB": rb.grad.chunk(world, 0)[rank] if kind == "column" else rb.grad,
         }
         results[f"{kind}-sharded"] = {
-            "out": rel_err(out, local(ref.detach())),
-            "dA": rel_err(grads["dA"], expected["dA"]),
-            "dB": rel_err(grads["dB"], expected["dB"]),
+            "out": error_absolute_below_one(out, local(ref.detach())),
+            "dA": error_absolute_below_one(grads["dA"], expected["dA"]),
+            "dB": error_absolute_below_one(grads["dB"], expected["dB"]),
             "masks_differ_across_ranks": bool(local_masks_differ),
             "drop_fraction": 1.0 - (full_mask != 0).double().mean().item(),
         }
@@ -558,10 +557,10 @@ def ddp_and_grad_norm(rank, world, group):
         finalize_model_grads_with_lora([model])
         key = "sp" if sp else "nosp"
         results[key] = {
-            "dA1": rel_err(fc1.lora_A["default"].weight.main_grad, ra1.grad),
-            "dB1": rel_err(fc1.lora_B["default"].weight.main_grad, rb1.grad.chunk(world, 0)[rank]),
-            "dA2": rel_err(fc2.lora_A["default"].weight.main_grad, ra2.grad.chunk(world, 1)[rank]),
-            "dB2": rel_err(fc2.lora_B["default"].weight.main_grad, rb2.grad),
+            "dA1": error_absolute_below_one(fc1.lora_A["default"].weight.main_grad, ra1.grad),
+            "dB1": error_absolute_below_one(fc1.lora_B["default"].weight.main_grad, rb1.grad.chunk(world, 0)[rank]),
+            "dA2": error_absolute_below_one(fc2.lora_A["default"].weight.main_grad, ra2.grad.chunk(world, 1)[rank]),
+            "dB2": error_absolute_below_one(fc2.lora_B["default"].weight.main_grad, rb2.grad),
         }
         lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
         grads_for_norm = [p.main_grad for p in lora_params

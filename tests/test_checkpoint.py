@@ -6,14 +6,11 @@ import pytest
 import torch
 
 from gpt_checks import LAYOUTS
+from numerics import relative_error
 
 LOAD_LAYOUTS = [pytest.param(world, layout, id=f"tp{layout[0]}-pp{layout[1]}{'-sp' if layout[2] else ''}")
                 for world in (1, 2, 4) for layout in LAYOUTS[world]]
 
-
-def rel_err(actual, expected):
-    return ((actual.double() - expected.double()).abs().max()
-            / expected.double().abs().max()).item()
 
 
 @pytest.mark.parametrize("world, layout", LOAD_LAYOUTS)
@@ -23,7 +20,7 @@ def test_adapter_saved_at_tp2_sp_loads_at_any_layout(saved, gpt_spawned, world, 
     logits = [load["random_logits"] for load in loads if load["random_logits"] is not None]
     assert logits, "no rank produced logits"
     for value in logits:
-        assert rel_err(value, expected) < 1e-5
+        assert relative_error(value, expected) < 1e-5
     assert all(load["name"] == "default" for load in loads)
 
 
@@ -35,7 +32,7 @@ def test_dist_checkpoint_from_tp2_sp_loads_at_any_layout(saved, gpt_spawned, wor
     logits = [load[f"{kind}_logits"] for load in loads if load[f"{kind}_logits"] is not None]
     assert logits
     for value in logits:
-        assert rel_err(value, expected) < 1e-5
+        assert relative_error(value, expected) < 1e-5
     if kind == "dist_full":
         assert all(load["dist_full_changed"] for load in loads)  # the base was replaced too
 
@@ -130,7 +127,7 @@ def test_a_file_with_fewer_modules_is_refused_unless_allow_subset(saved):
 
 def test_a_good_adapter_still_loads_after_refusals(saved):
     for rank_result in saved:
-        assert rel_err(rank_result["reloaded_logits"], rank_result["random_logits"]) == 0.0
+        assert relative_error(rank_result["reloaded_logits"], rank_result["random_logits"]) == 0.0
 
 
 def test_crash_during_save_leaves_the_previous_adapter(saved):
@@ -154,20 +151,20 @@ def test_peft_import_of_the_export_gives_the_same_logits(saved, gpt_spawned, wor
     for rank_result in gpt_spawned(world):
         logits = rank_result[layout]["load"]["peft_import_logits"]
         if logits is not None:
-            assert rel_err(logits, expected) < 1e-5
+            assert relative_error(logits, expected) < 1e-5
 
 
 def test_transformers_and_peft_read_the_export(saved, gpt_spawned):
     load = gpt_spawned(1)[0][(1, 1, False)]["load"]
-    assert rel_err(load["hf_base_logits"], load["megatron_base_logits"]) < 1e-5  # the converter
-    assert rel_err(load["peft_logits"], saved[0]["random_logits"]) < 1e-5  # PeftModel vs TP=2+SP
-    assert rel_err(load["peft_logits"], load["hf_base_logits"]) > 1e-3  # the adapter matters
+    assert relative_error(load["hf_base_logits"], load["megatron_base_logits"]) < 1e-5  # the converter
+    assert relative_error(load["peft_logits"], saved[0]["random_logits"]) < 1e-5  # PeftModel vs TP=2+SP
+    assert relative_error(load["peft_logits"], load["hf_base_logits"]) > 1e-3  # the adapter matters
 
 
 def test_a_peft_made_adapter_imports_exactly(gpt_spawned):
     load = gpt_spawned(1)[0][(1, 1, False)]["load"]
-    assert rel_err(load["native_peft_logits"], load["hf_base_logits"]) > 1e-3
-    assert rel_err(load["native_imported_logits"], load["native_peft_logits"]) < 1e-5
+    assert relative_error(load["native_peft_logits"], load["hf_base_logits"]) > 1e-3
+    assert relative_error(load["native_imported_logits"], load["native_peft_logits"]) < 1e-5
 
 
 def test_fc1_b_is_saved_as_gate_all_then_up_all(saved, gpt_spawned):
@@ -186,9 +183,9 @@ def test_expert_adapters_saved_at_ep2_load_at_ep1_and_ep4(saved, gpt_spawned, wo
     names = {n for rank_result in saved for n in rank_result["moe"]["names"]}
     assert len(names) == 4 * (1 + 4 * 2)  # per layer: qkv + 4 experts x (fc1, fc2), global numbers
     assert "decoder.layers.3.mlp.experts.local_experts.3.linear_fc2" in names
-    assert rel_err(saved_moe["logits"], saved_moe["base_logits"]) > 1e-3  # the adapter matters
+    assert relative_error(saved_moe["logits"], saved_moe["base_logits"]) > 1e-3  # the adapter matters
     for rank_result in gpt_spawned(world):
         loaded = rank_result["moe"]
-        assert rel_err(loaded["logits"], saved_moe["logits"]) < 1e-5
+        assert relative_error(loaded["logits"], saved_moe["logits"]) < 1e-5
     loaded_names = {n for rank_result in gpt_spawned(world) for n in rank_result["moe"]["names"]}
     assert loaded_names == names

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gpt_checks import LAYOUTS, TRAIN_STEPS, VARIANTS
+from numerics import relative_error
 
 FP32 = 1e-5
 REFERENCE = (1, 1, False)
@@ -19,11 +20,6 @@ LAYOUT_IDS = {(2, 1, True): "tp2-sp", (1, 2, False): "pp2", (4, 1, False): "tp4"
 PARALLEL_LAYOUTS = [pytest.param(world, layout, id=LAYOUT_IDS[layout])
                     for world in (2, 4) for layout in LAYOUTS[world]]
 
-
-def rel_err(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
 def values_over_ranks(per_rank, *keys):
@@ -69,7 +65,7 @@ def test_logits_loss_and_every_lora_gradient_match_tp1(gpt_spawned, reference, w
     results = layout_results(gpt_spawned, world, layout)
     if layout[1] == 1:
         for logits in values_over_ranks(results, "parity", "logits"):
-            assert rel_err(logits, reference["parity"]["logits"]) < FP32
+            assert relative_error(logits, reference["parity"]["logits"]) < FP32
     losses = [loss for loss in values_over_ranks(results, "parity", "loss") if loss is not None]
     assert losses, "no rank reported a loss"
     for loss in losses:
@@ -78,8 +74,8 @@ def test_logits_loss_and_every_lora_gradient_match_tp1(gpt_spawned, reference, w
     assert sorted(grads) == sorted(reference["parity"]["grads"])
     for name, (grad_a, grad_b) in reference["parity"]["grads"].items():
         assert grad_a.abs().max() > 0 and grad_b.abs().max() > 0, name
-        assert rel_err(grads[name][0], grad_a) < FP32, f"{name} lora_A"
-        assert rel_err(grads[name][1], grad_b) < FP32, f"{name} lora_B"
+        assert relative_error(grads[name][0], grad_a) < FP32, f"{name} lora_A"
+        assert relative_error(grads[name][1], grad_b) < FP32, f"{name} lora_B"
     for norm in values_over_ranks(results, "parity", "grad_norm"):
         assert norm == pytest.approx(reference["parity"]["grad_norm"], rel=FP32)
 
@@ -116,8 +112,8 @@ def test_training_curves_agree_step_by_step(gpt_spawned, reference, world, layou
     factors = merged_over_ranks(results, "training", "factors")
     for name, (weight_a, weight_b) in reference["training"]["factors"].items():
         # 20 Adam steps amplify fp32 reduction-order noise of near-zero gradients a little
-        assert rel_err(factors[name][0], weight_a) < 1e-4, name
-        assert rel_err(factors[name][1], weight_b) < 1e-4, name
+        assert relative_error(factors[name][0], weight_a) < 1e-4, name
+        assert relative_error(factors[name][1], weight_b) < 1e-4, name
     assert all(values_over_ranks(results, "training", "base_unchanged"))
     assert reference["training"]["base_unchanged"]
 
@@ -130,11 +126,11 @@ def test_disable_merge_unmerge_unload(gpt_spawned, world, layout):
     for out in values_over_ranks(layout_results(gpt_spawned, world, layout), "merge"):
         assert torch.equal(out["disabled"], out["base"])
         assert torch.equal(out["after_disable"], out["lora"])
-        assert rel_err(out["lora"], out["base"]) > 1e-3  # the adapter does something
+        assert relative_error(out["lora"], out["base"]) > 1e-3  # the adapter does something
         assert out["merge_changed_weights"]
-        assert rel_err(out["merged"], out["lora"]) < FP32
-        assert rel_err(out["unmerged"], out["lora"]) < FP32
-        assert rel_err(out["unloaded"], out["merged"]) < FP32
+        assert relative_error(out["merged"], out["lora"]) < FP32
+        assert relative_error(out["unmerged"], out["lora"]) < FP32
+        assert relative_error(out["unloaded"], out["merged"]) < FP32
         assert out["wrappers_left"] == 0 and out["keys_restored"]
 
 
@@ -152,12 +148,12 @@ def test_unmerge_restores_the_base_within_one_rounding(gpt_spawned, world, layou
 
 def test_several_adapters_and_delete(gpt_spawned, reference):
     ref = reference["merge"]
-    assert rel_err(ref["both"], ref["lora"]) > 1e-3 and rel_err(ref["both"], ref["only_second"]) > 1e-3
+    assert relative_error(ref["both"], ref["lora"]) > 1e-3 and relative_error(ref["both"], ref["only_second"]) > 1e-3
     for out in values_over_ranks(layout_results(gpt_spawned, 2, (2, 1, True)), "merge"):
         for key in ("only_second", "both", "both_merged", "after_delete"):
-            assert rel_err(out[key], ref[key]) < FP32, key
-        assert rel_err(out["both_merged"], out["both"]) < FP32
-        assert rel_err(out["after_delete"], out["lora"]) < FP32
+            assert relative_error(out[key], ref[key]) < FP32, key
+        assert relative_error(out["both_merged"], out["both"]) < FP32
+        assert relative_error(out["after_delete"], out["lora"]) < FP32
         assert out["names_after_delete"] == ["default"]
 
 
@@ -221,7 +217,7 @@ def test_variant_matches_its_single_process_run(gpt_spawned, name, world, layout
     logits = [out for out in values_over_ranks(results, "parity", "logits") if out is not None]
     assert logits, "no rank returned logits"
     for out in logits:
-        assert rel_err(out, reference["logits"]) < FP32
+        assert relative_error(out, reference["logits"]) < FP32
     losses = [loss for loss in values_over_ranks(results, "parity", "loss") if loss is not None]
     assert losses
     for loss in losses:
@@ -230,8 +226,8 @@ def test_variant_matches_its_single_process_run(gpt_spawned, name, world, layout
     assert sorted(grads) == sorted(reference["grads"])
     for grad_name, (grad_a, grad_b) in reference["grads"].items():
         assert grad_a.abs().max() > 0 and grad_b.abs().max() > 0, grad_name
-        assert rel_err(grads[grad_name][0], grad_a) < FP32, f"{grad_name} lora_A"
-        assert rel_err(grads[grad_name][1], grad_b) < FP32, f"{grad_name} lora_B"
+        assert relative_error(grads[grad_name][0], grad_a) < FP32, f"{grad_name} lora_A"
+        assert relative_error(grads[grad_name][1], grad_b) < FP32, f"{grad_name} lora_B"
     for norm in values_over_ranks(results, "parity", "grad_norm"):
         assert norm == pytest.approx(reference["grad_norm"], rel=FP32)
     for report in values_over_ranks(results, "parity", "report"):
@@ -273,8 +269,8 @@ def test_tied_checkpoints_load_with_the_same_logits(gpt_spawned, saved_adapters,
     assert any(out["logits"] is not None for out in results)
     for out in results:
         if out["logits"] is not None:
-            assert rel_err(out["adapter_logits"], out["logits"]) < FP32
-            assert rel_err(out["dist_checkpoint_logits"], out["logits"]) < FP32
+            assert relative_error(out["adapter_logits"], out["logits"]) < FP32
+            assert relative_error(out["dist_checkpoint_logits"], out["logits"]) < FP32
     if world > 1:
         directory = saved_adapters[0]
         gpt_spawned(1)  # the one-process layout's file

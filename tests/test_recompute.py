@@ -11,7 +11,8 @@ tests/gpt_checks.py (run_all's "recompute" section), so they add no process star
 import pytest
 
 from gpt_checks import RECOMPUTE_CASES, RECOMPUTE_LAYOUTS, RECOMPUTE_TRAINING_CASE, TRAIN_STEPS
-from test_gpt_model import merged_over_ranks, rel_err, values_over_ranks
+from numerics import relative_error
+from test_gpt_model import merged_over_ranks, values_over_ranks
 
 EXACT = 1e-6  # relative; on CPU every comparison here is in fact bit-identical
 CASES = [pytest.param(layout, case, id=f"{layout}-{case}")
@@ -46,14 +47,14 @@ def test_recompute_gives_the_gradients_of_no_recompute(gpt_spawned, layout, case
         assert loss == pytest.approx(expected, rel=EXACT)
     for g, w in zip(got, want):
         if "logits" in w:
-            assert rel_err(g["logits"], w["logits"]) <= EXACT
+            assert relative_error(g["logits"], w["logits"]) <= EXACT
     grads = merged_over_ranks(results, "cases", case, "grads")
     expected = merged_over_ranks(results, "reference", variant, "grads")
     assert sorted(grads) == sorted(expected) and expected
     for name, (grad_a, grad_b) in expected.items():
         assert grad_a.abs().max() > 0 and grad_b.abs().max() > 0, name
-        assert rel_err(grads[name][0], grad_a) <= EXACT, f"{name} lora_A"
-        assert rel_err(grads[name][1], grad_b) <= EXACT, f"{name} lora_B"
+        assert relative_error(grads[name][0], grad_a) <= EXACT, f"{name} lora_A"
+        assert relative_error(grads[name][1], grad_b) <= EXACT, f"{name} lora_B"
 
 
 @pytest.mark.parametrize("layout", [layout for layout, entry in RECOMPUTE_LAYOUTS.items()
@@ -65,7 +66,7 @@ def test_lora_dropout_masks_matter(gpt_spawned, layout):
     assert "plain" in results[0]["reference"]
     dropped = merged_over_ranks(results, "reference", "dropout", "grads")
     plain = merged_over_ranks(results, "reference", "plain", "grads")
-    assert max(rel_err(dropped[n][0], plain[n][0]) for n in plain) > 1e-3
+    assert max(relative_error(dropped[n][0], plain[n][0]) for n in plain) > 1e-3
 
 
 @pytest.mark.parametrize("layout", ["tp1", "tp2-sp"])
@@ -79,6 +80,6 @@ def test_training_under_full_recompute_gives_the_no_recompute_curve(gpt_spawned,
         assert got["losses"] == pytest.approx(want["losses"], rel=EXACT), RECOMPUTE_TRAINING_CASE
         assert got["norms"] == pytest.approx(want["norms"], rel=EXACT)
         for name, (weight_a, weight_b) in want["factors"].items():
-            assert rel_err(got["factors"][name][0], weight_a) <= EXACT, name
-            assert rel_err(got["factors"][name][1], weight_b) <= EXACT, name
+            assert relative_error(got["factors"][name][0], weight_a) <= EXACT, name
+            assert relative_error(got["factors"][name][1], weight_b) <= EXACT, name
     assert baseline[0]["losses"][-1] < 0.7 * baseline[0]["losses"][0]  # it learns
