@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -389,10 +390,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _end_with_parent() -> None:
+    """Linux: have the kernel kill this rank when the process that spawned it dies, even by a
+    signal that runs no cleanup (SIGKILL, a timeout's kill), so no rank outlives its test."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # from <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before the line above took effect
+        os._exit(1)
+
+
 def _spawned_entry(rank, world_size, port, fn, args, results, threads):
     import pickle
     import traceback
 
+    _end_with_parent()
     try:
         torch.set_num_threads(threads)
         make_cpu_ready()

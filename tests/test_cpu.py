@@ -67,3 +67,49 @@ print(json.dumps({"version": megatron.core.__version__, "applied": applied_adjus
         expected.append("bind_moe_fused_names")
     assert report["applied"][:len(expected)] == expected
     assert report["device"] == "cpu"
+
+
+SPAWNING_PARENT = r'''
+import sys, time
+from megatron_lora.cpu import spawn_gloo
+
+def wait_forever(rank, world_size):
+    print(f"rank {rank} up", flush=True)
+    time.sleep(600)
+
+if __name__ == "__main__":
+    spawn_gloo(wait_forever, 2, timeout=600)
+'''
+
+
+def test_spawned_ranks_end_when_their_parent_is_killed(tmp_path):
+    """spawn_gloo's ranks die with the process that started them, even when it is killed by a
+    signal that runs no cleanup (a CI timeout's SIGKILL), so none is left behind."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    script = tmp_path / "parent.py"
+    script.write_text(SPAWNING_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        started = 0
+        while started < 2:
+            line = parent.stdout.readline()
+            assert line, "the parent ended before its ranks were up"
+            started += line.startswith("rank ")
+        ranks = [child for child in psutil.Process(parent.pid).children(recursive=True)
+                 if "spawn_main" in " ".join(child.cmdline())]
+        assert len(ranks) >= 2, ranks
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        gone, alive = psutil.wait_procs(ranks, timeout=30)
+        assert not alive, f"ranks outlived their killed parent: {alive}"
+    finally:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)  # only this test's own session
+        except ProcessLookupError:
+            pass
