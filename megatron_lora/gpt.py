@@ -3,9 +3,10 @@
 Used by the tests and the training scripts. Two things make a model built here the same
 logical model at every TP/PP size:
 
-* the base weights are drawn like the LoRA factors (DESIGN.md 5): each full tensor from a
-  generator seeded by (seed, its global name), then sliced to this rank's shard; so TP=1 and
-  TP=4 + PP=2 runs start from identical logical weights with no copying;
+* the base weights are drawn like the LoRA factors (docs/design.md, Layout-independent
+  initialisation): each full tensor from a generator seeded by (seed, its global name), then
+  sliced to this rank's shard; so TP=1 and TP=4 + PP=2 runs start from identical logical
+  weights with no copying;
 * the norms are plain torch norms whose parameters carry ``sequence_parallel`` as megatron's
   fused norms do (megatron's torch fallback refuses SP), so the local spec runs with SP on CPU
   and on GPU alike.

@@ -1,6 +1,7 @@
 """Hugging Face PEFT export and import for GPT / Llama-shaped megatron-core models.
 
-Megatron fuses what Llama keeps apart, so the adapter is re-laid out on the way (DESIGN.md 6):
+Megatron fuses what Llama keeps apart, so the adapter is re-laid out on the way (docs/design.md,
+Hugging Face PEFT re-layout):
 
 | megatron (global name)              | transformers Llama                       | factors            |
 |-------------------------------------|------------------------------------------|--------------------|

@@ -2,7 +2,8 @@
 
 The delta s·(x Aᵀ) Bᵀ is always produced in the same parallel state as the base output
 (replicated, sharded or partial) and added before whatever reduction the base output still
-faces, so it rides on the base layer's own collectives (DESIGN.md 4):
+faces, so it rides on the base layer's own collectives (docs/design.md,
+Forward without extra collectives):
 
 * row:    the partial x_i A_iᵀ Bᵀ is added to the partial x_i W_iᵀ before the one all-reduce
           (or reduce-scatter under SP): zero extra collectives;

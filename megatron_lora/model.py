@@ -127,7 +127,7 @@ def _name_shapes(names: Iterable[str]) -> List[str]:
 
 
 def _is_packed_gate_up(name: str, module) -> bool:
-    """SwiGLU's linear_fc1 holds [gate_i; up_i] per rank (DESIGN.md 4, packed layouts)."""
+    """SwiGLU's linear_fc1 holds [gate_i; up_i] per rank (docs/design.md, Packed layouts)."""
     config = getattr(module, "config", None)
     return name.rsplit(".", 1)[-1] == "linear_fc1" and bool(
         getattr(config, "gated_linear_unit", False)
