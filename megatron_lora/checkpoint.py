@@ -33,14 +33,13 @@ from .model import (
     _adaptable_modules,
     _chunks,
     _counts_device,
-    _is_packed_gate_up,
     _parallel_ranks,
     adapter_names,
     apply_lora,
     lora_layers,
     name_matches,
 )
-from .parallel import COLUMN, ParallelLayout
+from .parallel import LORA_A, LORA_B, ParallelLayout, is_packed_gate_up
 
 FORMAT = "megatron_lora.adapter"
 FORMAT_VERSION = 1
@@ -510,10 +509,6 @@ def check_config_against_tensors(config: dict, lora: LoraConfig, pairs, config_p
                 f"in every layer")
 
 
-def _expected_full_shapes(layout: ParallelLayout, r: int):
-    return (r, layout.in_features), (layout.out_features, r)
-
-
 def _validate_against_model(model, adapter: AdapterFile, adapter_name: str):
     """This rank's view of the file against the model: (problems, {file module: module here},
     file modules here that are not LoRA-wrapped under ``adapter_name`` although the model has
@@ -546,18 +541,14 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str):
             not_wrapped.append(module_name)
             continue
         layout = module.layout if hasattr(module, "layout") else ParallelLayout(
-            module, packed_gate_up=_is_packed_gate_up(module_name, module))
+            module, packed_gate_up=is_packed_gate_up(module_name, module))
         if wrapped(module) and module.lora_configs[adapter_name].r != r:
             problems.append(f"{module_name}: the model's adapter {adapter_name!r} has rank "
                             f"{module.lora_configs[adapter_name].r}, the file has rank {r}")
-        for suffix, actual, expected in zip(FACTOR_SUFFIXES, shapes,
-                                            _expected_full_shapes(layout, r)):
-            split_dim = None
-            if layout.kind == COLUMN and suffix == FACTOR_SUFFIXES[1]:
-                split_dim, parts = 0, layout.world_size * (2 if layout.packed_gate_up else 1)
-            elif layout.kind != COLUMN and suffix == FACTOR_SUFFIXES[0]:
-                split_dim, parts = 1, layout.world_size
-            if split_dim is not None and actual[split_dim] % parts:
+        for factor, suffix, actual, expected in zip((LORA_A, LORA_B), FACTOR_SUFFIXES, shapes,
+                                                    layout.full_factor_shapes(r)):
+            split_dim, parts = layout.split_dim, layout.split_parts
+            if factor == layout.sharded_factor and actual[split_dim] % parts:
                 problems.append(
                     f"{module_name + suffix}: dimension {split_dim} of shape {list(actual)} cannot "
                     f"be split evenly over tensor-parallel size {layout.world_size}"
@@ -623,28 +614,6 @@ def _agree_on_problems(path, problems: List[str], missing_here: List[str], exist
 # --- load ----------------------------------------------------------------------------------
 
 
-def _local_slices(handle, key_a, key_b, layer) -> Tuple[torch.Tensor, torch.Tensor]:
-    """This rank's shard of each factor, read as slices of the full tensors."""
-    layout = layer.layout
-    rank, world = layout.rank, layout.world_size
-    if layout.kind == COLUMN:
-        weight_a = handle.get_tensor(key_a)
-        b_slice = handle.get_slice(key_b)
-        rows = b_slice.get_shape()[0]
-        if layout.packed_gate_up:
-            half, per_rank = rows // 2, rows // (2 * world)
-            gate = b_slice[rank * per_rank:(rank + 1) * per_rank]
-            up = b_slice[half + rank * per_rank:half + (rank + 1) * per_rank]
-            weight_b = torch.cat([gate, up], dim=0)
-        else:
-            per_rank = rows // world
-            weight_b = b_slice[rank * per_rank:(rank + 1) * per_rank]
-        return weight_a, weight_b
-    a_slice = handle.get_slice(key_a)
-    per_rank = a_slice.get_shape()[1] // world
-    return a_slice[:, rank * per_rank:(rank + 1) * per_rank], handle.get_tensor(key_b)
-
-
 def load_adapter(model: ModelLike, path, adapter_name: Optional[str] = None,
                  *, verbose: bool = False, allow_subset: bool = False) -> str:
     """Load a saved adapter into ``model`` at its current layout; returns the adapter name.
@@ -679,10 +648,9 @@ def load_adapter(model: ModelLike, path, adapter_name: Optional[str] = None,
     with safe_open(adapter.path / WEIGHTS_NAME, framework="pt") as handle, torch.no_grad():
         for module_name in found:
             layer = layers[module_name]
-            weight_a, weight_b = _local_slices(handle, module_name + FACTOR_SUFFIXES[0],
-                                               module_name + FACTOR_SUFFIXES[1], layer)
-            layer.lora_A[name].weight.copy_(weight_a)
-            layer.lora_B[name].weight.copy_(weight_b)
+            for factor, suffix in zip((LORA_A, LORA_B), FACTOR_SUFFIXES):
+                local = layer.layout.read_slice(handle, module_name + suffix, factor)
+                getattr(layer, factor)[name].weight.copy_(local)
     if kept and (not _distributed() or dist.get_rank() == 0):
         logging.getLogger(__name__).warning(
             "%s loaded into adapter %r for %d module(s); %d module(s) keep their current factors: "

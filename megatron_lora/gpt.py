@@ -19,8 +19,9 @@ from typing import Optional
 
 import torch
 
-from .init import shard_rows, stable_seed
-from .model import _chunks, _is_packed_gate_up, global_named_modules
+from .init import stable_seed
+from .model import _chunks, global_named_modules
+from .parallel import is_packed_gate_up, shard_tensor
 
 
 class SequenceParallelNorm:
@@ -175,10 +176,8 @@ def initialize_base_weights(model, seed: int, config) -> None:
             full_shape[partition_dim] *= tp_size
             generator = torch.Generator(device="cpu").manual_seed(stable_seed(seed, "base", name))
             full = torch.randn(full_shape, generator=generator, dtype=torch.float32) * param_std
-            if partition_dim == 0:
-                local = shard_rows(full, tp_rank, tp_size, _is_packed_gate_up(module_name, module))
-            else:
-                local = full.chunk(tp_size, dim=partition_dim)[tp_rank]
+            packed = partition_dim == 0 and is_packed_gate_up(module_name, module)
+            local = shard_tensor(full, partition_dim, tp_rank, tp_size, packed)
             param.copy_(local.to(param.dtype))
 
 

@@ -46,6 +46,7 @@ from .checkpoint import (
 )
 from .config import LoraConfig
 from .model import ModelLike, _chunks
+from .parallel import split_gate_up
 
 PEFT_PREFIX = "base_model.model."
 _LAYER = r"decoder\.layers\.(\d+)\."
@@ -112,7 +113,7 @@ def megatron_to_hf_factors(tensors: Dict[str, torch.Tensor], shape) -> Dict[str,
                 if not shape["glu"]:
                     targets = {prefix + "mlp.up_proj": weight_b}
                 else:
-                    gate, up = weight_b.chunk(2, dim=0)
+                    gate, up = split_gate_up(weight_b)
                     targets = {prefix + "mlp.gate_proj": gate, prefix + "mlp.up_proj": up}
             elif rest in _DIRECT:
                 targets = {prefix + _DIRECT[rest]: weight_b}
@@ -508,7 +509,7 @@ def hf_llama_state_dict(full_state: Dict[str, torch.Tensor], shape, num_layers: 
     for i in range(num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         q, k, v = _split_qkv_rows(full_state[src + "self_attention.linear_qkv.weight"], shape)
-        gate, up = full_state[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        gate, up = split_gate_up(full_state[src + "mlp.linear_fc1.weight"])
         hf.update({
             dst + "input_layernorm.weight": full_state[src + "input_layernorm.weight"],
             dst + "post_attention_layernorm.weight": full_state[src + "pre_mlp_layernorm.weight"],

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .config import LoraConfig
 from .dispatch import SUPPORTED_LAYERS, dispatch_megatron
 from .layer import LoraParallelLinear
-from .parallel import ParallelLayout
+from .parallel import ParallelLayout, is_packed_gate_up
 from .recompute import connect_recomputed_regions, disconnect_recomputed_regions
 
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -124,14 +124,6 @@ def name_matches(pattern: str, name: str) -> bool:
 def _name_shapes(names: Iterable[str]) -> List[str]:
     """Names with layer/expert numbers folded to '*', for error messages."""
     return sorted({re.sub(r"\.\d+(?=\.|$)", ".*", name) for name in names})
-
-
-def _is_packed_gate_up(name: str, module) -> bool:
-    """SwiGLU's linear_fc1 holds [gate_i; up_i] per rank (docs/design.md, Packed layouts)."""
-    config = getattr(module, "config", None)
-    return name.rsplit(".", 1)[-1] == "linear_fc1" and bool(
-        getattr(config, "gated_linear_unit", False)
-    )
 
 
 def _counts_device():
@@ -345,7 +337,7 @@ def apply_lora(
                 adapter_name,
                 config,
                 module_name=name,
-                packed_gate_up=_is_packed_gate_up(name, module),
+                packed_gate_up=is_packed_gate_up(name, module),
                 fused_collectives=fused_collectives,
             )
             setattr(parent, attribute, wrapped)
