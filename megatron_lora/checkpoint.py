@@ -33,13 +33,13 @@ from .model import (
     _adaptable_modules,
     _chunks,
     _counts_device,
-    _parallel_ranks,
     adapter_names,
     apply_lora,
     lora_layers,
     name_matches,
 )
 from .parallel import LORA_A, LORA_B, ParallelLayout, is_packed_gate_up
+from .topology import Topology
 
 FORMAT = "megatron_lora.adapter"
 FORMAT_VERSION = 1
@@ -74,18 +74,12 @@ def describe_layout(model: ModelLike) -> Dict[str, object]:
               "expert_model_parallel_size": 1, "expert_tensor_parallel_size": 1,
               "sequence_parallel": bool(getattr(getattr(_chunks(model)[0], "config", None),
                                                 "sequence_parallel", False))}
-    try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            layout.update(
-                tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-                pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-                expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-                expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
-            )
-    except (AssertionError, RuntimeError):
-        pass
+    topology = Topology.current()
+    if topology.initialized:
+        layout.update(tensor_model_parallel_size=topology.tp_size,
+                      pipeline_model_parallel_size=topology.pp_size,
+                      expert_model_parallel_size=topology.ep_size,
+                      expert_tensor_parallel_size=topology.etp_size)
     return layout
 
 
@@ -214,22 +208,15 @@ def write_directory_atomically(path, files: Dict[str, bytes]) -> Path:
 # --- save ---------------------------------------------------------------------------------
 
 
-def _writes_layer(layer) -> bool:
-    """One rank per logical layer writes it: the layer's TP rank 0 on DP rank 0 (expert
-    layers: expert-DP rank 0)."""
-    _, _, dp_rank, _, _, edp_rank = _parallel_ranks()
-    expert = getattr(getattr(layer.base_layer, "weight", None), "allreduce", True) is False
-    return layer.layout.rank == 0 and (edp_rank if expert else dp_rank) == 0
-
-
 def adapter_tensors(model: ModelLike, adapter_name: str) -> Dict[str, torch.Tensor]:
     """This rank's share of the consolidated adapter (collective over each layer's TP group)."""
-    tensors = {}
+    tensors, topology = {}, Topology.current()
     for name, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
             continue
         weight_a, weight_b = layer.full_factors(adapter_name)
-        if _writes_layer(layer):
+        # one rank per logical layer writes it: the layer's own TP rank 0 on the first replica
+        if topology.owns(getattr(layer.base_layer, "weight", None), tp_rank=layer.layout.rank):
             tensors[f"{name}.lora_A.weight"] = weight_a
             tensors[f"{name}.lora_B.weight"] = weight_b
     return tensors

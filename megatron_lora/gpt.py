@@ -22,6 +22,7 @@ import torch
 from .init import stable_seed
 from .model import _chunks, global_named_modules
 from .parallel import is_packed_gate_up, shard_tensor
+from .topology import Topology
 
 
 class SequenceParallelNorm:
@@ -119,22 +120,6 @@ def build_gpt_model(experiment, *, layout_invariant_init: bool = True, **config_
     return model
 
 
-def _tp_size_of(param) -> int:
-    from megatron.core import parallel_state
-
-    if getattr(param, "allreduce", True) is False:  # expert weights use the expert-TP group
-        return parallel_state.get_expert_tensor_parallel_world_size()
-    return parallel_state.get_tensor_model_parallel_world_size()
-
-
-def _tp_rank_of(param) -> int:
-    from megatron.core import parallel_state
-
-    if getattr(param, "allreduce", True) is False:
-        return parallel_state.get_expert_tensor_parallel_rank()
-    return parallel_state.get_tensor_model_parallel_rank()
-
-
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
 
@@ -160,6 +145,7 @@ def initialize_base_weights(model, seed: int, config) -> None:
     std = config.init_method_std
     scaled_std = std / math.sqrt(2.0 * config.num_layers)
     tied_copies = _tied_output_weight_copies(model)
+    topology = Topology.current()
     for module_name, module in global_named_modules(model):
         for param_name, param in module.named_parameters(recurse=False):
             if param.dim() < 2 or getattr(param, "is_lora", False):
@@ -171,7 +157,8 @@ def initialize_base_weights(model, seed: int, config) -> None:
             param_std = scaled_std if leaf in ("linear_proj", "linear_fc2") else std
             full_shape = list(param.shape)
             sharded = getattr(param, "tensor_model_parallel", False)
-            tp_size, tp_rank = (_tp_size_of(param), _tp_rank_of(param)) if sharded else (1, 0)
+            tp_size, tp_rank = (topology.tensor_parallel_size_of(param),
+                                topology.tensor_parallel_rank_of(param)) if sharded else (1, 0)
             partition_dim = getattr(param, "partition_dim", 0) if sharded else 0
             full_shape[partition_dim] *= tp_size
             generator = torch.Generator(device="cpu").manual_seed(stable_seed(seed, "base", name))

@@ -53,6 +53,7 @@ from .parallel import (
     project_down_shared_input_grad,
     project_up_from_partial_sum,
 )
+from .topology import is_expert
 
 _DTYPES = {
     "float32": torch.float32,
@@ -182,9 +183,9 @@ class LoraParallelLinear(torch.nn.Module):
         # finalize_model_grads would sum it a second time (and only when SP is on).
         set_tensor_model_parallel_attributes(replicated, False, -1, 1)
         replicated.lora_partial_grad_group = self.layout.group
-        allreduce = getattr(base_weight, "allreduce", True) if base_weight is not None else True
+        expert = is_expert(base_weight)
         for weight in (weight_a, weight_b):
-            weight.allreduce = allreduce  # expert weights are reduced over the expert-DP group
+            weight.allreduce = not expert  # expert weights are reduced over the expert-DP group
             weight.is_lora = True
 
     def replicated_lora_parameters(self) -> List[torch.nn.Parameter]:

@@ -28,6 +28,7 @@ from .dispatch import SUPPORTED_LAYERS, dispatch_megatron
 from .layer import LoraParallelLinear
 from .parallel import ParallelLayout, is_packed_gate_up
 from .recompute import connect_recomputed_regions, disconnect_recomputed_regions
+from .topology import Topology
 
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
@@ -172,25 +173,6 @@ class LoraReport:
         )
 
 
-def _parallel_ranks():
-    """(tp_rank, tp_size, dp_rank, etp_rank, etp_size, edp_rank), or TP=1 defaults."""
-    try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            return (
-                ps.get_tensor_model_parallel_rank(),
-                ps.get_tensor_model_parallel_world_size(),
-                ps.get_data_parallel_rank(with_context_parallel=True),
-                ps.get_expert_tensor_parallel_rank(),
-                ps.get_expert_tensor_parallel_world_size(),
-                ps.get_expert_data_parallel_rank(),
-            )
-    except (AssertionError, RuntimeError):
-        pass
-    return 0, 1, 0, 0, 1, 0
-
-
 def _logical_counts(model: ModelLike) -> Tuple[int, int]:
     """(trainable, total) logical parameters this rank is the owner of for counting.
 
@@ -198,7 +180,7 @@ def _logical_counts(model: ModelLike) -> Tuple[int, int]:
     parameters (expert ones: expert-TP rank 0 of expert-DP rank 0), so a sum over the world
     counts every logical parameter exactly once (tied embeddings: their first-stage copy).
     """
-    tp_rank, tp_size, dp_rank, etp_rank, etp_size, edp_rank = _parallel_ranks()
+    topology = Topology.current()
     trainable = total = 0
     seen = set()
     for chunk in _chunks(model):
@@ -208,11 +190,9 @@ def _logical_counts(model: ModelLike) -> Tuple[int, int]:
             seen.add(id(param))
             if getattr(param, "shared", False):
                 continue  # the last stage's copy of tied embeddings: counted on the first
-            expert = getattr(param, "allreduce", True) is False
-            owner = (etp_rank, edp_rank) == (0, 0) if expert else (tp_rank, dp_rank) == (0, 0)
-            if not owner:
+            if not topology.owns(param):
                 continue
-            scale = (etp_size if expert else tp_size) if getattr(
+            scale = topology.tensor_parallel_size_of(param) if getattr(
                 param, "tensor_model_parallel", False
             ) else 1
             total += param.numel() * scale
@@ -234,13 +214,9 @@ def lora_report(model: ModelLike, adapter_name: str) -> LoraReport:
                 local_total += param.numel()
                 local_trainable += param.numel() if param.requires_grad else 0
     trainable, total = _logical_counts(model)
-    tp_rank, _, dp_rank, etp_rank, _, edp_rank = _parallel_ranks()
+    topology = Topology.current()
     # a module counts where its parameters do: expert ones on expert-TP / expert-DP rank 0
-    counted_adapted = sum(
-        (etp_rank, edp_rank) == (0, 0) if getattr(layer.weight, "allreduce", True) is False
-        else (tp_rank, dp_rank) == (0, 0)
-        for _, layer in adapted_layers
-    )
+    counted_adapted = sum(topology.owns(layer.weight) for _, layer in adapted_layers)
     global_trainable, global_total, global_adapted = _sum_over_world(
         [trainable, total, counted_adapted]
     )
