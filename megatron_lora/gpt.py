@@ -18,9 +18,15 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    gather_from_tensor_model_parallel_region,
+    model_parallel_cuda_manual_seed,
+)
 
 from .init import stable_seed
-from .model import _chunks, global_named_modules
+from .model import global_named_modules, model_chunks
 from .parallel import is_packed_gate_up, shard_tensor
 from .topology import Topology
 
@@ -50,6 +56,7 @@ class SequenceParallelNorm:
 
 def gpt_block_spec(config, num_layers_on_stage: int):
     """megatron-core's local GPT layer spec with SP-capable torch norms."""
+    # heavy (megatron's model and transformer packages): only building a model needs them
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
@@ -69,10 +76,6 @@ def initialize_model_parallel(experiment) -> None:
     torch.distributed must already be initialised; the layout is checked against the world
     size first, with the config's own message.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     experiment.check_world_size(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -92,7 +95,7 @@ def build_gpt_model(experiment, *, layout_invariant_init: bool = True, **config_
     the same at every TP/PP size; False keeps megatron's own initialisation (faster for huge
     shapes that are about to be overwritten by a checkpoint anyway).
     """
-    from megatron.core import parallel_state
+    # heavy (megatron's model and transformer packages): only building a model needs them
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
@@ -126,7 +129,7 @@ WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 def _tied_output_weight_copies(model) -> set:
     """ids of the last stage's copies of tied word embeddings (PP > 1 only: at PP = 1 the
     output layer uses the embedding's own parameter)."""
-    return {id(chunk.shared_embedding_or_output_weight()) for chunk in _chunks(model)
+    return {id(chunk.shared_embedding_or_output_weight()) for chunk in model_chunks(model)
             if getattr(chunk, "share_embeddings_and_output_weights", False)
             and not chunk.pre_process and chunk.post_process}
 
@@ -177,9 +180,6 @@ def gpt_forward_inputs(tokens: torch.Tensor):
 
 def gathered_logits(logits: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
     """Full-vocabulary logits from vocab-parallel ones (for tests and generation)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     group = group or parallel_state.get_tensor_model_parallel_group()
     if group.size() == 1:
         return logits

@@ -13,9 +13,11 @@ from typing import Iterable, List, Union
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .layer import LoraParallelLinear
+from .model import model_chunks
 from .topology import Topology, is_expert
 
 
@@ -107,13 +109,9 @@ def all_reduce_tied_embedding_grads(model) -> None:
     (``_allreduce_word_embedding_grads``). No-op at PP = 1, off those stages, and when the
     weight is frozen (LoRA).
     """
-    from megatron.core import parallel_state as ps
-
-    from .model import _chunks
-
     if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group():
         return
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         if getattr(chunk, "share_embeddings_and_output_weights", False) and (
                 chunk.pre_process or chunk.post_process):
             grad = _grad_of(chunk.shared_embedding_or_output_weight())
@@ -137,8 +135,6 @@ def finalize_gradients(model, params, lora: bool, clip_grad: float) -> float:
     Returns the norm before clipping. Collective: every rank of the world calls it. The rules
     and what is proven: docs/gradients.md.
     """
-    from megatron.core import parallel_state as ps
-
     if lora:
         finalize_lora_grads(model)
     else:
@@ -159,6 +155,7 @@ def finalize_model_grads_with_lora(model, *args, **kwargs):
     Set it as ``config.finalize_model_grads_func`` when training with megatron-core's
     forward-backward schedules and DDP.
     """
+    # heavy (megatron's DDP, FSDP and optimizer packages) and needed only with megatron's loop
     from megatron.core.distributed import finalize_model_grads
 
     result = finalize_model_grads(model, *args, **kwargs)

@@ -473,6 +473,7 @@ class LoraParallelLinear(torch.nn.Module):
         replicas over TP; SwiGLU fc1's B goes through megatron's gate/up factory, so the
         checkpoint holds the canonical [gate_all; up_all] tensor and reshards to any TP.
         """
+        # heavy (megatron's transformer package): only dist-checkpointing needs it
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
         from megatron.core.transformer.utils import (
             ensure_metadata_has_dp_cp_group,

@@ -38,7 +38,8 @@ ModelLike = Union[torch.nn.Module, Sequence[torch.nn.Module]]
 # --- global names --------------------------------------------------------------------------
 
 
-def _chunks(model: ModelLike) -> List[torch.nn.Module]:
+def model_chunks(model: ModelLike) -> List[torch.nn.Module]:
+    """The model as a list of chunks (one per virtual pipeline stage), checked to be modules."""
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     for chunk in chunks:
         if not isinstance(chunk, torch.nn.Module):
@@ -74,7 +75,7 @@ def global_named_modules(model: ModelLike) -> Iterator[Tuple[str, torch.nn.Modul
             part = _global_child_name(module, child_name, child, ancestors)
             yield from walk(child, f"{name}.{part}" if name else part, ancestors + [module])
 
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         yield from walk(chunk, "", [])
 
 
@@ -85,10 +86,10 @@ def lora_layers(model: ModelLike) -> Iterator[Tuple[str, LoraParallelLinear]]:
             yield name, module
 
 
-def _adaptable_modules(model: ModelLike):
+def adaptable_modules(model: ModelLike):
     """(global name, parent, attribute, module) of every supported layer or existing wrapper."""
     found = []
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         stack = [(chunk, "", [])]
         while stack:
             module, name, ancestors = stack.pop()
@@ -122,19 +123,20 @@ def name_matches(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def _name_shapes(names: Iterable[str]) -> List[str]:
+def name_shapes(names: Iterable[str]) -> List[str]:
     """Names with layer/expert numbers folded to '*', for error messages."""
     return sorted({re.sub(r"\.\d+(?=\.|$)", ".*", name) for name in names})
 
 
-def _counts_device():
+def collective_device():
+    """Where tensors for a world-wide collective must live: the GPU under NCCL, else the CPU."""
     return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _sum_over_world(values: Sequence[int]) -> List[int]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(values)
-    tensor = torch.tensor(list(values), dtype=torch.int64, device=_counts_device())
+    tensor = torch.tensor(list(values), dtype=torch.int64, device=collective_device())
     dist.all_reduce(tensor)
     return [int(v) for v in tensor.tolist()]
 
@@ -183,7 +185,7 @@ def _logical_counts(model: ModelLike) -> Tuple[int, int]:
     topology = Topology.current()
     trainable = total = 0
     seen = set()
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for param in chunk.parameters():
             if id(param) in seen:
                 continue
@@ -207,7 +209,7 @@ def lora_report(model: ModelLike, adapter_name: str) -> LoraReport:
                       if adapter_name in layer.lora_A]
     adapted = [name for name, _ in adapted_layers]
     seen, local_trainable, local_total = set(), 0, 0
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for param in chunk.parameters():
             if id(param) not in seen:
                 seen.add(id(param))
@@ -256,7 +258,7 @@ def apply_lora(
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
     targets = list(config.target_modules or DEFAULT_TARGETS)
     excludes = list(config.exclude_modules or [])
-    candidates = _adaptable_modules(model)
+    candidates = adaptable_modules(model)
 
     match_counts = [
         sum(name_matches(pattern, name) for name, *_ in candidates) for pattern in targets
@@ -266,7 +268,7 @@ def apply_lora(
     if unmatched:
         raise ValueError(
             f"LoRA target(s) {unmatched} match no supported layer on any rank. Layers that "
-            f"exist: {_name_shapes(name for name, *_ in candidates)} (a target is a name, a "
+            f"exist: {name_shapes(name for name, *_ in candidates)} (a target is a name, a "
             f"dotted suffix such as 'mlp.linear_fc1', a glob such as "
             f"'decoder.layers.*.mlp.linear_fc1', or 're:<regex>')"
         )
@@ -318,7 +320,7 @@ def apply_lora(
             )
             setattr(parent, attribute, wrapped)
 
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for param in chunk.parameters():
             param.requires_grad_(False)
         # every rank records the name, also a pipeline stage where it adapted nothing
@@ -326,12 +328,12 @@ def apply_lora(
         chunk.lora_adapter_names = registered + [adapter_name]
     set_adapter(model, adapter_name)
     # a frozen base would cut megatron's recomputed regions off from autograd (docs/recompute.md)
-    connect_recomputed_regions(_chunks(model))
+    connect_recomputed_regions(model_chunks(model))
 
     report = lora_report(model, adapter_name)
     if verbose and report.rank == 0:
         print(report, flush=True)
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         chunk.lora_report = report
     return model
 
@@ -342,7 +344,7 @@ def apply_lora(
 def adapter_names(model: ModelLike) -> List[str]:
     """The adapters added to this model (on every pipeline stage, even one they skip)."""
     names: List[str] = []
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         names.extend(n for n in getattr(chunk, "lora_adapter_names", []) if n not in names)
     for _, layer in lora_layers(model):
         names.extend(n for n in layer.lora_A if n not in names)
@@ -386,7 +388,7 @@ def delete_adapter(model: ModelLike, adapter_name: str) -> None:
     for layer in layers:
         if adapter_name in layer.lora_A:
             layer.delete_adapter(adapter_name)
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         if adapter_name in getattr(chunk, "lora_adapter_names", []):
             chunk.lora_adapter_names = [n for n in chunk.lora_adapter_names if n != adapter_name]
 
@@ -438,7 +440,7 @@ def unmerge_adapter(model: ModelLike) -> None:
 def merge_and_unload(model: ModelLike, adapter_names_: Optional[Sequence[str]] = None) -> ModelLike:
     """Merge (default: the active adapters) and put the plain megatron layers back."""
     merge_adapter(model, adapter_names_)
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         replacements = [
             (parent, attribute, module.base_layer)
             for parent in chunk.modules()

@@ -15,6 +15,7 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.random import get_expert_parallel_rng_tracker_name
 
 from .fused import low_rank_outer_grad
 
@@ -260,10 +261,6 @@ class ParallelLayout:
 
     @property
     def rng_tracker_name(self) -> str:
-        from megatron.core.tensor_parallel.random import (
-            get_expert_parallel_rng_tracker_name,
-        )
-
         if self.base.is_expert:
             return get_expert_parallel_rng_tracker_name()
         return "model-parallel-rng"
