@@ -26,21 +26,25 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from .config import LoraConfig
 from .model import (
+    DEFAULT_TARGETS,
     ModelLike,
-    _adaptable_modules,
-    _chunks,
-    _counts_device,
-    _is_packed_gate_up,
-    _parallel_ranks,
+    adaptable_modules,
     adapter_names,
     apply_lora,
+    collective_device,
     lora_layers,
+    model_chunks,
     name_matches,
+    name_shapes,
 )
-from .parallel import COLUMN, ParallelLayout
+from .parallel import LORA_A, LORA_B, ParallelLayout, is_packed_gate_up
+from .topology import Topology
+from .watchdog import end_process_if_helper_dies
 
 FORMAT = "megatron_lora.adapter"
 FORMAT_VERSION = 1
@@ -61,7 +65,7 @@ class AdapterCheckpointError(ValueError):
 
 def describe_base_model(model: ModelLike) -> Dict[str, object]:
     """The shape facts an adapter depends on, from the model's megatron config."""
-    chunk = _chunks(model)[0]
+    chunk = model_chunks(model)[0]
     config = getattr(chunk, "config", None)
     description = {field: getattr(config, field, None) for field in _BASE_FIELDS}
     description["vocab_size"] = getattr(chunk, "vocab_size", None)
@@ -73,35 +77,30 @@ def describe_base_model(model: ModelLike) -> Dict[str, object]:
 def describe_layout(model: ModelLike) -> Dict[str, object]:
     layout = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
               "expert_model_parallel_size": 1, "expert_tensor_parallel_size": 1,
-              "sequence_parallel": bool(getattr(getattr(_chunks(model)[0], "config", None),
+              "sequence_parallel": bool(getattr(getattr(model_chunks(model)[0], "config", None),
                                                 "sequence_parallel", False))}
-    try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            layout.update(
-                tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-                pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-                expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-                expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
-            )
-    except (AssertionError, RuntimeError):
-        pass
+    topology = Topology.current()
+    if topology.initialized:
+        layout.update(tensor_model_parallel_size=topology.tp_size,
+                      pipeline_model_parallel_size=topology.pp_size,
+                      expert_model_parallel_size=topology.ep_size,
+                      expert_tensor_parallel_size=topology.etp_size)
     return layout
 
 
 # --- moving tensors to rank 0 without pickle ------------------------------------------------
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """Whether more than one process takes part (saving and loading then gather or agree)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _all_gather_bytes(payload: bytes) -> List[bytes]:
     """Every rank's bytes (JSON here), through tensors: nothing is unpickled."""
-    if not _distributed():
+    if not is_distributed():
         return [payload]
-    device = _counts_device()
+    device = collective_device()
     world = dist.get_world_size()
     size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
@@ -122,9 +121,9 @@ def _dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
-def _collect_on_rank0(local: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def collect_on_rank0(local: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Rank 0 receives every rank's tensors (point to point); other ranks get {}."""
-    if not _distributed():
+    if not is_distributed():
         return dict(local)
     manifest = json.dumps([[k, list(t.shape), str(t.dtype)] for k, t in local.items()]).encode()
     manifests = [json.loads(m) for m in _all_gather_bytes(manifest)]
@@ -134,7 +133,7 @@ def _collect_on_rank0(local: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
             dist.send(tensor.contiguous(), dst=0)
         return {}
     collected = dict(local)
-    device = next(iter(local.values())).device if local else _counts_device()
+    device = next(iter(local.values())).device if local else collective_device()
     for source, entries in enumerate(manifests):
         if source == 0:
             continue
@@ -215,22 +214,15 @@ def write_directory_atomically(path, files: Dict[str, bytes]) -> Path:
 # --- save ---------------------------------------------------------------------------------
 
 
-def _writes_layer(layer) -> bool:
-    """One rank per logical layer writes it: the layer's TP rank 0 on DP rank 0 (expert
-    layers: expert-DP rank 0)."""
-    _, _, dp_rank, _, _, edp_rank = _parallel_ranks()
-    expert = getattr(getattr(layer.base_layer, "weight", None), "allreduce", True) is False
-    return layer.layout.rank == 0 and (edp_rank if expert else dp_rank) == 0
-
-
 def adapter_tensors(model: ModelLike, adapter_name: str) -> Dict[str, torch.Tensor]:
     """This rank's share of the consolidated adapter (collective over each layer's TP group)."""
-    tensors = {}
+    tensors, topology = {}, Topology.current()
     for name, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
             continue
         weight_a, weight_b = layer.full_factors(adapter_name)
-        if _writes_layer(layer):
+        # one rank per logical layer writes it: the layer's own TP rank 0 on the first replica
+        if topology.owns(getattr(layer.base_layer, "weight", None), tp_rank=layer.layout.rank):
             tensors[f"{name}.lora_A.weight"] = weight_a
             tensors[f"{name}.lora_B.weight"] = weight_b
     return tensors
@@ -252,8 +244,6 @@ def adapter_directory_files(tensors: Dict[str, torch.Tensor], lora_config: dict,
                             trained_layout: dict, base_model: dict,
                             extra_metadata: Optional[dict] = None) -> Dict[str, bytes]:
     """adapter_config.json and adapter_model.safetensors of a consolidated adapter."""
-    from safetensors.torch import save as safetensors_bytes
-
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in sorted(tensors.items())}
     weights = safetensors_bytes(tensors, metadata={"format": FORMAT})
     config = {
@@ -279,8 +269,8 @@ def save_adapter(model: ModelLike, path, adapter_name: str = "default",
     directory already at ``path`` is replaced atomically (periodic saves rely on it); a
     directory holding other files is refused (see write_directory_atomically)."""
     lora_config = shared_lora_config(model, adapter_name)
-    tensors = _collect_on_rank0(adapter_tensors(model, adapter_name))
-    if _distributed() and dist.get_rank() != 0:
+    tensors = collect_on_rank0(adapter_tensors(model, adapter_name))
+    if is_distributed() and dist.get_rank() != 0:
         dist.barrier()
         return None
     try:
@@ -290,7 +280,7 @@ def save_adapter(model: ModelLike, path, adapter_name: str = "default",
                                         describe_base_model(model), extra_metadata)
         return write_directory_atomically(path, files)
     finally:
-        if _distributed():
+        if is_distributed():
             dist.barrier()
 
 
@@ -326,8 +316,6 @@ def read_adapter_json(path: Path, what: str):
 
 def read_adapter(path) -> AdapterFile:
     """Read and check an adapter directory's JSON and safetensors header (no tensors)."""
-    from safetensors import safe_open
-
     path = Path(path)
     config, config_path, weights_path = read_adapter_json(path, "an adapter directory")
     if config.get("format") != FORMAT:
@@ -422,7 +410,6 @@ def _base_value(base: dict, field: str, config_path: Path, kind=int):
 
 def _layer_agnostic(lora: LoraConfig) -> bool:
     """Targets that select the same modules in every layer (then each layer is in the file)."""
-    from .model import DEFAULT_TARGETS
 
     targets = lora.target_modules or list(DEFAULT_TARGETS)
     return lora.exclude_modules is None and not any(
@@ -510,10 +497,6 @@ def check_config_against_tensors(config: dict, lora: LoraConfig, pairs, config_p
                 f"in every layer")
 
 
-def _expected_full_shapes(layout: ParallelLayout, r: int):
-    return (r, layout.in_features), (layout.out_features, r)
-
-
 def _validate_against_model(model, adapter: AdapterFile, adapter_name: str):
     """This rank's view of the file against the model: (problems, {file module: module here},
     file modules here that are not LoRA-wrapped under ``adapter_name`` although the model has
@@ -530,7 +513,7 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str):
         return problems, {}, [], []
 
     pairs = factor_pairs(adapter.shapes, adapter.dtypes, adapter.path / WEIGHTS_NAME)
-    modules = {name: module for name, _, _, module in _adaptable_modules(model)}
+    modules = {name: module for name, _, _, module in adaptable_modules(model)}
     model_has_adapter = adapter_name in adapter_names(model)
 
     def wrapped(module):
@@ -546,18 +529,14 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str):
             not_wrapped.append(module_name)
             continue
         layout = module.layout if hasattr(module, "layout") else ParallelLayout(
-            module, packed_gate_up=_is_packed_gate_up(module_name, module))
+            module, packed_gate_up=is_packed_gate_up(module_name, module))
         if wrapped(module) and module.lora_configs[adapter_name].r != r:
             problems.append(f"{module_name}: the model's adapter {adapter_name!r} has rank "
                             f"{module.lora_configs[adapter_name].r}, the file has rank {r}")
-        for suffix, actual, expected in zip(FACTOR_SUFFIXES, shapes,
-                                            _expected_full_shapes(layout, r)):
-            split_dim = None
-            if layout.kind == COLUMN and suffix == FACTOR_SUFFIXES[1]:
-                split_dim, parts = 0, layout.world_size * (2 if layout.packed_gate_up else 1)
-            elif layout.kind != COLUMN and suffix == FACTOR_SUFFIXES[0]:
-                split_dim, parts = 1, layout.world_size
-            if split_dim is not None and actual[split_dim] % parts:
+        for factor, suffix, actual, expected in zip((LORA_A, LORA_B), FACTOR_SUFFIXES, shapes,
+                                                    layout.full_factor_shapes(r)):
+            split_dim, parts = layout.split_dim, layout.split_parts
+            if factor == layout.sharded_factor and actual[split_dim] % parts:
                 problems.append(
                     f"{module_name + suffix}: dimension {split_dim} of shape {list(actual)} cannot "
                     f"be split evenly over tensor-parallel size {layout.world_size}"
@@ -598,11 +577,9 @@ def _agree_on_problems(path, problems: List[str], missing_here: List[str], exist
     not_wrapped = sorted(set().union(*(v[2] for v in views)))
     unfilled = sorted(set().union(*(v[3] for v in views)))
     if not message and extra:
-        from .model import _name_shapes
-
         keys = [name + suffix for name in extra for suffix in FACTOR_SUFFIXES]
         message = (f"extra key(s) {keys[:4]}{' …' if len(keys) > 4 else ''}: no layer of this "
-                   f"model has that name (layers that exist: {_name_shapes(existing)})")
+                   f"model has that name (layers that exist: {name_shapes(existing)})")
     if not message and (not_wrapped or (unfilled and not allow_subset)):
         parts = []
         if not_wrapped:
@@ -623,28 +600,6 @@ def _agree_on_problems(path, problems: List[str], missing_here: List[str], exist
 # --- load ----------------------------------------------------------------------------------
 
 
-def _local_slices(handle, key_a, key_b, layer) -> Tuple[torch.Tensor, torch.Tensor]:
-    """This rank's shard of each factor, read as slices of the full tensors."""
-    layout = layer.layout
-    rank, world = layout.rank, layout.world_size
-    if layout.kind == COLUMN:
-        weight_a = handle.get_tensor(key_a)
-        b_slice = handle.get_slice(key_b)
-        rows = b_slice.get_shape()[0]
-        if layout.packed_gate_up:
-            half, per_rank = rows // 2, rows // (2 * world)
-            gate = b_slice[rank * per_rank:(rank + 1) * per_rank]
-            up = b_slice[half + rank * per_rank:half + (rank + 1) * per_rank]
-            weight_b = torch.cat([gate, up], dim=0)
-        else:
-            per_rank = rows // world
-            weight_b = b_slice[rank * per_rank:(rank + 1) * per_rank]
-        return weight_a, weight_b
-    a_slice = handle.get_slice(key_a)
-    per_rank = a_slice.get_shape()[1] // world
-    return a_slice[:, rank * per_rank:(rank + 1) * per_rank], handle.get_tensor(key_b)
-
-
 def load_adapter(model: ModelLike, path, adapter_name: Optional[str] = None,
                  *, verbose: bool = False, allow_subset: bool = False) -> str:
     """Load a saved adapter into ``model`` at its current layout; returns the adapter name.
@@ -658,13 +613,11 @@ def load_adapter(model: ModelLike, path, adapter_name: Optional[str] = None,
     ``megatron_lora.checkpoint`` logger). A module in the file that the existing adapter does
     not adapt is always an error.
     """
-    from safetensors import safe_open
-
     adapter = read_adapter(path)
     name = adapter_name or adapter.config.get("adapter_name") or "default"
     problems, found, not_wrapped, unfilled = _validate_against_model(model, adapter, name)
     in_file = {k.rsplit(".lora_", 1)[0] for k in adapter.shapes}
-    existing = [module_name for module_name, *_ in _adaptable_modules(model)]
+    existing = [module_name for module_name, *_ in adaptable_modules(model)]
     kept = _agree_on_problems(adapter.path, problems, sorted(in_file - set(existing)), existing,
                               not_wrapped, unfilled, name, allow_subset)
 
@@ -679,11 +632,10 @@ def load_adapter(model: ModelLike, path, adapter_name: Optional[str] = None,
     with safe_open(adapter.path / WEIGHTS_NAME, framework="pt") as handle, torch.no_grad():
         for module_name in found:
             layer = layers[module_name]
-            weight_a, weight_b = _local_slices(handle, module_name + FACTOR_SUFFIXES[0],
-                                               module_name + FACTOR_SUFFIXES[1], layer)
-            layer.lora_A[name].weight.copy_(weight_a)
-            layer.lora_B[name].weight.copy_(weight_b)
-    if kept and (not _distributed() or dist.get_rank() == 0):
+            for factor, suffix in zip((LORA_A, LORA_B), FACTOR_SUFFIXES):
+                local = layer.layout.read_slice(handle, module_name + suffix, factor)
+                getattr(layer, factor)[name].weight.copy_(local)
+    if kept and (not is_distributed() or dist.get_rank() == 0):
         logging.getLogger(__name__).warning(
             "%s loaded into adapter %r for %d module(s); %d module(s) keep their current factors: "
             "%s", adapter.path, name, len(in_file), len(kept), _few(kept, 8))
@@ -706,7 +658,7 @@ def adapter_sharded_state_dict(model: ModelLike) -> dict:
     adapter-only view.
     """
     state = {}
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         state.update({k: v for k, v in chunk.sharded_state_dict().items() if _is_lora_key(k)})
     if not state:
         raise AdapterCheckpointError("the model has no LoRA adapters to checkpoint")
@@ -717,9 +669,9 @@ def save_dist_checkpoint(sharded_state_dict, directory) -> None:
     """megatron-core ``dist_checkpointing.save``, guarded: if one of its writer threads or
     processes dies, this rank ends at once with the cause on stderr instead of waiting for
     the writer forever (see :mod:`megatron_lora.watchdog`). Collective."""
+    # heavy (megatron's dist-checkpointing strategies); only megatron dist-checkpoints need it
     from megatron.core import dist_checkpointing
 
-    from .watchdog import end_process_if_helper_dies
 
     with end_process_if_helper_dies(f"saving the megatron dist-checkpoint {directory}"):
         dist_checkpointing.save(sharded_state_dict, str(directory))
@@ -735,6 +687,7 @@ def load_adapter_distributed(model: ModelLike, directory) -> None:
     """Load an adapter-only (or full-model) dist-checkpoint into the model's existing adapters,
     at any TP/PP layout. The checkpoint is read into fresh buffers first, so a failing load
     (missing keys, other shapes) changes no parameter. Collective."""
+    # heavy (megatron's dist-checkpointing strategies); only megatron dist-checkpoints need it
     from megatron.core import dist_checkpointing
 
     state = adapter_sharded_state_dict(model)

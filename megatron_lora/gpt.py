@@ -3,9 +3,10 @@
 Used by the tests and the training scripts. Two things make a model built here the same
 logical model at every TP/PP size:
 
-* the base weights are drawn like the LoRA factors (DESIGN.md 5): each full tensor from a
-  generator seeded by (seed, its global name), then sliced to this rank's shard; so TP=1 and
-  TP=4 + PP=2 runs start from identical logical weights with no copying;
+* the base weights are drawn like the LoRA factors (docs/design.md, Layout-independent
+  initialisation): each full tensor from a generator seeded by (seed, its global name), then
+  sliced to this rank's shard; so TP=1 and TP=4 + PP=2 runs start from identical logical
+  weights with no copying;
 * the norms are plain torch norms whose parameters carry ``sequence_parallel`` as megatron's
   fused norms do (megatron's torch fallback refuses SP), so the local spec runs with SP on CPU
   and on GPU alike.
@@ -17,9 +18,17 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    gather_from_tensor_model_parallel_region,
+    model_parallel_cuda_manual_seed,
+)
 
-from .init import shard_rows, stable_seed
-from .model import _chunks, _is_packed_gate_up, global_named_modules
+from .init import stable_seed
+from .model import global_named_modules, model_chunks
+from .parallel import is_packed_gate_up, shard_tensor
+from .topology import Topology
 
 
 class SequenceParallelNorm:
@@ -47,6 +56,7 @@ class SequenceParallelNorm:
 
 def gpt_block_spec(config, num_layers_on_stage: int):
     """megatron-core's local GPT layer spec with SP-capable torch norms."""
+    # heavy (megatron's model and transformer packages): only building a model needs them
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
@@ -66,10 +76,6 @@ def initialize_model_parallel(experiment) -> None:
     torch.distributed must already be initialised; the layout is checked against the world
     size first, with the config's own message.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     experiment.check_world_size(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -89,7 +95,7 @@ def build_gpt_model(experiment, *, layout_invariant_init: bool = True, **config_
     the same at every TP/PP size; False keeps megatron's own initialisation (faster for huge
     shapes that are about to be overwritten by a checkpoint anyway).
     """
-    from megatron.core import parallel_state
+    # heavy (megatron's model and transformer packages): only building a model needs them
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
@@ -117,29 +123,13 @@ def build_gpt_model(experiment, *, layout_invariant_init: bool = True, **config_
     return model
 
 
-def _tp_size_of(param) -> int:
-    from megatron.core import parallel_state
-
-    if getattr(param, "allreduce", True) is False:  # expert weights use the expert-TP group
-        return parallel_state.get_expert_tensor_parallel_world_size()
-    return parallel_state.get_tensor_model_parallel_world_size()
-
-
-def _tp_rank_of(param) -> int:
-    from megatron.core import parallel_state
-
-    if getattr(param, "allreduce", True) is False:
-        return parallel_state.get_expert_tensor_parallel_rank()
-    return parallel_state.get_tensor_model_parallel_rank()
-
-
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
 
 def _tied_output_weight_copies(model) -> set:
     """ids of the last stage's copies of tied word embeddings (PP > 1 only: at PP = 1 the
     output layer uses the embedding's own parameter)."""
-    return {id(chunk.shared_embedding_or_output_weight()) for chunk in _chunks(model)
+    return {id(chunk.shared_embedding_or_output_weight()) for chunk in model_chunks(model)
             if getattr(chunk, "share_embeddings_and_output_weights", False)
             and not chunk.pre_process and chunk.post_process}
 
@@ -158,6 +148,7 @@ def initialize_base_weights(model, seed: int, config) -> None:
     std = config.init_method_std
     scaled_std = std / math.sqrt(2.0 * config.num_layers)
     tied_copies = _tied_output_weight_copies(model)
+    topology = Topology.current()
     for module_name, module in global_named_modules(model):
         for param_name, param in module.named_parameters(recurse=False):
             if param.dim() < 2 or getattr(param, "is_lora", False):
@@ -169,15 +160,14 @@ def initialize_base_weights(model, seed: int, config) -> None:
             param_std = scaled_std if leaf in ("linear_proj", "linear_fc2") else std
             full_shape = list(param.shape)
             sharded = getattr(param, "tensor_model_parallel", False)
-            tp_size, tp_rank = (_tp_size_of(param), _tp_rank_of(param)) if sharded else (1, 0)
+            tp_size, tp_rank = (topology.tensor_parallel_size_of(param),
+                                topology.tensor_parallel_rank_of(param)) if sharded else (1, 0)
             partition_dim = getattr(param, "partition_dim", 0) if sharded else 0
             full_shape[partition_dim] *= tp_size
             generator = torch.Generator(device="cpu").manual_seed(stable_seed(seed, "base", name))
             full = torch.randn(full_shape, generator=generator, dtype=torch.float32) * param_std
-            if partition_dim == 0:
-                local = shard_rows(full, tp_rank, tp_size, _is_packed_gate_up(module_name, module))
-            else:
-                local = full.chunk(tp_size, dim=partition_dim)[tp_rank]
+            packed = partition_dim == 0 and is_packed_gate_up(module_name, module)
+            local = shard_tensor(full, partition_dim, tp_rank, tp_size, packed)
             param.copy_(local.to(param.dtype))
 
 
@@ -190,9 +180,6 @@ def gpt_forward_inputs(tokens: torch.Tensor):
 
 def gathered_logits(logits: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
     """Full-vocabulary logits from vocab-parallel ones (for tests and generation)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     group = group or parallel_state.get_tensor_model_parallel_group()
     if group.size() == 1:
         return logits

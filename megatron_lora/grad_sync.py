@@ -13,9 +13,12 @@ from typing import Iterable, List, Union
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .layer import LoraParallelLinear
+from .model import model_chunks
+from .topology import Topology, is_expert
 
 
 def _lora_layers(model) -> List[LoraParallelLinear]:
@@ -83,18 +86,16 @@ def average_over_data_parallel(params) -> None:
     experts, so they are summed over the expert-DP group and divided by the DP size (how
     megatron's DDP scales them). At most two flattened collectives.
     """
-    from megatron.core import parallel_state as ps
-
-    dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+    dp_group = Topology.dp_group()
     dense, experts = [], []
     for param in params:
         grad = _grad_of(param)
         if grad is not None:
-            (experts if getattr(param, "allreduce", True) is False else dense).append(grad)
+            (experts if is_expert(param) else dense).append(grad)
     all_reduce_flat(dense, dp_group, average=True)
     dp_size = dist.get_world_size(dp_group)
     if experts and dp_size > 1:
-        all_reduce_flat(experts, ps.get_expert_data_parallel_group())
+        all_reduce_flat(experts, Topology.edp_group())
         for grad in experts:
             grad.div_(dp_size)
 
@@ -108,13 +109,9 @@ def all_reduce_tied_embedding_grads(model) -> None:
     (``_allreduce_word_embedding_grads``). No-op at PP = 1, off those stages, and when the
     weight is frozen (LoRA).
     """
-    from megatron.core import parallel_state as ps
-
-    from .model import _chunks
-
     if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group():
         return
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         if getattr(chunk, "share_embeddings_and_output_weights", False) and (
                 chunk.pre_process or chunk.post_process):
             grad = _grad_of(chunk.shared_embedding_or_output_weight())
@@ -138,8 +135,6 @@ def finalize_gradients(model, params, lora: bool, clip_grad: float) -> float:
     Returns the norm before clipping. Collective: every rank of the world calls it. The rules
     and what is proven: docs/gradients.md.
     """
-    from megatron.core import parallel_state as ps
-
     if lora:
         finalize_lora_grads(model)
     else:
@@ -160,6 +155,7 @@ def finalize_model_grads_with_lora(model, *args, **kwargs):
     Set it as ``config.finalize_model_grads_func`` when training with megatron-core's
     forward-backward schedules and DDP.
     """
+    # heavy (megatron's DDP, FSDP and optimizer packages) and needed only with megatron's loop
     from megatron.core.distributed import finalize_model_grads
 
     result = finalize_model_grads(model, *args, **kwargs)
@@ -167,50 +163,15 @@ def finalize_model_grads_with_lora(model, *args, **kwargs):
     return result
 
 
-def _norm_ranks():
-    """(tp_rank, dp_rank, etp_rank, edp_rank) for deciding who counts what, or zeros without
-    megatron's parallel state (a pure-TP setup: the TP rank is then the group rank)."""
-    try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            return (ps.get_tensor_model_parallel_rank(),
-                    ps.get_data_parallel_rank(with_context_parallel=True),
-                    ps.get_expert_tensor_parallel_rank(), ps.get_expert_data_parallel_rank())
-    except (AssertionError, RuntimeError):
-        pass
-    return 0, 0, 0, 0
-
-
-def _counts_in_norm(param, ranks) -> bool:
-    """Whether this rank adds the parameter's gradient to the norm, so that a sum over the
-    world counts every logical tensor once: one data-parallel replica (dense: DP rank 0;
-    experts: expert-DP rank 0, the other replicas hold the same experts); TP shards on every
-    TP rank, a replicated tensor on one (a LoRA factor on rank 0 of its layer's group);
-    never the last stage's copy of tied embeddings (megatron marks it ``shared``)."""
-    tp_rank, dp_rank, etp_rank, edp_rank = ranks
-    if getattr(param, "shared", False):
-        return False
-    expert = getattr(param, "allreduce", True) is False
-    if (edp_rank if expert else dp_rank) != 0:
-        return False
-    if getattr(param, "tensor_model_parallel", False):
-        return True
-    group = getattr(param, "lora_partial_grad_group", None)
-    if group is not None:
-        return not dist.is_initialized() or dist.get_rank(group) == 0
-    return (etp_rank if expert else tp_rank) == 0
-
-
 def grad_norm(params) -> float:
     """The L2 norm of the parameters' gradients as the TP=1 model would compute it (after the
     grad sync). Collective over the world when distributed: experts are spread over the
     expert-parallel ranks, which span data-parallel replicas of the dense parameters."""
-    ranks = _norm_ranks()
+    topology = Topology.current()
     total = torch.zeros((), dtype=torch.float64)
     for param in params:
         grad = _grad_of(param)
-        if grad is not None and _counts_in_norm(param, ranks):
+        if grad is not None and topology.counts_in_norm(param):
             total += grad.detach().double().pow(2).sum().cpu()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_backend() == "nccl":

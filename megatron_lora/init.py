@@ -2,7 +2,8 @@
 
 The full logical factors A [r, in] and B [out, r] are a function of (seed, the module's global
 name, the adapter name) only: each is drawn on CPU from its own generator, seeded by a stable
-hash of those, with fans taken from the full shapes; each rank then keeps its slice. So an
+hash of those, with fans taken from the full shapes; each rank then keeps its slice
+(ParallelLayout.shard). So an
 adapter is bit-identical at every TP/PP/EP size, no broadcast is needed, and the global RNG is
 never touched.
 """
@@ -60,39 +61,3 @@ def full_lora_factors(
     else:
         weight_b = torch.zeros((out_features, r), dtype=torch.float32)
     return weight_a, weight_b
-
-
-def shard_rows(full: torch.Tensor, rank: int, world_size: int, packed_gate_up: bool) -> torch.Tensor:
-    """This rank's rows of a column-parallel tensor (dim 0 split like the base weight).
-
-    With a packed gate/up layout (SwiGLU linear_fc1) the canonical tensor is
-    [gate_all; up_all] while rank i holds [gate_i; up_i].
-    """
-    if world_size == 1:
-        return full
-    if packed_gate_up:
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(world_size, 0)[rank], up.chunk(world_size, 0)[rank]], dim=0)
-    return full.chunk(world_size, dim=0)[rank]
-
-
-def shard_columns(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's columns of a row-parallel tensor (dim 1 split like the base weight)."""
-    if world_size == 1:
-        return full
-    return full.chunk(world_size, dim=1)[rank]
-
-
-def unshard_rows(shards, packed_gate_up: bool) -> torch.Tensor:
-    """Inverse of shard_rows: the canonical full tensor from every rank's rows, in rank order."""
-    if len(shards) == 1:
-        return shards[0]
-    if packed_gate_up:
-        halves = [shard.chunk(2, dim=0) for shard in shards]
-        return torch.cat([gate for gate, _ in halves] + [up for _, up in halves], dim=0)
-    return torch.cat(list(shards), dim=0)
-
-
-def unshard_columns(shards) -> torch.Tensor:
-    """Inverse of shard_columns."""
-    return shards[0] if len(shards) == 1 else torch.cat(list(shards), dim=1)

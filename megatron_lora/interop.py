@@ -1,6 +1,7 @@
 """Hugging Face PEFT export and import for GPT / Llama-shaped megatron-core models.
 
-Megatron fuses what Llama keeps apart, so the adapter is re-laid out on the way (DESIGN.md 6):
+Megatron fuses what Llama keeps apart, so the adapter is re-laid out on the way (docs/design.md,
+Hugging Face PEFT re-layout):
 
 | megatron (global name)              | transformers Llama                       | factors            |
 |-------------------------------------|------------------------------------------|--------------------|
@@ -27,24 +28,27 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterCheckpointError,
-    _collect_on_rank0,
-    _distributed,
     adapter_directory_files,
     adapter_tensors,
+    collect_on_rank0,
     describe_base_model,
     describe_layout,
+    is_distributed,
     load_adapter,
     read_adapter_json,
     shared_lora_config,
     write_directory_atomically,
 )
 from .config import LoraConfig
-from .model import ModelLike, _chunks
+from .model import ModelLike, model_chunks
+from .parallel import split_gate_up
 
 PEFT_PREFIX = "base_model.model."
 _LAYER = r"decoder\.layers\.(\d+)\."
@@ -59,7 +63,7 @@ class InteropError(ValueError):
 
 
 def _model_shape(model: ModelLike) -> Dict[str, int]:
-    config = getattr(_chunks(model)[0], "config", None)
+    config = getattr(model_chunks(model)[0], "config", None)
     if config is None:
         raise InteropError("PEFT interop needs a megatron GPTModel (its .config gives the heads)")
     heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
@@ -111,7 +115,7 @@ def megatron_to_hf_factors(tensors: Dict[str, torch.Tensor], shape) -> Dict[str,
                 if not shape["glu"]:
                     targets = {prefix + "mlp.up_proj": weight_b}
                 else:
-                    gate, up = weight_b.chunk(2, dim=0)
+                    gate, up = split_gate_up(weight_b)
                     targets = {prefix + "mlp.gate_proj": gate, prefix + "mlp.up_proj": up}
             elif rest in _DIRECT:
                 targets = {prefix + _DIRECT[rest]: weight_b}
@@ -171,8 +175,6 @@ def peft_adapter_files(tensors: Dict[str, torch.Tensor], lora: LoraConfig, shape
                        num_layers: int, provenance: Optional[dict] = None) -> Dict[str, bytes]:
     """adapter_config.json and adapter_model.safetensors, as PEFT writes them, from the
     canonical megatron tensors."""
-    from safetensors.torch import save as safetensors_bytes
-
     hf = megatron_to_hf_factors({k: v.detach().cpu() for k, v in tensors.items()}, shape)
     hf_modules = sorted({k.rsplit(".lora_", 1)[0] for k in hf})
     ranks = {m: hf[f"{m}.lora_A.weight"].shape[0] for m in hf_modules}
@@ -212,8 +214,8 @@ def export_peft(model: ModelLike, path, adapter_name: str = "default") -> Option
     other files (a PEFT model card, say); the CLI asks for --overwrite first."""
     shape = _model_shape(model)
     lora = LoraConfig(**shared_lora_config(model, adapter_name))
-    tensors = _collect_on_rank0(adapter_tensors(model, adapter_name))
-    if _distributed() and torch.distributed.get_rank() != 0:
+    tensors = collect_on_rank0(adapter_tensors(model, adapter_name))
+    if is_distributed() and torch.distributed.get_rank() != 0:
         torch.distributed.barrier()
         return None
     try:
@@ -222,7 +224,7 @@ def export_peft(model: ModelLike, path, adapter_name: str = "default") -> Option
             provenance={"adapter_name": adapter_name, "trained_layout": describe_layout(model)})
         return write_directory_atomically(path, files)
     finally:
-        if _distributed():
+        if is_distributed():
             torch.distributed.barrier()
 
 
@@ -230,8 +232,6 @@ def export_peft(model: ModelLike, path, adapter_name: str = "default") -> Option
 
 
 def _read_peft(path: Path):
-    from safetensors.torch import load_file
-
     if not (path / WEIGHTS_NAME).exists() and (path / "adapter_model.bin").exists():
         raise AdapterCheckpointError(f"{path} holds adapter_model.bin, a pickle file, which is "
                                      f"never loaded here; re-save it with safetensors "
@@ -507,7 +507,7 @@ def hf_llama_state_dict(full_state: Dict[str, torch.Tensor], shape, num_layers: 
     for i in range(num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         q, k, v = _split_qkv_rows(full_state[src + "self_attention.linear_qkv.weight"], shape)
-        gate, up = full_state[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        gate, up = split_gate_up(full_state[src + "mlp.linear_fc1.weight"])
         hf.update({
             dst + "input_layernorm.weight": full_state[src + "input_layernorm.weight"],
             dst + "post_attention_layernorm.weight": full_state[src + "pre_mlp_layernorm.weight"],

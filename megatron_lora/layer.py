@@ -2,7 +2,8 @@
 
 The delta s·(x Aᵀ) Bᵀ is always produced in the same parallel state as the base output
 (replicated, sharded or partial) and added before whatever reduction the base output still
-faces, so it rides on the base layer's own collectives (DESIGN.md 4):
+faces, so it rides on the base layer's own collectives (docs/design.md,
+Forward without extra collectives):
 
 * row:    the partial x_i A_iᵀ Bᵀ is added to the partial x_i W_iᵀ before the one all-reduce
           (or reduce-scatter under SP): zero extra collectives;
@@ -42,14 +43,17 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from .config import LoraConfig
 from .fused import linear_with_lora, linear_with_low_rank_up
-from .init import full_lora_factors, shard_columns, shard_rows, unshard_columns, unshard_rows
+from .init import full_lora_factors
 from .parallel import (
     COLUMN,
+    LORA_A,
+    LORA_B,
     ParallelLayout,
     column_sequence_parallel_linear,
     project_down_shared_input_grad,
     project_up_from_partial_sum,
 )
+from .topology import is_expert
 
 _DTYPES = {
     "float32": torch.float32,
@@ -123,12 +127,7 @@ class LoraParallelLinear(torch.nn.Module):
         full_a, full_b = full_lora_factors(
             config, self.module_name, adapter_name, layout.in_features, layout.out_features
         )
-        if layout.kind == COLUMN:
-            local_a = full_a
-            local_b = shard_rows(full_b, layout.rank, layout.world_size, layout.packed_gate_up)
-        else:
-            local_a = shard_columns(full_a, layout.rank, layout.world_size)
-            local_b = full_b
+        local_a, local_b = layout.shard(full_a, LORA_A), layout.shard(full_b, LORA_B)
         base_weight = self._base_weight_or_none()
         device = base_weight.device if base_weight is not None else torch.device("cpu")
         dtype = _DTYPES[config.lora_dtype] if config.lora_dtype else (
@@ -174,24 +173,23 @@ class LoraParallelLinear(torch.nn.Module):
 
     def _mark_parallel_attributes(self, weight_a, weight_b, base_weight) -> None:
         """The attributes megatron-core's optimizer, DDP and grad-norm code read."""
-        if self.layout.kind == COLUMN:
-            sharded, sharded_dim, replicated = weight_b, 0, weight_a
-        else:
-            sharded, sharded_dim, replicated = weight_a, 1, weight_b
-        set_tensor_model_parallel_attributes(sharded, True, sharded_dim, 1)
+        factors = {LORA_A: weight_a, LORA_B: weight_b}
+        sharded = factors[self.layout.sharded_factor]
+        replicated = factors[self.layout.replicated_factor]
+        set_tensor_model_parallel_attributes(sharded, True, self.layout.split_dim, 1)
         # A replicated factor is no TP shard: megatron's grad norm then counts it on TP rank 0
         # only (once). Its gradient is partial on every rank, which finalize_lora_grads
         # completes; we deliberately do not set `sequence_parallel`, or megatron's
         # finalize_model_grads would sum it a second time (and only when SP is on).
         set_tensor_model_parallel_attributes(replicated, False, -1, 1)
         replicated.lora_partial_grad_group = self.layout.group
-        allreduce = getattr(base_weight, "allreduce", True) if base_weight is not None else True
+        expert = is_expert(base_weight)
         for weight in (weight_a, weight_b):
-            weight.allreduce = allreduce  # expert weights are reduced over the expert-DP group
+            weight.allreduce = not expert  # expert weights are reduced over the expert-DP group
             weight.is_lora = True
 
     def replicated_lora_parameters(self) -> List[torch.nn.Parameter]:
-        factors = self.lora_A if self.layout.kind == COLUMN else self.lora_B
+        factors = getattr(self, self.layout.replicated_factor)
         return [factors[name].weight for name in factors]
 
     @property
@@ -455,16 +453,8 @@ class LoraParallelLinear(torch.nn.Module):
                 raise ValueError(f"{self.module_name}: {adapter_name!r} has no gradient yet")
             return tensor.detach()
 
-        def gathered(tensor):
-            if layout.world_size == 1:
-                return [tensor]
-            shards = [torch.empty_like(tensor) for _ in range(layout.world_size)]
-            torch.distributed.all_gather(shards, tensor.contiguous(), group=layout.group)
-            return shards
-
-        if layout.kind == COLUMN:
-            return local(self.lora_A), unshard_rows(gathered(local(self.lora_B)), layout.packed_gate_up)
-        return unshard_columns(gathered(local(self.lora_A))), local(self.lora_B)
+        return (layout.gather(local(self.lora_A), LORA_A),
+                layout.gather(local(self.lora_B), LORA_B))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Accept the base's own keys (``{prefix}weight``) as well as ``{prefix}base_layer.weight``:
@@ -483,6 +473,7 @@ class LoraParallelLinear(torch.nn.Module):
         replicas over TP; SwiGLU fc1's B goes through megatron's gate/up factory, so the
         checkpoint holds the canonical [gate_all; up_all] tensor and reshards to any TP.
         """
+        # heavy (megatron's transformer package): only dist-checkpointing needs it
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
         from megatron.core.transformer.utils import (
             ensure_metadata_has_dp_cp_group,
@@ -495,10 +486,7 @@ class LoraParallelLinear(torch.nn.Module):
         for name in self.lora_A:
             factors[f"lora_A.{name}.weight"] = self.lora_A[name].weight
             factors[f"lora_B.{name}.weight"] = self.lora_B[name].weight
-            if self.layout.kind == COLUMN:
-                tp_axes[f"lora_B.{name}.weight"] = 0
-            else:
-                tp_axes[f"lora_A.{name}.weight"] = 1
+            tp_axes[f"{self.layout.sharded_factor}.{name}.weight"] = self.layout.split_dim
         sharded = make_sharded_tensors_for_checkpoint(
             factors, prefix, tp_axes, sharded_offsets,
             tp_group=self.layout.group, dp_cp_group=metadata["dp_cp_group"],

@@ -26,8 +26,9 @@ import torch.distributed as dist
 from .config import LoraConfig
 from .dispatch import SUPPORTED_LAYERS, dispatch_megatron
 from .layer import LoraParallelLinear
-from .parallel import ParallelLayout
+from .parallel import ParallelLayout, is_packed_gate_up
 from .recompute import connect_recomputed_regions, disconnect_recomputed_regions
+from .topology import Topology
 
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
@@ -37,7 +38,8 @@ ModelLike = Union[torch.nn.Module, Sequence[torch.nn.Module]]
 # --- global names --------------------------------------------------------------------------
 
 
-def _chunks(model: ModelLike) -> List[torch.nn.Module]:
+def model_chunks(model: ModelLike) -> List[torch.nn.Module]:
+    """The model as a list of chunks (one per virtual pipeline stage), checked to be modules."""
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     for chunk in chunks:
         if not isinstance(chunk, torch.nn.Module):
@@ -73,7 +75,7 @@ def global_named_modules(model: ModelLike) -> Iterator[Tuple[str, torch.nn.Modul
             part = _global_child_name(module, child_name, child, ancestors)
             yield from walk(child, f"{name}.{part}" if name else part, ancestors + [module])
 
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         yield from walk(chunk, "", [])
 
 
@@ -84,10 +86,10 @@ def lora_layers(model: ModelLike) -> Iterator[Tuple[str, LoraParallelLinear]]:
             yield name, module
 
 
-def _adaptable_modules(model: ModelLike):
+def adaptable_modules(model: ModelLike):
     """(global name, parent, attribute, module) of every supported layer or existing wrapper."""
     found = []
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         stack = [(chunk, "", [])]
         while stack:
             module, name, ancestors = stack.pop()
@@ -121,27 +123,20 @@ def name_matches(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def _name_shapes(names: Iterable[str]) -> List[str]:
+def name_shapes(names: Iterable[str]) -> List[str]:
     """Names with layer/expert numbers folded to '*', for error messages."""
     return sorted({re.sub(r"\.\d+(?=\.|$)", ".*", name) for name in names})
 
 
-def _is_packed_gate_up(name: str, module) -> bool:
-    """SwiGLU's linear_fc1 holds [gate_i; up_i] per rank (DESIGN.md 4, packed layouts)."""
-    config = getattr(module, "config", None)
-    return name.rsplit(".", 1)[-1] == "linear_fc1" and bool(
-        getattr(config, "gated_linear_unit", False)
-    )
-
-
-def _counts_device():
+def collective_device():
+    """Where tensors for a world-wide collective must live: the GPU under NCCL, else the CPU."""
     return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _sum_over_world(values: Sequence[int]) -> List[int]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(values)
-    tensor = torch.tensor(list(values), dtype=torch.int64, device=_counts_device())
+    tensor = torch.tensor(list(values), dtype=torch.int64, device=collective_device())
     dist.all_reduce(tensor)
     return [int(v) for v in tensor.tolist()]
 
@@ -180,25 +175,6 @@ class LoraReport:
         )
 
 
-def _parallel_ranks():
-    """(tp_rank, tp_size, dp_rank, etp_rank, etp_size, edp_rank), or TP=1 defaults."""
-    try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            return (
-                ps.get_tensor_model_parallel_rank(),
-                ps.get_tensor_model_parallel_world_size(),
-                ps.get_data_parallel_rank(with_context_parallel=True),
-                ps.get_expert_tensor_parallel_rank(),
-                ps.get_expert_tensor_parallel_world_size(),
-                ps.get_expert_data_parallel_rank(),
-            )
-    except (AssertionError, RuntimeError):
-        pass
-    return 0, 1, 0, 0, 1, 0
-
-
 def _logical_counts(model: ModelLike) -> Tuple[int, int]:
     """(trainable, total) logical parameters this rank is the owner of for counting.
 
@@ -206,21 +182,19 @@ def _logical_counts(model: ModelLike) -> Tuple[int, int]:
     parameters (expert ones: expert-TP rank 0 of expert-DP rank 0), so a sum over the world
     counts every logical parameter exactly once (tied embeddings: their first-stage copy).
     """
-    tp_rank, tp_size, dp_rank, etp_rank, etp_size, edp_rank = _parallel_ranks()
+    topology = Topology.current()
     trainable = total = 0
     seen = set()
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for param in chunk.parameters():
             if id(param) in seen:
                 continue
             seen.add(id(param))
             if getattr(param, "shared", False):
                 continue  # the last stage's copy of tied embeddings: counted on the first
-            expert = getattr(param, "allreduce", True) is False
-            owner = (etp_rank, edp_rank) == (0, 0) if expert else (tp_rank, dp_rank) == (0, 0)
-            if not owner:
+            if not topology.owns(param):
                 continue
-            scale = (etp_size if expert else tp_size) if getattr(
+            scale = topology.tensor_parallel_size_of(param) if getattr(
                 param, "tensor_model_parallel", False
             ) else 1
             total += param.numel() * scale
@@ -235,20 +209,16 @@ def lora_report(model: ModelLike, adapter_name: str) -> LoraReport:
                       if adapter_name in layer.lora_A]
     adapted = [name for name, _ in adapted_layers]
     seen, local_trainable, local_total = set(), 0, 0
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for param in chunk.parameters():
             if id(param) not in seen:
                 seen.add(id(param))
                 local_total += param.numel()
                 local_trainable += param.numel() if param.requires_grad else 0
     trainable, total = _logical_counts(model)
-    tp_rank, _, dp_rank, etp_rank, _, edp_rank = _parallel_ranks()
+    topology = Topology.current()
     # a module counts where its parameters do: expert ones on expert-TP / expert-DP rank 0
-    counted_adapted = sum(
-        (etp_rank, edp_rank) == (0, 0) if getattr(layer.weight, "allreduce", True) is False
-        else (tp_rank, dp_rank) == (0, 0)
-        for _, layer in adapted_layers
-    )
+    counted_adapted = sum(topology.owns(layer.weight) for _, layer in adapted_layers)
     global_trainable, global_total, global_adapted = _sum_over_world(
         [trainable, total, counted_adapted]
     )
@@ -288,7 +258,7 @@ def apply_lora(
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
     targets = list(config.target_modules or DEFAULT_TARGETS)
     excludes = list(config.exclude_modules or [])
-    candidates = _adaptable_modules(model)
+    candidates = adaptable_modules(model)
 
     match_counts = [
         sum(name_matches(pattern, name) for name, *_ in candidates) for pattern in targets
@@ -298,7 +268,7 @@ def apply_lora(
     if unmatched:
         raise ValueError(
             f"LoRA target(s) {unmatched} match no supported layer on any rank. Layers that "
-            f"exist: {_name_shapes(name for name, *_ in candidates)} (a target is a name, a "
+            f"exist: {name_shapes(name for name, *_ in candidates)} (a target is a name, a "
             f"dotted suffix such as 'mlp.linear_fc1', a glob such as "
             f"'decoder.layers.*.mlp.linear_fc1', or 're:<regex>')"
         )
@@ -345,12 +315,12 @@ def apply_lora(
                 adapter_name,
                 config,
                 module_name=name,
-                packed_gate_up=_is_packed_gate_up(name, module),
+                packed_gate_up=is_packed_gate_up(name, module),
                 fused_collectives=fused_collectives,
             )
             setattr(parent, attribute, wrapped)
 
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for param in chunk.parameters():
             param.requires_grad_(False)
         # every rank records the name, also a pipeline stage where it adapted nothing
@@ -358,12 +328,12 @@ def apply_lora(
         chunk.lora_adapter_names = registered + [adapter_name]
     set_adapter(model, adapter_name)
     # a frozen base would cut megatron's recomputed regions off from autograd (docs/recompute.md)
-    connect_recomputed_regions(_chunks(model))
+    connect_recomputed_regions(model_chunks(model))
 
     report = lora_report(model, adapter_name)
     if verbose and report.rank == 0:
         print(report, flush=True)
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         chunk.lora_report = report
     return model
 
@@ -374,7 +344,7 @@ def apply_lora(
 def adapter_names(model: ModelLike) -> List[str]:
     """The adapters added to this model (on every pipeline stage, even one they skip)."""
     names: List[str] = []
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         names.extend(n for n in getattr(chunk, "lora_adapter_names", []) if n not in names)
     for _, layer in lora_layers(model):
         names.extend(n for n in layer.lora_A if n not in names)
@@ -418,7 +388,7 @@ def delete_adapter(model: ModelLike, adapter_name: str) -> None:
     for layer in layers:
         if adapter_name in layer.lora_A:
             layer.delete_adapter(adapter_name)
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         if adapter_name in getattr(chunk, "lora_adapter_names", []):
             chunk.lora_adapter_names = [n for n in chunk.lora_adapter_names if n != adapter_name]
 
@@ -470,7 +440,7 @@ def unmerge_adapter(model: ModelLike) -> None:
 def merge_and_unload(model: ModelLike, adapter_names_: Optional[Sequence[str]] = None) -> ModelLike:
     """Merge (default: the active adapters) and put the plain megatron layers back."""
     merge_adapter(model, adapter_names_)
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         replacements = [
             (parent, attribute, module.base_layer)
             for parent in chunk.modules()

@@ -15,11 +15,14 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.random import get_expert_parallel_rng_tracker_name
 
 from .fused import low_rank_outer_grad
 
 COLUMN = "column"
 ROW = "row"
+LORA_A = "lora_A"
+LORA_B = "lora_B"
 
 
 class ParallelLayoutError(ValueError):
@@ -33,6 +36,68 @@ def _require(layer, name):
             f"{name!r}; expected a megatron-core ColumnParallelLinear or RowParallelLinear"
         )
     return getattr(layer, name)
+
+
+def is_packed_gate_up(name: str, module) -> bool:
+    """SwiGLU's linear_fc1 holds [gate_i; up_i] per rank (docs/design.md, Packed layouts)."""
+    config = getattr(module, "config", None)
+    return name.rsplit(".", 1)[-1] == "linear_fc1" and bool(
+        getattr(config, "gated_linear_unit", False)
+    )
+
+
+# --- cutting full tensors into TP shards and back ---------------------------------------------
+# The one home of the rule "rank i holds the i-th of t equal parts along the split dimension",
+# and of its exception: a packed gate/up tensor is [gate_all; up_all] in full but [gate_i; up_i]
+# on rank i (docs/design.md, Packed layouts). Base weights (gpt.py) and LoRA factors share it.
+
+
+def split_gate_up(full: torch.Tensor, dim: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) halves of a packed tensor in the canonical [gate_all; up_all] layout."""
+    gate, up = full.chunk(2, dim=dim)
+    return gate, up
+
+
+def shard_tensor(full: torch.Tensor, dim: int, rank: int, world_size: int,
+                 packed_gate_up: bool = False) -> torch.Tensor:
+    """This rank's part of ``full``, split along ``dim`` like megatron splits the base weight."""
+    if world_size == 1:
+        return full
+    if packed_gate_up:
+        gate, up = split_gate_up(full, dim)
+        return torch.cat([gate.chunk(world_size, dim)[rank], up.chunk(world_size, dim)[rank]],
+                         dim=dim)
+    return full.chunk(world_size, dim=dim)[rank]
+
+
+def unshard_tensor(shards, dim: int, packed_gate_up: bool = False) -> torch.Tensor:
+    """Inverse of shard_tensor: the full tensor from every rank's part, in rank order."""
+    if len(shards) == 1:
+        return shards[0]
+    if packed_gate_up:
+        halves = [split_gate_up(shard, dim) for shard in shards]
+        return torch.cat([gate for gate, _ in halves] + [up for _, up in halves], dim=dim)
+    return torch.cat(list(shards), dim=dim)
+
+
+def read_tensor_slice(handle, key: str, dim: int, rank: int, world_size: int,
+                      packed_gate_up: bool = False) -> torch.Tensor:
+    """shard_tensor of a safetensors entry, reading only this rank's part of the file."""
+    if world_size == 1:
+        return handle.get_tensor(key)
+    file_slice = handle.get_slice(key)
+    length = file_slice.get_shape()[dim]
+
+    def rows(start, stop):
+        return file_slice[start:stop] if dim == 0 else file_slice[:, start:stop]
+
+    if packed_gate_up:
+        half, per_rank = length // 2, length // (2 * world_size)
+        gate = rows(rank * per_rank, (rank + 1) * per_rank)
+        up = rows(half + rank * per_rank, half + (rank + 1) * per_rank)
+        return torch.cat([gate, up], dim=dim)
+    per_rank = length // world_size
+    return rows(rank * per_rank, (rank + 1) * per_rank)
 
 
 class ParallelLayout:
@@ -107,6 +172,65 @@ class ParallelLayout:
     def local_weight_shape(self) -> Tuple[int, int]:
         return (self.local_out_features, self.local_in_features)
 
+    # --- factor sharding (docs/design.md, Factor sharding) -------------------------------
+    @property
+    def sharded_factor(self) -> str:
+        """The factor split like the base weight: B of a column layer, A of a row layer."""
+        return LORA_B if self.kind == COLUMN else LORA_A
+
+    @property
+    def replicated_factor(self) -> str:
+        """The factor every rank holds whole (its gradient is a partial sum over TP)."""
+        return LORA_A if self.kind == COLUMN else LORA_B
+
+    @property
+    def split_dim(self) -> int:
+        """The sharded factor's split dimension: B's rows (column), A's columns (row)."""
+        return 0 if self.kind == COLUMN else 1
+
+    @property
+    def split_parts(self) -> int:
+        """Equal parts the full sharded factor is cut into along split_dim (gate/up: 2 x TP)."""
+        return self.world_size * (2 if self.packed_gate_up else 1)
+
+    def full_factor_shapes(self, r: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        """Logical shapes of A and B at rank r."""
+        return (r, self.in_features), (self.out_features, r)
+
+    def _check_factor(self, factor: str) -> bool:
+        if factor not in (LORA_A, LORA_B):
+            raise ValueError(f"factor must be {LORA_A!r} or {LORA_B!r}, got {factor!r}")
+        return factor == self.sharded_factor
+
+    def shard(self, full: torch.Tensor, factor: str) -> torch.Tensor:
+        """This rank's part of the full ``factor`` (the whole of a replicated one)."""
+        if not self._check_factor(factor):
+            return full
+        return shard_tensor(full, self.split_dim, self.rank, self.world_size, self.packed_gate_up)
+
+    def unshard(self, shards, factor: str) -> torch.Tensor:
+        """The full ``factor`` from every rank's part in rank order (a replicated one: any)."""
+        if not self._check_factor(factor):
+            return shards[0]
+        return unshard_tensor(shards, self.split_dim, self.packed_gate_up)
+
+    def gather(self, local: torch.Tensor, factor: str) -> torch.Tensor:
+        """The full ``factor`` from this rank's part. Collective over the layer's TP group
+        for the sharded factor; a replicated one is returned as it is."""
+        if not self._check_factor(factor) or self.world_size == 1:
+            return local
+        shards = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(shards, local.contiguous(), group=self.group)
+        return self.unshard(shards, factor)
+
+    def read_slice(self, handle, key: str, factor: str) -> torch.Tensor:
+        """This rank's part of the full ``factor`` stored under ``key`` in a safetensors
+        file opened with ``safe_open``, reading no more of it than that part."""
+        if not self._check_factor(factor):
+            return handle.get_tensor(key)
+        return read_tensor_slice(handle, key, self.split_dim, self.rank, self.world_size,
+                                 self.packed_gate_up)
+
     # --- live settings -----------------------------------------------------------------
     @property
     def explicit_expert_comm(self) -> bool:
@@ -137,10 +261,6 @@ class ParallelLayout:
 
     @property
     def rng_tracker_name(self) -> str:
-        from megatron.core.tensor_parallel.random import (
-            get_expert_parallel_rng_tracker_name,
-        )
-
         if self.base.is_expert:
             return get_expert_parallel_rng_tracker_name()
         return "model-parallel-rng"

@@ -1,5 +1,5 @@
 """A real one-node SLURM cluster in a temporary folder, for tests that sbatch the project's
-batch scripts (see /work/shared/SLURM_NOTES.md for what was found to work).
+batch scripts (docs/slurm.md says what it relies on).
 
     ok, reason = available()
     with SlurmCluster() as cluster:
