@@ -28,6 +28,7 @@ from megatron.core.activations import squared_relu
 from megatron.core.transformer import TransformerConfig
 
 from .config import LoraConfig
+from .errors import MegatronLoraError
 
 SECTIONS = ("megatron_config", "lora", "training")
 
@@ -102,7 +103,7 @@ _REDIRECTS = {
 _LORA_REDIRECTS = {"rank": "r", "lora_rank": "r", "lora_r": "r"}
 
 
-class ExperimentConfigError(ValueError):
+class ExperimentConfigError(MegatronLoraError):
     """An experiment config that cannot run, with the key, the values and the file named."""
 
 

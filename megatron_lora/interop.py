@@ -44,6 +44,7 @@ from .checkpoint import (
     write_directory_atomically,
 )
 from .config import LoraConfig
+from .errors import MegatronLoraError
 from .model import ModelLike, _chunks
 
 PEFT_PREFIX = "base_model.model."
@@ -54,7 +55,7 @@ _DIRECT = {  # megatron module -> HF module, factors unchanged
 }
 
 
-class InteropError(ValueError):
+class InteropError(MegatronLoraError):
     """The model or the adapter has a shape that the Llama mapping cannot express."""
 
 

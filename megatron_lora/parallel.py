@@ -16,13 +16,14 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from .errors import MegatronLoraError
 from .fused import low_rank_outer_grad
 
 COLUMN = "column"
 ROW = "row"
 
 
-class ParallelLayoutError(ValueError):
+class ParallelLayoutError(MegatronLoraError):
     """The wrapped layer's parallel state cannot be read or is inconsistent."""
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .arguments import add_lora_args, lora_config_from_args
+from .errors import MegatronLoraError
 from .grad_sync import finalize_gradients
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -49,7 +50,7 @@ _RUN_ENTRIES = (LATEST, METRICS, "tensorboard", "loss_curve.png", "adapter", "mo
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
 
-class TrainingError(ValueError):
+class TrainingError(MegatronLoraError):
     """Bad flags, config or files: reported as one line, exit code 2, nothing written."""
 
 
@@ -445,7 +446,7 @@ def parse_arguments(argv, mode: str):
     saved = _saved_adapter_config(args.lora_load, yaml_lora) if args.lora_load else None
     try:
         lora = lora_config_from_args(args, saved or yaml_lora)
-    except ValueError as error:
+    except MegatronLoraError as error:
         raise TrainingError(str(error)) from None
     if saved is not None:
         _check_continues(saved, lora, f"--lora-load {args.lora_load}", "the flags")
@@ -472,7 +473,7 @@ def _saved_adapter_config(path, yaml_lora):
 
     try:
         adapter = read_adapter(path)
-    except ValueError as error:
+    except MegatronLoraError as error:
         raise TrainingError(f"--lora-load: {error}") from None
     saved = replace(adapter.lora_config, target_modules=sorted(adapter.config["modules"]),
                     exclude_modules=None)
@@ -1016,7 +1017,7 @@ def main(argv=None, mode: str = "finetune") -> int:
         experiment.check_world_size(world)
         if launching:
             return launch_workers(argv, args.nproc_per_node, mode)
-    except ValueError as error:
+    except MegatronLoraError as error:  # anything else is a bug: its traceback
         if rank0:
             print(f"{name}: error: {error}", file=sys.stderr, flush=True)
         return 2
@@ -1030,7 +1031,7 @@ def main(argv=None, mode: str = "finetune") -> int:
             load_checkpoint(trainer)
             _print0(f"resumed from {settings.load} at iteration {trainer.iteration}")
         trainer.train()
-    except (TrainingError, ValueError) as error:
+    except MegatronLoraError as error:
         if dist.get_rank() == 0:
             print(f"{name}: error: {error}", file=sys.stderr, flush=True)
         return 2
