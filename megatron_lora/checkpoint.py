@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .atomic import write_synced
 from .config import LoraConfig
 from .errors import MegatronLoraError
 from .model import (
@@ -195,10 +196,7 @@ def write_directory_atomically(path, files: Dict[str, bytes]) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
     try:
         for name, data in files.items():
-            with open(staging / name, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            write_synced(staging / name, data)
         _fsync_path(staging)
         if not path.exists():
             os.rename(staging, path)
