@@ -104,7 +104,7 @@ def _failing(error):
 def test_a_bug_in_the_training_script_keeps_its_traceback(monkeypatch, bug):
     import megatron_lora.training as training
 
-    monkeypatch.setattr(training, "parse_arguments", _failing(bug))
+    monkeypatch.setattr(training.launch, "parse_arguments", _failing(bug))
     with pytest.raises(type(bug), match="a bug"):
         training.main(["--train-iters", "1"], mode="finetune")
 
@@ -113,7 +113,8 @@ def test_a_user_error_in_the_training_script_is_one_line(monkeypatch, capsys):
     import megatron_lora.training as training
     from megatron_lora import AdapterError
 
-    monkeypatch.setattr(training, "parse_arguments", _failing(AdapterError("no such target")))
+    user_error = AdapterError("no such target")
+    monkeypatch.setattr(training.launch, "parse_arguments", _failing(user_error))
     assert training.main(["--train-iters", "1"], mode="finetune") == 2
     assert capsys.readouterr().err == "finetune_gpt.py: error: no such target\n"
 
