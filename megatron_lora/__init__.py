@@ -10,6 +10,8 @@ _HOMES = {
     "LoraConfig": "config",
     "LoraConfigError": "config",
     "dispatch_megatron": "dispatch",
+    "AdapterError": "errors",
+    "MegatronLoraError": "errors",
     "clip_lora_grads_": "grad_sync",
     "finalize_lora_grads": "grad_sync",
     "finalize_model_grads_with_lora": "grad_sync",

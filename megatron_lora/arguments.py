@@ -15,7 +15,7 @@ import argparse
 import functools
 from typing import Optional
 
-from .config import LoraConfig
+from .config import LoraConfig, LoraConfigError
 from .model import DEFAULT_TARGETS
 
 
@@ -37,11 +37,11 @@ def add_lora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def lora_config_from_args(args, base: Optional[LoraConfig] = None) -> Optional[LoraConfig]:
     """The LoraConfig the flags ask for (over ``base``, e.g. a YAML lora section), or None
-    for full training (rank 0 or absent and no base). Bad values raise ValueError naming the
+    for full training (rank 0 or absent and no base). Bad values raise LoraConfigError naming the
     flag and the value."""
     rank = getattr(args, "lora_rank", None)
     if rank is not None and rank < 0:
-        raise ValueError(f"--lora-rank {rank} is invalid: expected 0 (full training) or a "
+        raise LoraConfigError(f"--lora-rank {rank} is invalid: expected 0 (full training) or a "
                          f"positive rank such as 8 or 16")
     if rank == 0 or (rank is None and base is None):
         return None
@@ -60,8 +60,8 @@ def lora_config_from_args(args, base: Optional[LoraConfig] = None) -> Optional[L
         settings.setdefault("seed", args.seed)
     try:
         return LoraConfig(**settings)
-    except ValueError as error:  # name the flag, not only the dataclass field
-        raise ValueError(f"LoRA flags: {error}") from None
+    except LoraConfigError as error:  # name the flag, not only the dataclass field
+        raise LoraConfigError(f"LoRA flags: {error}") from None
 
 
 def lora_model_provider(model_provider, get_args=None):

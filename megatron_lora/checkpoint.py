@@ -29,7 +29,9 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from .atomic import write_synced
 from .config import LoraConfig
+from .errors import MegatronLoraError
 from .model import (
     DEFAULT_TARGETS,
     ModelLike,
@@ -56,7 +58,7 @@ _BASE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_g
                 "vocab_size")
 
 
-class AdapterCheckpointError(ValueError):
+class AdapterCheckpointError(MegatronLoraError):
     """An adapter directory that cannot be saved to, read, or loaded into this model."""
 
 
@@ -193,10 +195,7 @@ def write_directory_atomically(path, files: Dict[str, bytes]) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
     try:
         for name, data in files.items():
-            with open(staging / name, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            write_synced(staging / name, data)
         _fsync_path(staging)
         if not path.exists():
             os.rename(staging, path)
@@ -270,18 +269,30 @@ def save_adapter(model: ModelLike, path, adapter_name: str = "default",
     directory holding other files is refused (see write_directory_atomically)."""
     lora_config = shared_lora_config(model, adapter_name)
     tensors = collect_on_rank0(adapter_tensors(model, adapter_name))
-    if is_distributed() and dist.get_rank() != 0:
-        dist.barrier()
-        return None
-    try:
-        if not tensors:
-            raise AdapterCheckpointError(f"adapter {adapter_name!r} has no factors to save")
-        files = adapter_directory_files(tensors, lora_config, adapter_name, describe_layout(model),
-                                        describe_base_model(model), extra_metadata)
-        return write_directory_atomically(path, files)
-    finally:
-        if is_distributed():
-            dist.barrier()
+    writer = not is_distributed() or dist.get_rank() == 0
+    written, failure = None, None
+    if writer:
+        try:
+            if not tensors:
+                raise AdapterCheckpointError(f"adapter {adapter_name!r} has no factors to save")
+            files = adapter_directory_files(tensors, lora_config, adapter_name,
+                                            describe_layout(model), describe_base_model(model),
+                                            extra_metadata)
+            written = write_directory_atomically(path, files)
+        except Exception as error:  # re-raised below, once every rank knows
+            failure = error
+    if is_distributed():
+        # rank 0's outcome goes to every rank, so a failed save raises on all of them
+        outcome = [None if failure is None else
+                   (isinstance(failure, MegatronLoraError), str(failure))]
+        dist.broadcast_object_list(outcome, src=0)  # our own (bool, str), not file contents
+        if outcome[0] is not None and not writer:
+            user_error, message = outcome[0]
+            raise (AdapterCheckpointError(message) if user_error else
+                   RuntimeError(f"rank 0 failed to save the adapter to {path}: {message}"))
+    if failure is not None:
+        raise failure
+    return written
 
 
 # --- read and validate ---------------------------------------------------------------------

@@ -24,19 +24,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from .errors import MegatronLoraError
+
 EXIT_BAD_INPUT = 2
 EXIT_CLOSED_PIPE = 128 + 13  # SIGPIPE
-
-
-def _user_errors() -> tuple:
-    """The package's own error classes: their message is the whole story (anything else is a
-    bug and keeps its traceback)."""
-    from .checkpoint import AdapterCheckpointError
-    from .config import LoraConfigError
-    from .experiment import ExperimentConfigError
-    from .interop import InteropError
-
-    return AdapterCheckpointError, InteropError, ExperimentConfigError, LoraConfigError
 
 
 def _import_quietly() -> None:
@@ -223,14 +214,13 @@ def _stdout_to_devnull() -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _import_quietly()
-    user_errors = _user_errors()
     try:
         _run(args)
         sys.stdout.flush()
     except BrokenPipeError:
         _stdout_to_devnull()
         return EXIT_CLOSED_PIPE
-    except (OSError, *user_errors) as error:
+    except (OSError, MegatronLoraError) as error:  # anything else is a bug: its traceback
         if isinstance(error, OSError) and not error.filename:
             raise  # not about a file the user named: a bug or the system, with its traceback
         message = str(error) if not isinstance(error, OSError) else \

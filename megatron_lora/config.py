@@ -7,11 +7,13 @@ import re
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Union
 
+from .errors import MegatronLoraError
+
 INIT_CHOICES = (True, False, "kaiming", "gaussian", "xavier")
 LORA_DTYPE_CHOICES = (None, "float32", "bfloat16", "float16", "float64")
 
 
-class LoraConfigError(ValueError):
+class LoraConfigError(MegatronLoraError):
     """A LoraConfig field with a value it cannot take (the message names the field and value)."""
 
 

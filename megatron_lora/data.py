@@ -35,6 +35,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from .errors import MegatronLoraError
+
+
+class DataError(MegatronLoraError):
+    """A dataset, corpus or tokenizer that cannot be used, with the file or value named."""
+
 # --- tokenizer --------------------------------------------------------------------------------
 
 TOKENIZER_NAME = "byte"
@@ -100,7 +106,7 @@ class ByteTokenizer(MegatronTokenizerBase):
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i <= self.eod]
         if bad:
-            raise ValueError(f"token ids outside 0..{self.eod}: {bad[:5]}")
+            raise DataError(f"token ids outside 0..{self.eod}: {bad[:5]}")
         return bytes(i for i in ids if i != self.eod).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, *args, **kwargs):
@@ -116,7 +122,7 @@ _TOKENIZERS: Dict[str, Callable[[], MegatronTokenizerBase]] = {TOKENIZER_NAME: B
 def get_tokenizer(name: str = TOKENIZER_NAME) -> MegatronTokenizerBase:
     """The tokenizer called ``name`` (the names the experiment YAML may use)."""
     if name not in _TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {name!r}; valid names: {', '.join(sorted(_TOKENIZERS))}")
+        raise DataError(f"unknown tokenizer {name!r}; valid names: {', '.join(sorted(_TOKENIZERS))}")
     return _TOKENIZERS[name]()
 
 
@@ -128,28 +134,28 @@ def _read_jsonl(path: str, json_key: str) -> Iterator[Tuple[int, str]]:
     try:
         stream = open(path, "rb")  # decoded line by line, so errors get the right line number
     except OSError as error:
-        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from None
     with stream:
         for line_number, raw in enumerate(stream, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not UTF-8 ({error.reason})") from None
+                raise DataError(f"{path}:{line_number}: not UTF-8 ({error.reason})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+                raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, "
+                raise DataError(f"{path}:{line_number}: expected a JSON object, "
                                  f"got {type(record).__name__}")
             if json_key not in record:
-                raise ValueError(f"{path}:{line_number}: no key {json_key!r} "
+                raise DataError(f"{path}:{line_number}: no key {json_key!r} "
                                  f"(keys: {', '.join(sorted(record)) or 'none'})")
             text = record[json_key]
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{line_number}: {json_key!r} is "
+                raise DataError(f"{path}:{line_number}: {json_key!r} is "
                                  f"{type(text).__name__}, expected a string")
             yield line_number, text
 
@@ -164,7 +170,7 @@ def _preprocess(input_path, output_prefix, json_key, append_eod, tokenizer):
     )
 
     if not os.path.isfile(input_path):  # before any output directory is made
-        raise ValueError(f"cannot read {input_path}: no such file")
+        raise DataError(f"cannot read {input_path}: no such file")
     tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
     output_prefix = os.fspath(output_prefix)
     bin_path, idx_path = get_bin_path(output_prefix), get_idx_path(output_prefix)
@@ -182,7 +188,7 @@ def _preprocess(input_path, output_prefix, json_key, append_eod, tokenizer):
             try:
                 ids = list(tokenizer.tokenize(text))
             except UnicodeEncodeError as error:  # e.g. a lone surrogate escaped in the JSON
-                raise ValueError(f"{input_path}:{line_number}: cannot encode the text "
+                raise DataError(f"{input_path}:{line_number}: cannot encode the text "
                                  f"({error.reason})") from None
             if append_eod:
                 ids.append(tokenizer.eod)
@@ -192,7 +198,7 @@ def _preprocess(input_path, output_prefix, json_key, append_eod, tokenizer):
             documents += 1
             tokens += len(ids)
         if documents == 0:
-            raise ValueError(f"{input_path}: no documents")
+            raise DataError(f"{input_path}: no documents")
         builder.finalize(tmp_idx)
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
@@ -234,7 +240,7 @@ def _parse_split(split: str) -> List[float]:
     except ValueError:
         weights = []
     if not 1 <= len(weights) <= 3 or any(not 0 <= w < float("inf") for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"split {split!r}: expected up to three non-negative comma-separated "
+        raise DataError(f"split {split!r}: expected up to three non-negative comma-separated "
                          f"weights for train,valid,test with a positive sum, e.g. '98,2,0'")
     return weights + [0.0] * (3 - len(weights))
 
@@ -246,7 +252,7 @@ def _sequence_count(idx_path: str) -> int:
     with open(idx_path, "rb") as stream:
         header = stream.read(len(_INDEX_HEADER) + 8 + 1 + 8)
     if len(header) < len(_INDEX_HEADER) + 17 or not header.startswith(_INDEX_HEADER):
-        raise ValueError(f"{idx_path} is not a megatron indexed-dataset index")
+        raise DataError(f"{idx_path} is not a megatron indexed-dataset index")
     (count,) = struct.unpack("<Q", header[-8:])
     return count
 
@@ -288,13 +294,13 @@ def build_gpt_datasets(
     missing = [p for p in (get_bin_path(prefix), get_idx_path(prefix)) if not os.path.isfile(p)]
     if missing:
         hint = " (pass the prefix, without .bin/.idx)" if prefix.endswith((".bin", ".idx")) else ""
-        raise ValueError(f"indexed dataset {data_prefix}{hint}: missing {', '.join(missing)}")
+        raise DataError(f"indexed dataset {data_prefix}{hint}: missing {', '.join(missing)}")
     weights = _parse_split(split)
     if int(seq_length) < 1:
-        raise ValueError(f"seq_length must be positive, got {seq_length}")
+        raise DataError(f"seq_length must be positive, got {seq_length}")
     num_samples = list(num_samples)
     if len(num_samples) != 3 or any(n is not None and int(n) < 0 for n in num_samples):
-        raise ValueError(f"num_samples must be (train, valid, test) of counts >= 0 or None, "
+        raise DataError(f"num_samples must be (train, valid, test) of counts >= 0 or None, "
                          f"got {num_samples}")
 
     # megatron loops forever when a split has no tokens, so refuse one with no documents
@@ -304,7 +310,7 @@ def build_gpt_datasets(
                               convert_split_vector_to_split_matrix(normalize(weights))):
         if bookends is not None and (int(round(bookends[1] * count))
                                      == int(round(bookends[0] * count))):
-            raise ValueError(f"split {split!r} leaves the {name} split of {data_prefix} "
+            raise DataError(f"split {split!r} leaves the {name} split of {data_prefix} "
                              f"({count} documents) with no document; give it more data or "
                              f"weight 0")
 
@@ -354,14 +360,14 @@ def micro_batches(
     micro_batch_size, start_sample = int(micro_batch_size), int(start_sample)
     data_parallel_rank, data_parallel_size = int(data_parallel_rank), int(data_parallel_size)
     if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        raise DataError(f"micro_batch_size must be positive, got {micro_batch_size}")
     if start_sample < 0:
-        raise ValueError(f"start_sample must be >= 0, got {start_sample}")
+        raise DataError(f"start_sample must be >= 0, got {start_sample}")
     if not 0 <= data_parallel_rank < data_parallel_size:
-        raise ValueError(f"data_parallel_rank {data_parallel_rank} is not in "
+        raise DataError(f"data_parallel_rank {data_parallel_rank} is not in "
                          f"[0, {data_parallel_size})")
     if dataset is None or len(dataset) == 0:
-        raise ValueError("micro_batches needs a non-empty dataset")
+        raise DataError("micro_batches needs a non-empty dataset")
 
     def generate():
         size = len(dataset)
@@ -571,7 +577,7 @@ def make_demo_data(out_dir, *, seed: int = 0, log: Callable[[str], None] = print
 
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line from main(), not usage + message
-        raise ValueError(f"{self.prog}: {message}")
+        raise DataError(f"{self.prog}: {message}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

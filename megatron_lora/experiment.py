@@ -19,7 +19,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional, Union
+from typing import Any, Dict, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from megatron.core.activations import squared_relu
 from megatron.core.transformer import TransformerConfig
 
 from .config import LoraConfig
+from .errors import MegatronLoraError
 
 SECTIONS = ("megatron_config", "lora", "training")
 
@@ -102,7 +103,7 @@ _REDIRECTS = {
 _LORA_REDIRECTS = {"rank": "r", "lora_rank": "r", "lora_r": "r"}
 
 
-class ExperimentConfigError(ValueError):
+class ExperimentConfigError(MegatronLoraError):
     """An experiment config that cannot run, with the key, the values and the file named."""
 
 
@@ -263,7 +264,7 @@ def _reported_from(source: Optional[str]):
         raise ExperimentConfigError(f"{source}: {error}") from None
 
 
-def _unknown_key(section: Optional[str], key: str, valid, common=None, more: str = ""):
+def unknown_key(section: Optional[str], key: str, valid, common=None, more: str = ""):
     """The error for an unknown key, with the closest valid one (from common first)."""
     what = f"{section}.{key} is not a known key" if section else f"{key!r} is not a known section"
     for pool in (common or [], valid):
@@ -327,6 +328,8 @@ class ExperimentConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     training: Dict[str, Any] = field(default_factory=dict)
     source: Optional[str] = None
+    # the sections the file (or data) gave, so a caller can tell a lora: section from defaults
+    sections: Tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def tensor_model_parallel_size(self) -> int:
@@ -450,7 +453,7 @@ def _validate_megatron(section) -> dict:
             )
             raise ExperimentConfigError(f"megatron_config.{key} cannot be set in YAML: {advice}")
         if key not in _MEGATRON_KEYS:
-            raise _unknown_key(
+            raise unknown_key(
                 "megatron_config", key, _MEGATRON_KEYS, _COMMON_KEYS,
                 more=", or any field of megatron-core's TransformerConfig",
             )
@@ -592,7 +595,7 @@ def _validate_lora(section) -> LoraConfig:
                 f"lora.{key} is not a known key; did you mean {_LORA_REDIRECTS[key]!r}?"
             )
         if key not in valid:
-            raise _unknown_key("lora", key, valid)
+            raise unknown_key("lora", key, valid)
     try:
         return LoraConfig(**section)
     except ValueError as error:
@@ -602,13 +605,14 @@ def _validate_lora(section) -> LoraConfig:
 def _from_data(data: dict) -> ExperimentConfig:
     for key in data:
         if key not in SECTIONS:
-            raise _unknown_key(None, key, SECTIONS)
+            raise unknown_key(None, key, SECTIONS)
     if "megatron_config" not in data:
         raise ExperimentConfigError("the required section megatron_config is missing")
     return ExperimentConfig(
         megatron_config=_validate_megatron(data["megatron_config"]),
         lora=_validate_lora(data.get("lora")),
         training=_mapping(data.get("training"), "training", none_ok=True),
+        sections=tuple(name for name in SECTIONS if data.get(name) is not None),
     )
 
 

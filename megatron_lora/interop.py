@@ -47,6 +47,7 @@ from .checkpoint import (
     write_directory_atomically,
 )
 from .config import LoraConfig
+from .errors import MegatronLoraError
 from .model import ModelLike, model_chunks
 from .parallel import split_gate_up
 
@@ -58,7 +59,7 @@ _DIRECT = {  # megatron module -> HF module, factors unchanged
 }
 
 
-class InteropError(ValueError):
+class InteropError(MegatronLoraError):
     """The model or the adapter has a shape that the Llama mapping cannot express."""
 
 

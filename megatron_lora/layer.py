@@ -42,6 +42,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from .config import LoraConfig
+from .errors import AdapterError
 from .fused import linear_with_lora, linear_with_low_rank_up
 from .init import full_lora_factors
 from .parallel import (
@@ -113,12 +114,12 @@ class LoraParallelLinear(torch.nn.Module):
         if not isinstance(config, LoraConfig):
             raise TypeError(f"lora_config must be a LoraConfig, got {type(config).__name__}")
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(
+            raise AdapterError(
                 f"adapter_name={adapter_name!r} is invalid: expected a non-empty name without '.'"
             )
         layout = self.layout
         if config.r > min(layout.in_features, layout.out_features):
-            raise ValueError(
+            raise AdapterError(
                 f"LoRA r={config.r} is larger than {self.module_name or 'this layer'} allows: "
                 f"min(in_features, out_features) = "
                 f"{min(layout.in_features, layout.out_features)}; a larger rank adds parameters "

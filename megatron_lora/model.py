@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from .config import LoraConfig
 from .dispatch import SUPPORTED_LAYERS, dispatch_megatron
+from .errors import AdapterError
 from .layer import LoraParallelLinear
 from .parallel import ParallelLayout, is_packed_gate_up
 from .recompute import connect_recomputed_regions, disconnect_recomputed_regions
@@ -266,7 +267,7 @@ def apply_lora(
     match_counts = _sum_over_world(match_counts)
     unmatched = [pattern for pattern, count in zip(targets, match_counts) if count == 0]
     if unmatched:
-        raise ValueError(
+        raise AdapterError(
             f"LoRA target(s) {unmatched} match no supported layer on any rank. Layers that "
             f"exist: {name_shapes(name for name, *_ in candidates)} (a target is a name, a "
             f"dotted suffix such as 'mlp.linear_fc1', a glob such as "
@@ -279,7 +280,7 @@ def apply_lora(
         and not any(name_matches(p, item[0]) for p in excludes)
     ]
     if _sum_over_world([len(selected)])[0] == 0:
-        raise ValueError(
+        raise AdapterError(
             f"LoRA exclude_modules {excludes} remove every layer target_modules {targets} select: "
             f"the adapter would adapt nothing and train nothing"
         )
@@ -292,7 +293,7 @@ def apply_lora(
     ]
     if _sum_over_world([len(too_small)])[0]:  # every rank raises, not only the ones that saw it
         example = f" ({too_small[0][0]} allows {too_small[0][1]})" if too_small else ""
-        raise ValueError(
+        raise AdapterError(
             f"LoRA r={config.r} is larger than min(in_features, out_features) of a targeted "
             f"layer{example}: such a rank adds parameters and no capacity"
         )
@@ -301,7 +302,7 @@ def apply_lora(
         if isinstance(module, LoraParallelLinear) and adapter_name in module.lora_A
     ]
     if clashes:
-        raise ValueError(
+        raise AdapterError(
             f"adapter {adapter_name!r} already exists on {clashes[:3]}{'…' if len(clashes) > 3 else ''};"
             f" choose another adapter_name or delete_adapter({adapter_name!r}) first"
         )

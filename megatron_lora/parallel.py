@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.random import get_expert_parallel_rng_tracker_name
 
+from .errors import MegatronLoraError
 from .fused import low_rank_outer_grad
 
 COLUMN = "column"
@@ -25,7 +26,7 @@ LORA_A = "lora_A"
 LORA_B = "lora_B"
 
 
-class ParallelLayoutError(ValueError):
+class ParallelLayoutError(MegatronLoraError):
     """The wrapped layer's parallel state cannot be read or is inconsistent."""
 
 

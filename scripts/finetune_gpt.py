@@ -6,7 +6,7 @@ Megatron-LM's flag names, a YAML experiment through --config (flags override it)
     torchrun --standalone --nproc-per-node 2 scripts/finetune_gpt.py --config configs/cpu_demo.yaml \\
         --data-path DATA_PREFIX --train-iters 100 --save runs/finetune --lora-rank 8
 
-See megatron_lora/training.py for the loop, the checkpoint layout and exact resume.
+See megatron_lora/training/ for the loop, the checkpoint layout and exact resume.
 """
 
 import sys

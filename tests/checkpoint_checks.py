@@ -203,6 +203,7 @@ def save_and_break(rank, world, directory):
     out["fc1"] = _packed_fc1_layout(model, directory / "random")
     # saving again over an existing adapter replaces it atomically
     save_adapter(model, directory / "random")
+    out["refused_save"] = _refused_save(model, directory / "a_file")
     # megatron dist-checkpointing: adapter only, and the whole model (base + adapter)
     save_adapter_distributed(model, directory / "dist_adapter")
     export_peft(model, directory / "peft")
@@ -245,6 +246,20 @@ def save_and_break(rank, world, directory):
         out["crash"] = _crash_mid_save_single(model, directory / "random")
     out["moe"] = moe_check(2, directory / "moe", save=True)
     return out
+
+
+def _refused_save(model, path: Path):
+    """A save rank 0 cannot write (the path is a file): this rank's error, or None."""
+    from megatron_lora.checkpoint import AdapterCheckpointError, save_adapter
+
+    if torch.distributed.get_rank() == 0:
+        path.write_text("not an adapter")
+    torch.distributed.barrier()
+    try:
+        save_adapter(model, path)
+    except AdapterCheckpointError as error:
+        return str(error)
+    return None
 
 
 def _refusal(model, path, **kwargs):

@@ -130,6 +130,11 @@ def test_a_good_adapter_still_loads_after_refusals(saved):
         assert relative_error(rank_result["reloaded_logits"], rank_result["random_logits"]) == 0.0
 
 
+def test_a_save_rank_0_cannot_write_raises_on_every_rank(saved):
+    errors = [rank_result["refused_save"] for rank_result in saved]
+    assert len(errors) == 2 and all(error and "is not a directory" in error for error in errors)
+
+
 def test_crash_during_save_leaves_the_previous_adapter(saved):
     crash = saved[0]["crash"]
     assert crash["error"] == "simulated crash during save"

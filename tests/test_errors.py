@@ -74,3 +74,55 @@ def test_unreadable_parallel_state_gives_clear_error(spawned, case, expected):
     message = spawned(2)[0]["errors"][case]
     assert message.startswith("ParallelLayoutError: "), message
     assert expected in message
+
+
+# --- one base class: what the scripts and the CLI report as one line ----------------------------
+
+
+def test_every_user_error_is_a_megatron_lora_error():
+    from megatron_lora import AdapterError, MegatronLoraError, ParallelLayoutError
+    from megatron_lora.checkpoint import AdapterCheckpointError
+    from megatron_lora.data import DataError
+    from megatron_lora.experiment import ExperimentConfigError
+    from megatron_lora.interop import InteropError
+    from megatron_lora.training import TrainingError
+
+    for error in (AdapterError, AdapterCheckpointError, DataError, ExperimentConfigError,
+                  InteropError, LoraConfigError, ParallelLayoutError, TrainingError):
+        assert issubclass(error, MegatronLoraError), error
+    assert issubclass(MegatronLoraError, ValueError)  # callers catching ValueError keep working
+
+
+def _failing(error):
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
+@pytest.mark.parametrize("bug", [ValueError("a bug"), RuntimeError("a bug")])
+def test_a_bug_in_the_training_script_keeps_its_traceback(monkeypatch, bug):
+    import megatron_lora.training as training
+
+    monkeypatch.setattr(training.launch, "parse_arguments", _failing(bug))
+    with pytest.raises(type(bug), match="a bug"):
+        training.main(["--train-iters", "1"], mode="finetune")
+
+
+def test_a_user_error_in_the_training_script_is_one_line(monkeypatch, capsys):
+    import megatron_lora.training as training
+    from megatron_lora import AdapterError
+
+    user_error = AdapterError("no such target")
+    monkeypatch.setattr(training.launch, "parse_arguments", _failing(user_error))
+    assert training.main(["--train-iters", "1"], mode="finetune") == 2
+    assert capsys.readouterr().err == "finetune_gpt.py: error: no such target\n"
+
+
+@pytest.mark.parametrize("bug", [ValueError("a bug"), KeyError("a bug")])
+def test_a_bug_in_the_cli_keeps_its_traceback(monkeypatch, bug):
+    import megatron_lora.cli as cli
+
+    monkeypatch.setattr(cli, "_run", _failing(bug))
+    with pytest.raises(type(bug), match="a bug"):
+        cli.main(["inspect", "somewhere"])

@@ -495,3 +495,11 @@ def test_experiment_config_is_exported():
 
     assert config_module.ExperimentConfig is ExperimentConfig
     assert issubclass(ExperimentConfigError, ValueError)
+
+
+def test_the_config_records_which_sections_it_was_given(tmp_path):
+    # the training scripts start from a lora: section only when the file has one
+    plain = load_experiment(write(tmp_path, yaml.safe_dump(small())))
+    assert plain.sections == ("megatron_config",) and plain.lora == LoraConfig()
+    given = load_experiment(data={**small(), "lora": {"r": 4}, "training": None})
+    assert given.sections == ("megatron_config", "lora") and given.lora.r == 4

@@ -1,0 +1,121 @@
+"""The scripts' entry point: check the inputs, start the workers or the process group, train."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from ..cpu import free_port, make_cpu_ready
+from ..errors import MegatronLoraError
+from .errors import TrainingError
+from .loop import Trainer
+from .metrics import print_on_rank0
+from .rundir import clear_previous_run
+from .settings import parse_arguments
+from .state import load_checkpoint
+
+
+def initialize_distributed() -> None:
+    """torch.distributed from torchrun's environment (a single process without it)."""
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        backend = "nccl"
+    else:
+        make_cpu_ready()
+        backend = "gloo"
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    dist.init_process_group(backend=backend)
+
+
+def _under_a_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ  # torchrun, or srun through scripts/slurm
+
+
+def launch_workers(argv: List[str], nproc: int, mode: str) -> int:
+    """--nproc-per-node N: the inputs were checked here, in one process; now torchrun starts
+    the N workers on this machine with the same arguments (less this flag). Its exit code."""
+    script = Path(sys.argv[0]).resolve()
+    if script.name != f"{mode}_gpt.py":
+        raise TrainingError(f"--nproc-per-node launches scripts/{mode}_gpt.py itself; from "
+                            f"{script.name} start the workers with torchrun")
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc-per-node":
+            skip = True
+        elif not item.startswith("--nproc-per-node="):
+            rest.append(item)
+    # OMP_NUM_THREADS set here keeps torchrun from printing its advice about it
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nproc), str(script), *rest]
+    code = subprocess.run(command, env=env).returncode
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
+
+
+def _check_inputs(argv: List[str], mode: str):
+    """(experiment, settings, lora, args), checked in this one process for the world size the
+    run will have (--nproc-per-node, or the launcher's)."""
+    experiment, settings, lora, args = parse_arguments(argv, mode)
+    launching = args.nproc_per_node is not None
+    if launching and _under_a_launcher():
+        raise TrainingError(f"--nproc-per-node {args.nproc_per_node} starts the workers "
+                            f"itself; under torchrun or srun leave it out")
+    if launching and args.nproc_per_node < 1:
+        raise TrainingError(f"--nproc-per-node {args.nproc_per_node} is invalid: expected "
+                            f"a positive number of processes")
+    world = args.nproc_per_node if launching else int(os.environ.get("WORLD_SIZE", "1"))
+    experiment.check_world_size(world)
+    return experiment, settings, lora, args
+
+
+def _run(experiment, settings, lora, args) -> None:
+    trainer = Trainer(experiment, settings, lora, args)
+    if settings.overwrite and not settings.load and dist.get_rank() == 0:
+        clear_previous_run(Path(settings.save))
+    dist.barrier()
+    if settings.load:
+        load_checkpoint(trainer, settings.load)
+        print_on_rank0(f"resumed from {settings.load} at iteration {trainer.iteration}")
+    trainer.train()
+
+
+def main(argv=None, mode: str = "finetune") -> int:
+    """The scripts' entry point: exit code 0, or 2 with a one-line error and nothing written.
+
+    Under torchrun every rank checks the inputs and rank 0 prints the error; with
+    --nproc-per-node N (no launcher) they are checked once, before any worker starts. Only a
+    MegatronLoraError is reported as one line: anything else is a bug and keeps its traceback.
+    """
+    name = f"{mode}_gpt.py"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        experiment, settings, lora, args = _check_inputs(argv, mode)
+        if args.nproc_per_node is not None:
+            return launch_workers(argv, args.nproc_per_node, mode)
+    except MegatronLoraError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    initialize_distributed()
+    try:
+        _run(experiment, settings, lora, args)
+    except MegatronLoraError as error:
+        if dist.get_rank() == 0:
+            print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

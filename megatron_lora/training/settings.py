@@ -1,0 +1,321 @@
+"""The scripts' inputs: flags, the YAML ``training:`` section (checked by the experiment
+schema's own code), their validation, and the gate on layouts the loop has not been proven at.
+Everything here runs before any process group exists and has no side effects."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..arguments import add_lora_args, lora_config_from_args
+from ..checkpoint import read_adapter
+from ..errors import MegatronLoraError
+from ..experiment import ExperimentConfigError, checked_value, load_experiment, unknown_key
+from .base import check_base_fits, model_checkpoint_dir
+from .errors import TrainingError
+from .rundir import LATEST, check_save_directory, latest_iteration_directory
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+
+# flag destination -> key in the YAML experiment's megatron_config
+_MODEL_FLAGS = {
+    "tensor_model_parallel_size": "tensor_model_parallel_size",
+    "pipeline_model_parallel_size": "pipeline_model_parallel_size",
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups",
+    "seq_length": "seq_length",
+    "vocab_size": "vocab_size",
+    "seed": "seed",
+    "recompute_granularity": "recompute_granularity",
+    "recompute_method": "recompute_method",
+    "recompute_num_layers": "recompute_num_layers",
+}
+
+# settings a YAML file must not carry into every later run: a flag each time it is meant
+_FLAG_ONLY = {"overwrite", "allow_longer_sequences"}
+
+_POSITIVE_SETTINGS = ("train_iters", "micro_batch_size", "global_batch_size", "save_interval",
+                      "eval_interval", "eval_iters", "log_interval")
+
+
+@dataclass
+class TrainingSettings:
+    """The loop's settings (YAML ``training:`` section, overridden by flags)."""
+
+    train_iters: int = 0
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 0
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    data_path: Optional[str] = None
+    valid_data_path: Optional[str] = None
+    split: str = "98,2,0"
+    save: Optional[str] = None
+    load: Optional[str] = None
+    pretrained_checkpoint: Optional[str] = None
+    overwrite: bool = False
+    allow_longer_sequences: bool = False
+    save_interval: Optional[int] = None
+    eval_interval: Optional[int] = None
+    eval_iters: int = 10
+    log_interval: int = 10
+    tokenizer: str = "byte"
+    progress_bar: bool = True
+
+    @classmethod
+    def from_section(cls, section: dict, source: str) -> "TrainingSettings":
+        """The YAML ``training:`` section, each value checked against the field's type."""
+        known = sorted({f.name for f in fields(cls)} - _FLAG_ONLY)
+        hints = typing.get_type_hints(cls)
+        values = {}
+        try:
+            for key, value in section.items():
+                if key not in known:
+                    raise unknown_key("training", str(key), known)
+                values[key] = checked_value(f"training.{key}", value, hints[key])
+        except ExperimentConfigError as error:
+            raise TrainingError(f"{source}: {error}") from None
+        return cls(**values)
+
+    def check(self, mode: str) -> None:
+        for name in _POSITIVE_SETTINGS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise TrainingError(f"--{name.replace('_', '-')} {value!r} is invalid: expected "
+                                    f"a positive integer")
+        self._check_schedule()
+        self._check_paths()
+        if self.save:
+            check_save_directory(self)
+
+    def _check_schedule(self) -> None:
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise TrainingError(f"--lr-decay-style {self.lr_decay_style!r} is invalid: expected "
+                                f"one of {', '.join(LR_DECAY_STYLES)}")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise TrainingError(f"--lr {self.lr} / --min-lr {self.min_lr} are invalid: expected "
+                                f"0 <= min-lr <= lr and lr > 0")
+        if self.lr_warmup_iters < 0 or self.lr_warmup_iters > self.train_iters:
+            raise TrainingError(f"--lr-warmup-iters {self.lr_warmup_iters} is invalid: expected "
+                                f"0 .. --train-iters ({self.train_iters})")
+        if not self.clip_grad >= 0:
+            raise TrainingError(f"--clip-grad {self.clip_grad} is invalid: expected >= 0 "
+                                f"(0 turns clipping off)")
+
+    def _check_paths(self) -> None:
+        if not self.data_path:
+            raise TrainingError("--data-path is required: the prefix of a megatron indexed "
+                                "dataset (PREFIX.bin / PREFIX.idx), e.g. made by "
+                                "`python -m megatron_lora.data preprocess`")
+        for name in ("data_path", "valid_data_path"):
+            prefix = getattr(self, name)
+            if prefix:
+                missing = [p for p in (f"{prefix}.bin", f"{prefix}.idx") if not Path(p).is_file()]
+                if missing:
+                    raise TrainingError(f"--{name.replace('_', '-')} {prefix}: "
+                                        f"{', '.join(missing)} does not exist")
+        if self.load and not (Path(self.load) / LATEST).is_file():
+            raise TrainingError(f"--load {self.load} is not a checkpoint directory of these "
+                                f"scripts: {LATEST} is missing")
+        if self.pretrained_checkpoint and not model_checkpoint_dir(self.pretrained_checkpoint):
+            raise TrainingError(f"--pretrained-checkpoint {self.pretrained_checkpoint} holds no "
+                                f"megatron dist-checkpoint (expected a metadata.json, or a "
+                                f"model/ folder written by pretrain_gpt.py)")
+        if self.load:
+            latest_iteration_directory(self.load)
+
+
+# --- the layout gate ------------------------------------------------------------------------------
+
+# What the loop runs is what tests/test_training.py compares with a one-process run (loss and
+# grad norm per iteration): dense TP + SP, PP (1F1B, tied embeddings), DP; MoE at EP, expert-TP
+# and TP + SP + EP. Anything else is refused before a process starts.
+_UNPROVEN_LAYOUTS = (
+    (lambda m: m.get("virtual_pipeline_model_parallel_size") is not None,
+     "virtual_pipeline_model_parallel_size (interleaved 1F1B): the loop trains one model chunk "
+     "per stage"),
+    (lambda m: any(m.get(k) is not None for k in (
+        "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+        "pipeline_model_parallel_layout")),
+     "uneven pipeline stages (num_layers_in_first/last_pipeline_stage, "
+     "pipeline_model_parallel_layout): not yet compared with a one-process run; split "
+     "num_layers evenly"),
+    (lambda m: m.get("num_moe_experts") and m["pipeline_model_parallel_size"] > 1,
+     "a mixture-of-experts model with pipeline_model_parallel_size > 1: not yet compared with "
+     "a one-process run; use expert or tensor parallelism for MoE"),
+)
+
+
+def check_layout_is_proven(experiment) -> None:
+    """Refuse a layout whose training has not been shown equal to one process (the reason)."""
+    settings = experiment.megatron_config
+    for unproven, reason in _UNPROVEN_LAYOUTS:
+        if unproven(settings):
+            raise TrainingError(f"the training scripts refuse {reason}")
+
+
+# --- flags --------------------------------------------------------------------------------------
+
+
+def build_parser(mode: str) -> argparse.ArgumentParser:
+    """Megatron-LM's flag names (defaults come from the YAML ``--config``, then from the code)."""
+    parser = argparse.ArgumentParser(
+        prog=f"{mode}_gpt.py",
+        description=f"{'LoRA fine-tuning' if mode == 'finetune' else 'Pretraining'} of a "
+                    f"megatron-core GPT (launch with torchrun; CPU gloo or GPU nccl).")
+    parser.add_argument("--config", help="YAML experiment (megatron_config / lora / training); "
+                                         "flags override its values")
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="start this many workers on this machine (torchrun --standalone), "
+                             "after checking every input once here; leave it out under torchrun")
+    _add_model_flags(parser.add_argument_group("model and layout"))
+    _add_loop_flags(parser.add_argument_group("training loop"))
+    add_lora_args(parser)
+    return parser
+
+
+def _add_model_flags(model) -> None:
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers",
+                 "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
+                 "--num-query-groups", "--seq-length", "--vocab-size", "--seed"):
+        model.add_argument(flag, type=int, default=None)
+    model.add_argument("--sequence-parallel", action="store_true", default=None)
+    # activation recompute works with LoRA in every mode (docs/recompute.md)
+    model.add_argument("--recompute-granularity", default=None, choices=("full", "selective"))
+    model.add_argument("--recompute-method", default=None, choices=("uniform", "block"))
+    model.add_argument("--recompute-num-layers", type=int, default=None)
+    model.add_argument("--bf16", action="store_true", default=None)
+
+
+def _add_loop_flags(loop) -> None:
+    for flag in ("--micro-batch-size", "--global-batch-size", "--train-iters", "--lr-warmup-iters",
+                 "--save-interval", "--eval-interval", "--eval-iters", "--log-interval"):
+        loop.add_argument(flag, type=int, default=None)
+    for flag in ("--lr", "--min-lr", "--clip-grad", "--weight-decay"):
+        loop.add_argument(flag, type=float, default=None)
+    loop.add_argument("--lr-decay-style", default=None, choices=LR_DECAY_STYLES)
+    loop.add_argument("--data-path", nargs="+", default=None,
+                      help="indexed dataset prefix (one; blends are not supported yet)")
+    loop.add_argument("--valid-data-path", nargs="+", default=None,
+                      help="a separate held-out dataset prefix for evaluation")
+    loop.add_argument("--split", default=None, help="train,valid,test weights, e.g. 98,2,0")
+    loop.add_argument("--save", default=None)
+    loop.add_argument("--load", default=None, help="resume from a --save directory")
+    loop.add_argument("--overwrite", action="store_true", default=None,
+                      help="let --save replace the run already in that directory")
+    loop.add_argument("--allow-longer-sequences", action="store_true", default=None,
+                      help="allow a --seq-length longer than --pretrained-checkpoint's")
+    loop.add_argument("--pretrained-checkpoint", default=None,
+                      help="base weights: a dist-checkpoint (e.g. pretrain_gpt.py's --save)")
+    loop.add_argument("--tokenizer", default=None, help="tokenizer name (built in: byte)")
+    loop.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=None)
+
+
+# --- flags + YAML -> what the run uses ------------------------------------------------------------
+
+
+def parse_arguments(argv, mode: str):
+    """(experiment, training settings, lora config or None, args), all validated; no side
+    effects. Values: the code's defaults < the YAML --config < the flags."""
+    args = build_parser(mode).parse_args(argv)
+    experiment = _experiment_from(args)
+    check_layout_is_proven(experiment)
+    training = _training_settings_from(args, experiment)
+    training.check(mode)
+    if training.pretrained_checkpoint:
+        check_base_fits(experiment, training)
+    lora = _lora_config_from(args, experiment, mode)
+    return experiment, training, lora, args
+
+
+def _experiment_from(args):
+    overrides = {f"megatron_config.{key}": getattr(args, dest)
+                 for dest, key in _MODEL_FLAGS.items() if getattr(args, dest) is not None}
+    if args.sequence_parallel:
+        overrides["megatron_config.sequence_parallel"] = True
+    if args.bf16:
+        overrides["megatron_config.params_dtype"] = "bfloat16"
+    try:
+        if args.config:
+            return load_experiment(args.config, overrides=overrides)
+        return load_experiment(data={"megatron_config": {}}, overrides=overrides)
+    except ExperimentConfigError as error:
+        raise TrainingError(str(error)) from None
+
+
+def _training_settings_from(args, experiment) -> TrainingSettings:
+    source = args.config or "the command line"
+    training = TrainingSettings.from_section(dict(experiment.training or {}), source)
+    for f in fields(TrainingSettings):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name in ("data_path", "valid_data_path"):
+            if len(value) != 1:
+                raise TrainingError(f"--{f.name.replace('_', '-')} takes one prefix here (got "
+                                    f"{len(value)}); dataset blends are not supported yet")
+            value = value[0]
+        setattr(training, f.name, value)
+    return training
+
+
+def _lora_config_from(args, experiment, mode: str):
+    # the YAML's lora: section is the starting point only when the file has one
+    yaml_lora = experiment.lora if "lora" in experiment.sections else None
+    saved = _saved_adapter_config(args.lora_load, yaml_lora) if args.lora_load else None
+    try:
+        lora = lora_config_from_args(args, saved or yaml_lora)
+    except MegatronLoraError as error:
+        raise TrainingError(str(error)) from None
+    if saved is not None:
+        _check_continues(saved, lora, f"--lora-load {args.lora_load}", "the flags")
+    if mode == "pretrain" and args.lora_rank is None and not args.lora_load:
+        lora = None  # pretraining is full training unless --lora-rank or --lora-load asks for LoRA
+    if lora is not None and lora.lora_dtype is None and experiment.params_dtype != torch.float32:
+        # a bf16/fp16 base: keep the trainable factors in fp32 (their own master copy); they
+        # are cast to the activation dtype in the forward, never the activations up
+        lora = replace(lora, lora_dtype="float32")
+    if mode == "finetune" and lora is None:
+        raise TrainingError("finetune_gpt.py trains LoRA adapters: give --lora-rank > 0 (or a "
+                            "lora: section in --config); full training is pretrain_gpt.py")
+    return lora
+
+
+def _saved_adapter_config(path, yaml_lora):
+    """--lora-load: the saved adapter defines the one this run continues (its rank, scaling and
+    modules); a YAML lora: section that says otherwise is an error, not silently ignored."""
+    try:
+        adapter = read_adapter(path)
+    except MegatronLoraError as error:
+        raise TrainingError(f"--lora-load: {error}") from None
+    saved = replace(adapter.lora_config, target_modules=sorted(adapter.config["modules"]),
+                    exclude_modules=None)
+    if yaml_lora is not None:
+        _check_continues(saved, replace(yaml_lora, target_modules=saved.target_modules),
+                         f"--lora-load {path}", "the YAML lora: section")
+    return saved
+
+
+def _check_continues(saved, asked, what: str, source: str) -> None:
+    for field in ("r", "lora_alpha", "use_rslora"):
+        if getattr(saved, field) != getattr(asked, field):
+            raise TrainingError(
+                f"{what} holds an adapter with {field}={getattr(saved, field)!r}, {source} "
+                f"ask for {field}={getattr(asked, field)!r}; a loaded adapter keeps its own "
+                f"(leave the setting out, or match it)")
+    if sorted(saved.target_modules) != sorted(asked.target_modules or []):
+        raise TrainingError(f"{what} adapts {len(saved.target_modules)} modules; {source} "
+                            f"target {asked.target_modules}: a loaded adapter keeps its modules "
+                            f"(leave --lora-target-modules out)")
