@@ -9,6 +9,9 @@ from importlib import import_module
 _HOMES = {
     "LoraConfig": "config",
     "LoraConfigError": "config",
+    "ExperimentConfig": "experiment",
+    "ExperimentConfigError": "experiment",
+    "load_experiment": "experiment",
     "dispatch_megatron": "dispatch",
     "AdapterError": "errors",
     "MegatronLoraError": "errors",

@@ -140,7 +140,7 @@ def _shape_source(args):
         from .checkpoint import read_adapter
 
         return read_adapter(Path(args.like)).config.get("base_model", {})
-    from .config import load_experiment
+    from .experiment import load_experiment
 
     experiment = load_experiment(args.config)
     settings = experiment.megatron_config

@@ -111,16 +111,3 @@ class LoraConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# The YAML experiment schema lives in .experiment, which imports LoraConfig from here and
-# megatron-core; resolving these names on first use keeps that import one-way and lazy.
-_EXPERIMENT_NAMES = ("load_experiment", "ExperimentConfig", "ExperimentConfigError")
-
-
-def __getattr__(name):
-    if name in _EXPERIMENT_NAMES:
-        from . import experiment
-
-        return getattr(experiment, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

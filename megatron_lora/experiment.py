@@ -2,7 +2,7 @@
 
 Everything is checked in plain Python before any process group exists, so a typo or a layout
 that cannot work fails in a second with the key and the values named, not inside a collective
-on the cluster. Users reach this through `megatron_lora.config.load_experiment`.
+on the cluster. Users call `megatron_lora.load_experiment` (or this module's).
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def finalize_gradients(model, params, lora: bool, clip_grad: float) -> float:
     else:
         all_reduce_flat([p.grad for p in params if p.grad is not None
                          and getattr(p, "sequence_parallel", False)],
-                        ps.get_tensor_model_parallel_group())
+                        Topology.tp_group())
         all_reduce_tied_embedding_grads(model)
     average_over_data_parallel(params)
     norm = grad_norm(params)

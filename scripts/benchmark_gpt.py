@@ -37,7 +37,7 @@ RECOMPUTE = {"off": {}, "full": dict(recompute_granularity="full", recompute_met
 
 
 def experiment(args, sp):
-    from megatron_lora.config import load_experiment
+    from megatron_lora.experiment import load_experiment
 
     return load_experiment(data={
         "megatron_config": {

@@ -60,7 +60,7 @@ VARIANTS = {
 
 
 def experiment(tp, pp, sp, **overrides):
-    from megatron_lora.config import load_experiment
+    from megatron_lora.experiment import load_experiment
 
     settings = dict(TINY_GPT, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                     sequence_parallel=sp, **overrides)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from megatron_lora.config import (
+from megatron_lora.experiment import (
     ExperimentConfig,
     ExperimentConfigError,
     LoraConfig,

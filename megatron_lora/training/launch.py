@@ -11,7 +11,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from ..cpu import free_port, make_cpu_ready
+from ..cpu import make_cpu_ready
 from ..errors import MegatronLoraError
 from .errors import TrainingError
 from .loop import Trainer
@@ -31,9 +31,14 @@ def initialize_distributed() -> None:
     else:
         make_cpu_ready()
         backend = "gloo"
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+    one_process = "RANK" not in os.environ or (
+        os.environ.get("WORLD_SIZE") == "1" and "MASTER_PORT" not in os.environ)
+    if one_process:
+        # no launcher: an in-process store, so there is no TCP port to pick and lose to
+        # another process between picking and binding it
+        os.environ.update(RANK="0", WORLD_SIZE="1")
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
     dist.init_process_group(backend=backend)
 
 

@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..atomic import write_file_atomically
@@ -30,6 +29,7 @@ from ..data import build_gpt_datasets, get_tokenizer, micro_batches
 from ..gpt import build_gpt_model, initialize_model_parallel
 from ..grad_sync import finalize_gradients
 from ..model import apply_lora
+from ..topology import Topology
 from .base import describe_model, load_base_weights
 from .errors import TrainingError
 from .metrics import MetricsLog, print_on_rank0
@@ -92,11 +92,12 @@ def run_micro_batches(model, batches, settings: TrainingSettings, exp, forward_o
             micro_batch_size=settings.micro_batch_size, forward_only=forward_only)
     loss = sum(o["loss"].float() for o in outputs) / max(1, len(outputs)) if outputs else None
     value = torch.zeros((), dtype=torch.float64, device=_device())
-    if ps.is_pipeline_last_stage() and loss is not None:
+    place = Topology.current()
+    if place.pp_rank == place.pp_size - 1 and loss is not None:  # the last stage has the loss
         value += loss.double().to(value.device)
-    dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
-    dist.all_reduce(value, group=ps.get_data_parallel_group(with_context_parallel=True))
-    return float(value) / ps.get_data_parallel_world_size(with_context_parallel=True)
+    dist.all_reduce(value, group=Topology.pp_group())
+    dist.all_reduce(value, group=Topology.dp_group())
+    return float(value) / place.dp_size
 
 
 def _progress_bar(settings: TrainingSettings, start: int):
@@ -119,8 +120,8 @@ class Trainer:
         if experiment.vocab_size < self.tokenizer.vocab_size:
             raise TrainingError(f"vocab_size {experiment.vocab_size} is smaller than the "
                                 f"{settings.tokenizer} tokenizer's {self.tokenizer.vocab_size}")
-        self.dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
-        self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+        place = Topology.current()
+        self.dp_size, self.dp_rank = place.dp_size, place.dp_rank
         per_step = settings.micro_batch_size * self.dp_size
         self.global_batch = settings.global_batch_size or per_step
         if self.global_batch % per_step:

@@ -14,12 +14,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..atomic import write_file_atomically
+from ..topology import Topology
 from .errors import TrainingError
 from .rundir import LATEST, TRAINER_STATE, iteration_directory, latest_iteration_directory
 
@@ -30,11 +30,12 @@ def rank_file(directory: Path) -> Path:
 
 def parallel_layout() -> dict:
     # every size that decides which shard of parameters and optimiser state a rank holds
+    place = Topology.current()
     return {"world_size": dist.get_world_size(),
-            "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
-            "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
-            "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
-            "expert_tensor_parallel_size": ps.get_expert_tensor_parallel_world_size()}
+            "tensor_model_parallel_size": place.tp_size,
+            "pipeline_model_parallel_size": place.pp_size,
+            "expert_model_parallel_size": place.ep_size,
+            "expert_tensor_parallel_size": place.etp_size}
 
 
 def capture_rng() -> dict:
