@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from megatron_lora.diagnostics import CollectiveCounter
 from numerics import relative_error
+from shards import ExpectedShard
 
 SEQ, BATCH, HIDDEN, FFN, RANK = 8, 2, 16, 24, 5  # r=5 divides no TP size on purpose
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -63,11 +64,11 @@ def build_layer(kind, in_f, out_f, *, world, rank, sp, dtype, bias, skip, gather
     if kind == "column":
         base = ColumnParallelLinear(in_f, out_f, config=config, init_method=None, bias=bias,
                                     gather_output=gather_output, skip_bias_add=skip)
-        local_w, local_b = full_w.chunk(world, 0)[rank], full_b.chunk(world, 0)[rank]
     else:
         base = RowParallelLinear(in_f, out_f, config=config, init_method=None, bias=bias,
                                  input_is_parallel=input_is_parallel, skip_bias_add=skip)
-        local_w, local_b = full_w.chunk(world, 1)[rank], full_b
+    shard = ExpectedShard(kind, rank, world)
+    local_w, local_b = shard.weight(full_w), shard.bias(full_b)
     with torch.no_grad():
         base.weight.copy_(local_w)
         if bias:
@@ -178,22 +179,16 @@ def run_single_layer_case(case, rank, world, group):
     ref.backward(dy)
 
     # layout of input, output and gradients on this rank
-    if kind == "column":
-        x_local = x.chunk(world, 0)[rank] if sp else x
-        out_split = None if case["gather_output"] else -1
-        expect_dx = rx.grad.chunk(world, 0)[rank] if sp else rx.grad
-    else:
-        x_local = x if not case["input_is_parallel"] else x.chunk(world, -1)[rank]
-        out_split = 0 if sp else None
-        expect_dx = rx.grad if not case["input_is_parallel"] else rx.grad.chunk(world, -1)[rank]
-    local = (lambda t: t) if out_split is None else (lambda t: t.chunk(world, out_split)[rank])
+    shard = ExpectedShard(kind, rank, world, sp=sp, gather_output=case.get("gather_output", False),
+                          input_is_parallel=case.get("input_is_parallel", True))
+    local, expect_dx = shard.output, shard.input(rx.grad)
 
-    x_local = leaf(x_local)
+    x_local = leaf(shard.input(x))
     output, output_bias = layer(x_local)
     skip = case["skip"]
     result = {"bias_returned_iff_skip": (output_bias is not None) == (skip and case["bias"])}
     if output_bias is not None:  # megatron returns its own (local, for column) bias unadded
-        local_bias = full_b.chunk(world, 0)[rank] if kind == "column" else full_b
+        local_bias = shard.bias(full_b)
         result["returned_bias"] = error_absolute_below_one(output_bias, local_bias)
     with torch.no_grad():
         expected = ref_lora_linear(x, full_w, full_b, full_a, full_b_lora, lora.scaling,
@@ -203,23 +198,15 @@ def run_single_layer_case(case, rank, world, group):
     finalize_lora_grads([layer])
     result["dx"] = error_absolute_below_one(x_local.grad, expect_dx)
     weight_a, weight_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    if kind == "column":
-        result["dA"] = error_absolute_below_one(weight_a.grad, ra.grad)
-        result["dB"] = error_absolute_below_one(weight_b.grad, rb.grad.chunk(world, 0)[rank])
-    else:
-        result["dA"] = error_absolute_below_one(weight_a.grad, ra.grad.chunk(world, 1)[rank])
-        result["dB"] = error_absolute_below_one(weight_b.grad, rb.grad)
+    result["dA"] = error_absolute_below_one(weight_a.grad, shard.lora_a(ra.grad))
+    result["dB"] = error_absolute_below_one(weight_b.grad, shard.lora_b(rb.grad))
     if trainable and not skip:
         base = layer.base_layer
-        if kind == "column":
-            result["dW"] = error_absolute_below_one(base.weight.grad, rw.grad.chunk(world, 0)[rank])
-            if rbias is not None:
-                result["dbias"] = error_absolute_below_one(base.bias.grad, rbias.grad.chunk(world, 0)[rank])
-        else:
-            result["dW"] = error_absolute_below_one(base.weight.grad, rw.grad.chunk(world, 1)[rank])
-            if rbias is not None:
-                # under SP the row bias meets a sequence shard: megatron's finalize sums it
-                result["dbias"] = error_absolute_below_one(sum_over_tp_if(base.bias.grad, sp, group), rbias.grad)
+        result["dW"] = error_absolute_below_one(base.weight.grad, shard.weight(rw.grad))
+        if rbias is not None:
+            # under SP the row bias meets a sequence shard: megatron's finalize sums it
+            bias_grad = sum_over_tp_if(base.bias.grad, sp and kind == "row", group)
+            result["dbias"] = error_absolute_below_one(bias_grad, shard.bias(rbias.grad))
     return result
 
 
@@ -253,10 +240,11 @@ def run_chain_case(case, rank, world, group):
     y.backward(seq_local(dy))
     finalize_lora_grads([fc1, fc2])
     result["dx"] = error_absolute_below_one(x_local.grad, seq_local(rx.grad))
-    result["dA1"] = error_absolute_below_one(fc1.lora_A["default"].weight.grad, ra1.grad)
-    result["dB1"] = error_absolute_below_one(fc1.lora_B["default"].weight.grad, rb1.grad.chunk(world, 0)[rank])
-    result["dA2"] = error_absolute_below_one(fc2.lora_A["default"].weight.grad, ra2.grad.chunk(world, 1)[rank])
-    result["dB2"] = error_absolute_below_one(fc2.lora_B["default"].weight.grad, rb2.grad)
+    column, row = ExpectedShard("column", rank, world, sp), ExpectedShard("row", rank, world, sp)
+    result["dA1"] = error_absolute_below_one(fc1.lora_A["default"].weight.grad, column.lora_a(ra1.grad))
+    result["dB1"] = error_absolute_below_one(fc1.lora_B["default"].weight.grad, column.lora_b(rb1.grad))
+    result["dA2"] = error_absolute_below_one(fc2.lora_A["default"].weight.grad, row.lora_a(ra2.grad))
+    result["dB2"] = error_absolute_below_one(fc2.lora_B["default"].weight.grad, row.lora_b(rb2.grad))
     return result
 
 
@@ -297,26 +285,17 @@ def multi_adapter(rank, world, group):
             factors[name] = (full_a, full_b)
             ref = ref + config.scaling * (rx @ full_a.t()) @ full_b.t()
         ref.backward(dy)
-        if kind == "column":
-            x_local, local_out = (x.chunk(world, 0)[rank] if sp else x), (lambda t: t.chunk(world, -1)[rank])
-            expect_dx = rx.grad.chunk(world, 0)[rank] if sp else rx.grad
-        else:
-            x_local = x.chunk(world, -1)[rank]
-            local_out = (lambda t: t.chunk(world, 0)[rank]) if sp else (lambda t: t)
-            expect_dx = rx.grad.chunk(world, -1)[rank]
-        x_local = leaf(x_local)
+        shard = ExpectedShard(kind, rank, world, sp)
+        local_out, expect_dx = shard.output, shard.input(rx.grad)
+        x_local = leaf(shard.input(x))
         out, _ = layer(x_local)
         out.backward(local_out(dy))
         finalize_lora_grads(layer)
         metrics = {"out": error_absolute_below_one(out, local_out(ref.detach())), "dx": error_absolute_below_one(x_local.grad, expect_dx)}
         for name, (full_a, full_b) in factors.items():
             got_a, got_b = layer.lora_A[name].weight.grad, layer.lora_B[name].weight.grad
-            if kind == "column":
-                metrics[f"dA-{name}"] = error_absolute_below_one(got_a, full_a.grad)
-                metrics[f"dB-{name}"] = error_absolute_below_one(got_b, full_b.grad.chunk(world, 0)[rank])
-            else:
-                metrics[f"dA-{name}"] = error_absolute_below_one(got_a, full_a.grad.chunk(world, 1)[rank])
-                metrics[f"dB-{name}"] = error_absolute_below_one(got_b, full_b.grad)
+            metrics[f"dA-{name}"] = error_absolute_below_one(got_a, shard.lora_a(full_a.grad))
+            metrics[f"dB-{name}"] = error_absolute_below_one(got_b, shard.lora_b(full_b.grad))
         results[f"{kind}-{'sp' if sp else 'nosp'}-{path}"] = metrics
     return results
 
@@ -393,12 +372,13 @@ def dropout_checks(rank, world, group):
         torch.manual_seed(77)
         x_local = leaf(x)
         out, _ = layer(x_local)
-        out.backward(dy.chunk(world, -1)[rank])
+        shard = ExpectedShard("column", rank, world)
+        out.backward(shard.output(dy))
         finalize_lora_grads([layer])
         results[f"column-replicated-{path}"] = {
-            "out": error_absolute_below_one(out, ref.detach().chunk(world, -1)[rank]),
-            "dA": error_absolute_below_one(layer.lora_A["default"].weight.grad, ra.grad),
-            "dB": error_absolute_below_one(layer.lora_B["default"].weight.grad, rb.grad.chunk(world, 0)[rank]),
+            "out": error_absolute_below_one(out, shard.output(ref.detach())),
+            "dA": error_absolute_below_one(layer.lora_A["default"].weight.grad, shard.lora_a(ra.grad)),
+            "dB": error_absolute_below_one(layer.lora_B["default"].weight.grad, shard.lora_b(rb.grad)),
         }
 
     # sharded inputs: row (input split along hidden) and column under SP (split along sequence)
@@ -426,18 +406,15 @@ def dropout_checks(rank, world, group):
         ra, rb = leaf(full_a), leaf(full_b)
         ref = xs @ w.t() + lora.scaling * ((xs * full_mask) @ ra.t()) @ rb.t()
         ref.backward(dys)
-        out_split = 0 if (kind == "row" and sp) else (-1 if kind == "column" else None)
-        local = (lambda t: t) if out_split is None else (lambda t: t.chunk(world, out_split)[rank])
+        shard = ExpectedShard(kind, rank, world, sp)
+        local = shard.output
         out.backward(local(dys))
         finalize_lora_grads([layer])
         grads = {
             "dA": layer.lora_A["default"].weight.grad,
             "dB": layer.lora_B["default"].weight.grad,
         }
-        expected = {
-            "dA": ra.grad if kind == "column" else ra.grad.chunk(world, 1)[rank],
-            "dB": rb.grad.chunk(world, 0)[rank] if kind == "column" else rb.grad,
-        }
+        expected = {"dA": shard.lora_a(ra.grad), "dB": shard.lora_b(rb.grad)}
         results[f"{kind}-sharded"] = {
             "out": error_absolute_below_one(out, local(ref.detach())),
             "dA": error_absolute_below_one(grads["dA"], expected["dA"]),
@@ -556,11 +533,12 @@ def ddp_and_grad_norm(rank, world, group):
         y.backward(seq_local(dy))
         finalize_model_grads_with_lora([model])
         key = "sp" if sp else "nosp"
+        column, row = ExpectedShard("column", rank, world), ExpectedShard("row", rank, world)
         results[key] = {
-            "dA1": error_absolute_below_one(fc1.lora_A["default"].weight.main_grad, ra1.grad),
-            "dB1": error_absolute_below_one(fc1.lora_B["default"].weight.main_grad, rb1.grad.chunk(world, 0)[rank]),
-            "dA2": error_absolute_below_one(fc2.lora_A["default"].weight.main_grad, ra2.grad.chunk(world, 1)[rank]),
-            "dB2": error_absolute_below_one(fc2.lora_B["default"].weight.main_grad, rb2.grad),
+            "dA1": error_absolute_below_one(fc1.lora_A["default"].weight.main_grad, column.lora_a(ra1.grad)),
+            "dB1": error_absolute_below_one(fc1.lora_B["default"].weight.main_grad, column.lora_b(rb1.grad)),
+            "dA2": error_absolute_below_one(fc2.lora_A["default"].weight.main_grad, row.lora_a(ra2.grad)),
+            "dB2": error_absolute_below_one(fc2.lora_B["default"].weight.main_grad, row.lora_b(rb2.grad)),
         }
         lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
         grads_for_norm = [p.main_grad for p in lora_params

@@ -490,11 +490,13 @@ def test_yaml_objects_are_refused(tmp_path):
         load_experiment(path)
 
 
-def test_experiment_config_is_exported():
-    import megatron_lora.config as config_module
+def test_experiment_config_is_exported_from_the_package():
+    import megatron_lora
+    from megatron_lora.errors import MegatronLoraError
 
-    assert config_module.ExperimentConfig is ExperimentConfig
-    assert issubclass(ExperimentConfigError, ValueError)
+    assert megatron_lora.ExperimentConfig is ExperimentConfig
+    assert megatron_lora.load_experiment is load_experiment
+    assert issubclass(ExperimentConfigError, MegatronLoraError)
 
 
 def test_the_config_records_which_sections_it_was_given(tmp_path):
