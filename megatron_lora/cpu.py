@@ -29,7 +29,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
-import psutil
 import torch
 
 # Release lines the whole test suite has been run on (CI runs the two ends, 0.16 and 0.19).
@@ -426,17 +425,6 @@ def _spawned_entry(rank, world_size, port, fn, args, results, threads):
             torch.distributed.destroy_process_group()
 
 
-def _descendants_of(processes) -> list:
-    """Every process started below these (still running) ones."""
-    found = []
-    for process in processes:
-        try:
-            found += psutil.Process(process.pid).children(recursive=True)
-        except (psutil.NoSuchProcess, ValueError):  # already gone, or never started
-            pass
-    return found
-
-
 def spawn_gloo(fn, world_size: int, args=(), timeout: float = 300.0, threads: int = 1):
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh CPU processes joined by gloo.
 
@@ -488,17 +476,9 @@ def spawn_gloo(fn, world_size: int, args=(), timeout: float = 300.0, threads: in
             values[rank] = pickle.loads(value)  # our own child's results
         return [values[rank] for rank in range(world_size)]
     finally:
-        # processes a rank started itself (megatron's checkpoint writers) are ours to end too;
-        # found now, while their rank is alive: once it exits they belong to init
-        descendants = _descendants_of(processes)
         for process in processes:
             process.join(timeout=5)
         for process in processes:
             if process.is_alive():
                 process.kill()
                 process.join(timeout=5)
-        for child in descendants:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
