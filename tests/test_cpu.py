@@ -96,11 +96,21 @@ def test_spawned_ranks_end_when_their_parent_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                               start_new_session=True)
     try:
-        started = 0
+        # other output may share a line with a rank's (imports print without a newline);
+        # read on a thread so that ranks that never come up fail the test in 2 minutes
+        import queue
+        import threading
+
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in parent.stdout],
+                         daemon=True).start()
+        started, deadline = 0, time.monotonic() + 120
         while started < 2:
-            line = parent.stdout.readline()
-            assert line, "the parent ended before its ranks were up"
-            started += line.startswith("rank ")
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("the spawned ranks did not come up within 120 s")
+            started += line.count(" up")
         ranks = [child for child in psutil.Process(parent.pid).children(recursive=True)
                  if "spawn_main" in " ".join(child.cmdline())]
         assert len(ranks) >= 2, ranks
