@@ -98,7 +98,7 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_gather_bytes(payload: bytes) -> List[bytes]:
+def all_gather_bytes(payload: bytes) -> List[bytes]:
     """Every rank's bytes (JSON here), through tensors: nothing is unpickled."""
     if not is_distributed():
         return [payload]
@@ -128,7 +128,7 @@ def collect_on_rank0(local: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     if not is_distributed():
         return dict(local)
     manifest = json.dumps([[k, list(t.shape), str(t.dtype)] for k, t in local.items()]).encode()
-    manifests = [json.loads(m) for m in _all_gather_bytes(manifest)]
+    manifests = [json.loads(m) for m in all_gather_bytes(manifest)]
     rank = dist.get_rank()
     if rank != 0:
         for tensor in local.values():
@@ -235,7 +235,7 @@ def shared_lora_config(model: ModelLike, adapter_name: str) -> dict:
         raise AdapterCheckpointError(f"unknown adapter {adapter_name!r}; this model has {names}")
     configs = [layer.lora_configs[adapter_name].to_dict() for _, layer in lora_layers(model)
                if adapter_name in layer.lora_configs]
-    shared = _all_gather_bytes(json.dumps(configs[0]).encode() if configs else b"")
+    shared = all_gather_bytes(json.dumps(configs[0]).encode() if configs else b"")
     return next((json.loads(c) for c in shared if c), None)
 
 
@@ -581,7 +581,7 @@ def _agree_on_problems(path, problems: List[str], missing_here: List[str], exist
     are extra keys.
     """
     message = "; ".join(problems[:8]) + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
-    views = [json.loads(v) for v in _all_gather_bytes(json.dumps(
+    views = [json.loads(v) for v in all_gather_bytes(json.dumps(
         [message, missing_here, not_wrapped, unfilled]).encode())]
     message = next((m for m, *_ in views if m), "")
     extra = sorted(set.intersection(*(set(v[1]) for v in views)))

@@ -68,7 +68,7 @@ def _yaml(workdir, section, **changes):
     return path
 
 
-def with_yaml(section, expected, **changes):
+def with_yaml(section, **changes):
     return lambda w, g: _flags(g, w, config=_yaml(w, section, **changes))
 
 
@@ -138,10 +138,6 @@ def _file(w, name="notes.txt"):
     return w / name
 
 
-PRETRAIN_FLAGS = lambda w, g, *extra: [  # noqa: E731
-    "--config", g.train_config, "--data-path", g.data, "--train-iters", 2, "--save", w / "save",
-    *extra]
-
 ROWS = [
     # the YAML file
     BadInput("yaml_missing_file", "finetune",
@@ -151,41 +147,41 @@ ROWS = [
     BadInput("yaml_not_yaml", "finetune", _text_yaml("megatron_config: [unclosed\n"),
              "experiment.yaml: the file is not valid YAML"),
     BadInput("yaml_typo_in_megatron_config", "finetune",
-             with_yaml("megatron_config", None, num_layer=2), "did you mean 'num_layers'"),
-    BadInput("yaml_lr_not_a_number", "finetune", with_yaml("training", None, lr="fast"),
+             with_yaml("megatron_config", num_layer=2), "did you mean 'num_layers'"),
+    BadInput("yaml_lr_not_a_number", "finetune", with_yaml("training", lr="fast"),
              "training.lr must be a number, got 'fast'"),
-    BadInput("yaml_clip_grad_null", "finetune", with_yaml("training", None, clip_grad=None),
+    BadInput("yaml_clip_grad_null", "finetune", with_yaml("training", clip_grad=None),
              "training.clip_grad must be a number, got None"),
     BadInput("yaml_train_iters_fraction", "finetune",
-             with_yaml("training", None, train_iters=2.5),
+             with_yaml("training", train_iters=2.5),
              "training.train_iters must be an integer, got 2.5"),
     BadInput("yaml_progress_bar_not_bool", "finetune",
-             with_yaml("training", None, progress_bar="sometimes"),
+             with_yaml("training", progress_bar="sometimes"),
              "training.progress_bar must be true or false, got 'sometimes'"),
     BadInput("yaml_unknown_training_key", "finetune",
-             with_yaml("training", None, learning_rate=1e-3),
+             with_yaml("training", learning_rate=1e-3),
              "training.learning_rate is not a known key"),
     BadInput("yaml_overwrite_is_a_flag_only", "finetune",
-             with_yaml("training", None, overwrite=True), "training.overwrite is not a known key"),
+             with_yaml("training", overwrite=True), "training.overwrite is not a known key"),
     BadInput("yaml_vocab_size_overflows", "finetune",
-             with_yaml("megatron_config", None, vocab_size=10**26),
+             with_yaml("megatron_config", vocab_size=10**26),
              "megatron_config.vocab_size must be at most 2147483647"),
     BadInput("yaml_vocab_size_in_e_notation", "finetune",
              _text_yaml(yaml.safe_dump(TRAIN).replace("vocab_size: 512", "vocab_size: 1e26")),
              "megatron_config.vocab_size must be an integer, got 1e+26"),
     BadInput("yaml_invalid_regex_target", "finetune",
-             with_yaml("lora", None, target_modules=["re:linear_(qkv"]),
+             with_yaml("lora", target_modules=["re:linear_(qkv"]),
              "'re:linear_(qkv' is not a valid regular expression"),
     BadInput("yaml_excludes_every_target", "finetune",
-             with_yaml("lora", None, exclude_modules=["linear_qkv", "linear_proj", "linear_fc1",
+             with_yaml("lora", exclude_modules=["linear_qkv", "linear_proj", "linear_fc1",
                                                        "linear_fc2"]),
              "the adapter would adapt nothing"),
     BadInput("yaml_unproven_layout_moe_pp2", "finetune",
-             with_yaml("megatron_config", None, num_moe_experts=4,
+             with_yaml("megatron_config", num_moe_experts=4,
                        pipeline_model_parallel_size=2),
              "refuse a mixture-of-experts model with pipeline_model_parallel_size > 1"),
     BadInput("yaml_unproven_layout_vpp", "finetune",
-             with_yaml("megatron_config", None, virtual_pipeline_model_parallel_size=2),
+             with_yaml("megatron_config", virtual_pipeline_model_parallel_size=2),
              "refuse virtual_pipeline_model_parallel_size"),
     # flags
     BadInput("flag_rank_too_large", "finetune", with_flags("--lora-rank", 10**9),
@@ -244,9 +240,8 @@ ROWS = [
              _run_copy(_truncate("iter_0000002/adapter/adapter_model.safetensors")),
              "adapter_model.safetensors is truncated"),
     BadInput("load_lora_run_into_full_training", "pretrain",
-             lambda w, g: _copy(g.run, w, "run") and PRETRAIN_FLAGS(w, g)[:-2] + [
-                 "--save", w / "run", "--load", w / "run",
-                 "--data-path", g.data], "a LoRA training checkpoint cannot resume a full run"),
+             lambda w, g: _copy(g.run, w, "run") and _flags(g, w, "--load", w / "run", save="run"),
+             "a LoRA training checkpoint cannot resume a full run"),
     # --pretrained-checkpoint: another model, or a longer sequence than it was trained on
     BadInput("base_is_not_a_checkpoint", "finetune",
              lambda w, g: _file(w) and _flags(g, w, "--pretrained-checkpoint", w),

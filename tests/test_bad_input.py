@@ -5,9 +5,6 @@ changed or removed (sha256 of every file before and after)."""
 from __future__ import annotations
 
 import hashlib
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

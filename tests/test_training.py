@@ -50,6 +50,12 @@ def torchrun(script, *flags, nproc=2, wait=True, timeout=300, env=None):
     nothing else) are ended."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(nproc), str(ROOT / "scripts" / script), *map(str, flags)]
+    return in_own_session(command, wait=wait, timeout=timeout, env=env)
+
+
+def in_own_session(command, wait=True, timeout=300, env=None):
+    """Run ``command`` in its own session; on a timeout that whole session (and nothing
+    else) is ended. ``wait=False`` returns the running process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env, cwd=ROOT, start_new_session=True)
@@ -131,19 +137,9 @@ def test_bad_input_is_one_line_and_writes_nothing(case, config, demo_data, tmp_p
 
 
 def _script(script, *flags, timeout=300):
-    """A script run as a user runs it, in its own session (ended with its workers on a
-    timeout)."""
-    command = [sys.executable, str(ROOT / "scripts" / script), *map(str, flags)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    """A script run as a user runs it (no launcher), in its own session."""
+    return in_own_session([sys.executable, str(ROOT / "scripts" / script), *map(str, flags)],
+                          timeout=timeout)
 
 
 def test_nproc_per_node_checks_the_inputs_once_then_starts_the_workers(config, demo_data,

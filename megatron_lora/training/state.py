@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..atomic import write_file_atomically
+from ..checkpoint import all_gather_bytes
 from ..topology import Topology
 from .errors import TrainingError
 from .rundir import LATEST, TRAINER_STATE, iteration_directory, latest_iteration_directory
@@ -79,8 +80,7 @@ def save_checkpoint(trainer, save) -> Path:
 def raise_on_every_rank(problem: Optional[str]) -> None:
     """Collective: if any rank found a problem, every rank raises it (the first one), so no
     rank walks on into a collective the others left."""
-    problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)  # our own ranks' strings, not file contents
+    problems = [p.decode() for p in all_gather_bytes((problem or "").encode())]
     first = next((p for p in problems if p), None)
     if first:
         raise TrainingError(first)
