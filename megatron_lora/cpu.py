@@ -405,11 +405,36 @@ def _end_with_parent() -> None:
         os._exit(1)
 
 
-def _spawned_entry(rank, world_size, port, fn, args, results, threads):
+def _own_process_group() -> None:
+    """Lead a process group of this rank and everything it starts (megatron's checkpoint writer
+    starts a multiprocessing Manager that outlives a killed rank), so the parent can end them
+    all with one killpg."""
+    if hasattr(os, "setpgid"):
+        os.setpgid(0, 0)
+
+
+_STACK_FILE = None  # kept open: faulthandler writes into it when the parent asks
+
+
+def _dump_stacks_on_request(path: str) -> None:
+    """On SIGUSR1, write every thread's Python stack to ``path``: a rank that hangs tells the
+    parent where (spawn_gloo puts it in its TimeoutError)."""
+    global _STACK_FILE
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        _STACK_FILE = open(path, "w")
+        faulthandler.register(signal.SIGUSR1, file=_STACK_FILE, all_threads=True)
+
+
+def _spawned_entry(rank, world_size, port, fn, args, results, threads, stack_path):
     import pickle
     import traceback
 
     _end_with_parent()
+    _own_process_group()
+    _dump_stacks_on_request(stack_path)
     try:
         torch.set_num_threads(threads)
         make_cpu_ready()
@@ -425,42 +450,92 @@ def _spawned_entry(rank, world_size, port, fn, args, results, threads):
             torch.distributed.destroy_process_group()
 
 
+def _stacks_of_running(processes, stack_paths, wait_s: float = 3.0) -> str:
+    """The Python stacks of the ranks still running (asked for with SIGUSR1), for a timeout's
+    message; the last 3000 characters of each."""
+    import signal
+    import time
+
+    if not hasattr(signal, "SIGUSR1"):
+        return ""
+    running = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    for rank in running:
+        try:
+            os.kill(processes[rank].pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not all(
+            os.path.getsize(stack_paths[rank]) for rank in running if os.path.exists(stack_paths[rank])):
+        time.sleep(0.1)
+    parts = []
+    for rank in running:
+        try:
+            with open(stack_paths[rank]) as file:
+                stack = file.read()
+        except OSError:
+            stack = ""
+        parts.append(f"\n--- rank {rank}, still running:\n{stack[-3000:] or '(no stack: not started yet)'}")
+    return "".join(parts)
+
+
+def _end_process_groups(processes) -> None:
+    """Kill what is left of each rank's process group: helpers a rank started that did not end
+    with it. A group that is already empty is skipped."""
+    import signal
+
+    if not hasattr(os, "killpg"):
+        return
+    for process in processes:
+        if process.pid is None:
+            continue
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def spawn_gloo(fn, world_size: int, args=(), timeout: float = 300.0, threads: int = 1):
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh CPU processes joined by gloo.
 
     Each process is made CPU-ready and given its own gloo process group on a free loopback
     port. Returns the list of return values by rank. Raises RuntimeError with the failing
-    rank's traceback, or TimeoutError after ``timeout`` seconds; either way only the processes
-    started here are ended.
+    rank's traceback, or TimeoutError after ``timeout`` seconds with the Python stacks of the
+    ranks still running; either way only the processes started here (the ranks and whatever
+    they started) are ended.
     """
     import multiprocessing as mp
     import pickle
     import queue
+    import tempfile
     import time
 
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
+    stack_dir = tempfile.TemporaryDirectory(prefix="spawn_gloo-")
+    stack_paths = [os.path.join(stack_dir.name, f"rank{rank}.stack") for rank in range(world_size)]
     processes = [
         context.Process(
             target=_spawned_entry,
-            args=(rank, world_size, port, fn, args, results, threads),
+            args=(rank, world_size, port, fn, args, results, threads, stack_paths[rank]),
             # not daemonic: ranks may start processes of their own (megatron's
             # dist-checkpointing writer does); the finally below ends them either way
             daemon=False,
         )
         for rank in range(world_size)
     ]
-    for process in processes:
-        process.start()
     values, deadline = {}, time.monotonic() + timeout
     try:
+        for process in processes:
+            process.start()
         while len(values) < world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(
                     f"{getattr(fn, '__name__', fn)} did not finish on {world_size} ranks within "
                     f"{timeout:.0f} s (finished ranks: {sorted(values)})"
+                    + _stacks_of_running(processes, stack_paths)
                 )
             try:
                 rank, ok, value = results.get(timeout=min(remaining, 1.0))
@@ -476,9 +551,15 @@ def spawn_gloo(fn, world_size: int, args=(), timeout: float = 300.0, threads: in
             values[rank] = pickle.loads(value)  # our own child's results
         return [values[rank] for rank in range(world_size)]
     finally:
+        # ranks that reported get 5 s to exit on their own; after a failure or a timeout the
+        # others may wait in a collective forever, so they are killed at once
+        grace_s = 5 if len(values) == world_size else 0
         for process in processes:
-            process.join(timeout=5)
+            if process.pid is not None:
+                process.join(timeout=grace_s)
         for process in processes:
             if process.is_alive():
                 process.kill()
                 process.join(timeout=5)
+        _end_process_groups(processes)
+        stack_dir.cleanup()
