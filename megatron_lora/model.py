@@ -252,19 +252,44 @@ def apply_lora(
     linear_fc2) minus ``config.exclude_modules``, matched against global module names (see
     :func:`name_matches`). Every base parameter is frozen; the new adapter becomes the active
     (and only trainable) one. Calling it again with another name adds a second adapter to
-    the layers it targets. Collective: call it on every rank. Raises ValueError, before any
-    change to the model, when a target matches no layer on any rank.
+    the layers it targets. Collective: call it on every rank. Raises AdapterError on every
+    rank, before any change to the model, when the selection is unusable (see
+    :func:`_select_layers`).
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+    selected = _select_layers(model, config)
+    _check_rank_fits(selected, config.r)
+    _check_name_is_free(selected, adapter_name)
+    for name, parent, attribute, module in selected:
+        if isinstance(module, LoraParallelLinear):
+            module.update_layer(adapter_name, config)
+        else:
+            wrapped = dispatch_megatron(
+                module, adapter_name, config, module_name=name,
+                packed_gate_up=is_packed_gate_up(name, module),
+                fused_collectives=fused_collectives,
+            )
+            setattr(parent, attribute, wrapped)
+    _freeze_base_and_activate(model, adapter_name)
+    report = lora_report(model, adapter_name)
+    if verbose and report.rank == 0:
+        print(report, flush=True)
+    for chunk in model_chunks(model):
+        chunk.lora_report = report
+    return model
+
+
+def _select_layers(model: ModelLike, config: LoraConfig) -> list:
+    """The (name, parent, attribute, module) of every layer the config adapts on this rank.
+    Refused on every rank: a target that matches no layer on any rank, and excludes that
+    leave nothing to adapt anywhere."""
     targets = list(config.target_modules or DEFAULT_TARGETS)
     excludes = list(config.exclude_modules or [])
     candidates = adaptable_modules(model)
-
-    match_counts = [
-        sum(name_matches(pattern, name) for name, *_ in candidates) for pattern in targets
-    ]
-    match_counts = _sum_over_world(match_counts)
+    match_counts = _sum_over_world(
+        [sum(name_matches(pattern, name) for name, *_ in candidates) for pattern in targets]
+    )
     unmatched = [pattern for pattern, count in zip(targets, match_counts) if count == 0]
     if unmatched:
         raise AdapterError(
@@ -274,8 +299,7 @@ def apply_lora(
             f"'decoder.layers.*.mlp.linear_fc1', or 're:<regex>')"
         )
     selected = [
-        item
-        for item in candidates
+        item for item in candidates
         if any(name_matches(p, item[0]) for p in targets)
         and not any(name_matches(p, item[0]) for p in excludes)
     ]
@@ -284,59 +308,52 @@ def apply_lora(
             f"LoRA exclude_modules {excludes} remove every layer target_modules {targets} select: "
             f"the adapter would adapt nothing and train nothing"
         )
+    return selected
+
+
+def _check_rank_fits(selected: list, r: int) -> None:
+    """Refuse, on every rank, an r above min(in_features, out_features) of a selected layer:
+    such a rank adds parameters and no capacity."""
     too_small = [
         (name, min(layout.in_features, layout.out_features))
         for name, _, _, module in selected
         for layout in [module.layout if isinstance(module, LoraParallelLinear)
                        else ParallelLayout(module)]
-        if config.r > min(layout.in_features, layout.out_features)
+        if r > min(layout.in_features, layout.out_features)
     ]
     if _sum_over_world([len(too_small)])[0]:  # every rank raises, not only the ones that saw it
         example = f" ({too_small[0][0]} allows {too_small[0][1]})" if too_small else ""
         raise AdapterError(
-            f"LoRA r={config.r} is larger than min(in_features, out_features) of a targeted "
+            f"LoRA r={r} is larger than min(in_features, out_features) of a targeted "
             f"layer{example}: such a rank adds parameters and no capacity"
         )
+
+
+def _check_name_is_free(selected: list, adapter_name: str) -> None:
+    """Refuse, on every rank, a name that a selected layer already holds an adapter under."""
     clashes = [
         name for name, _, _, module in selected
         if isinstance(module, LoraParallelLinear) and adapter_name in module.lora_A
     ]
-    if clashes:
+    if _sum_over_world([len(clashes)])[0]:  # a stage without the clash must not go on alone
+        where = f" on {clashes[:3]}{'…' if len(clashes) > 3 else ''}" if clashes else ""
         raise AdapterError(
-            f"adapter {adapter_name!r} already exists on {clashes[:3]}{'…' if len(clashes) > 3 else ''};"
+            f"adapter {adapter_name!r} already exists{where};"
             f" choose another adapter_name or delete_adapter({adapter_name!r}) first"
         )
 
-    for name, parent, attribute, module in selected:
-        if isinstance(module, LoraParallelLinear):
-            module.update_layer(adapter_name, config)
-        else:
-            wrapped = dispatch_megatron(
-                module,
-                adapter_name,
-                config,
-                module_name=name,
-                packed_gate_up=is_packed_gate_up(name, module),
-                fused_collectives=fused_collectives,
-            )
-            setattr(parent, attribute, wrapped)
 
+def _freeze_base_and_activate(model: ModelLike, adapter_name: str) -> None:
+    """Freeze every base parameter, record the adapter on every chunk (also a pipeline stage
+    where it adapted nothing) and make it the active, only trainable one."""
     for chunk in model_chunks(model):
         for param in chunk.parameters():
             param.requires_grad_(False)
-        # every rank records the name, also a pipeline stage where it adapted nothing
         registered = getattr(chunk, "lora_adapter_names", [])
         chunk.lora_adapter_names = registered + [adapter_name]
     set_adapter(model, adapter_name)
     # a frozen base would cut megatron's recomputed regions off from autograd (docs/recompute.md)
     connect_recomputed_regions(model_chunks(model))
-
-    report = lora_report(model, adapter_name)
-    if verbose and report.rank == 0:
-        print(report, flush=True)
-    for chunk in model_chunks(model):
-        chunk.lora_report = report
-    return model
 
 
 # --- adapter management ----------------------------------------------------------------------

@@ -538,6 +538,13 @@ def check_targeting(exp):
     out["untouched_after_error"] = not any(isinstance(m, LoraParallelLinear) for m in model.modules())
     apply_lora(model, random_lora(), verbose=False)
     out["duplicate"] = _error_of(lambda: apply_lora(model, random_lora(), verbose=False))
+    # a name clash that only the first pipeline stage sees is refused on every stage too,
+    # so no stage walks alone into the next collective
+    first_layer = random_lora(target_modules=["decoder.layers.0.mlp.linear_fc1"])
+    apply_lora(model, first_layer, "first_layer", verbose=False)
+    out["duplicate_on_one_stage"] = _error_of(
+        lambda: apply_lora(model, first_layer, "first_layer", verbose=False))
+    set_adapter(model, "default")
     out["unknown_set"] = _error_of(lambda: set_adapter(model, "nope"))
     out["unknown_delete"] = _error_of(lambda: delete_adapter(model, "nope"))
     out["not_a_config"] = _error_of(lambda: apply_lora(model, {"r": 4}))

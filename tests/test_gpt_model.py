@@ -175,6 +175,8 @@ def test_targets_by_name_suffix_glob_and_regex(gpt_spawned, world, layout):
     assert names_of("output_layer") == ["output_layer"]
     assert not any(n.startswith("decoder.layers.0.") for n in names_of("exclude"))
     assert all(n.startswith(("decoder.layers.2.", "decoder.layers.3.")) for n in names_of("regex"))
+    for out in results:  # every stage refuses, also the one without decoder.layers.0
+        assert "'first_layer' already exists" in out["duplicate_on_one_stage"]
 
 
 def test_targeting_and_adapter_errors(gpt_spawned):
