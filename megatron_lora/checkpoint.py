@@ -29,6 +29,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from .agreement import all_gather_bytes, collective_device, is_distributed, raise_if_any_rank_failed
 from .atomic import write_synced
 from .config import LoraConfig
 from .errors import MegatronLoraError
@@ -38,7 +39,6 @@ from .model import (
     adaptable_modules,
     adapter_names,
     apply_lora,
-    collective_device,
     lora_layers,
     model_chunks,
     name_matches,
@@ -91,29 +91,6 @@ def describe_layout(model: ModelLike) -> Dict[str, object]:
 
 
 # --- moving tensors to rank 0 without pickle ------------------------------------------------
-
-
-def is_distributed() -> bool:
-    """Whether more than one process takes part (saving and loading then gather or agree)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_gather_bytes(payload: bytes) -> List[bytes]:
-    """Every rank's bytes (JSON here), through tensors: nothing is unpickled."""
-    if not is_distributed():
-        return [payload]
-    device = collective_device()
-    world = dist.get_world_size()
-    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    longest = max(int(s.item()) for s in sizes)
-    buffer = torch.zeros(longest, dtype=torch.uint8, device=device)
-    buffer[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) \
-        if payload else buffer[:0]
-    buffers = [torch.zeros_like(buffer) for _ in range(world)]
-    dist.all_gather(buffers, buffer)
-    return [bytes(b[: int(s.item())].cpu().tolist()) for b, s in zip(buffers, sizes)]
 
 
 def _dtype_from_name(name: str) -> torch.dtype:
@@ -281,17 +258,7 @@ def save_adapter(model: ModelLike, path, adapter_name: str = "default",
             written = write_directory_atomically(path, files)
         except Exception as error:  # re-raised below, once every rank knows
             failure = error
-    if is_distributed():
-        # rank 0's outcome goes to every rank, so a failed save raises on all of them
-        outcome = [None if failure is None else
-                   (isinstance(failure, MegatronLoraError), str(failure))]
-        dist.broadcast_object_list(outcome, src=0)  # our own (bool, str), not file contents
-        if outcome[0] is not None and not writer:
-            user_error, message = outcome[0]
-            raise (AdapterCheckpointError(message) if user_error else
-                   RuntimeError(f"rank 0 failed to save the adapter to {path}: {message}"))
-    if failure is not None:
-        raise failure
+    raise_if_any_rank_failed(failure, AdapterCheckpointError)  # every rank, or none
     return written
 
 

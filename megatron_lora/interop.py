@@ -40,12 +40,12 @@ from .checkpoint import (
     collect_on_rank0,
     describe_base_model,
     describe_layout,
-    is_distributed,
     load_adapter,
     read_adapter_json,
     shared_lora_config,
     write_directory_atomically,
 )
+from .agreement import is_distributed
 from .config import LoraConfig
 from .errors import MegatronLoraError
 from .model import ModelLike, model_chunks

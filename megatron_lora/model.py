@@ -23,6 +23,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.distributed as dist
 
+from .agreement import sum_over_world
 from .config import LoraConfig
 from .dispatch import SUPPORTED_LAYERS, dispatch_megatron
 from .errors import AdapterError
@@ -129,19 +130,6 @@ def name_shapes(names: Iterable[str]) -> List[str]:
     return sorted({re.sub(r"\.\d+(?=\.|$)", ".*", name) for name in names})
 
 
-def collective_device():
-    """Where tensors for a world-wide collective must live: the GPU under NCCL, else the CPU."""
-    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _sum_over_world(values: Sequence[int]) -> List[int]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(values)
-    tensor = torch.tensor(list(values), dtype=torch.int64, device=collective_device())
-    dist.all_reduce(tensor)
-    return [int(v) for v in tensor.tolist()]
-
-
 # --- the report ----------------------------------------------------------------------------
 
 
@@ -220,7 +208,7 @@ def lora_report(model: ModelLike, adapter_name: str) -> LoraReport:
     topology = Topology.current()
     # a module counts where its parameters do: expert ones on expert-TP / expert-DP rank 0
     counted_adapted = sum(topology.owns(layer.weight) for _, layer in adapted_layers)
-    global_trainable, global_total, global_adapted = _sum_over_world(
+    global_trainable, global_total, global_adapted = sum_over_world(
         [trainable, total, counted_adapted]
     )
     return LoraReport(
@@ -287,7 +275,7 @@ def _select_layers(model: ModelLike, config: LoraConfig) -> list:
     targets = list(config.target_modules or DEFAULT_TARGETS)
     excludes = list(config.exclude_modules or [])
     candidates = adaptable_modules(model)
-    match_counts = _sum_over_world(
+    match_counts = sum_over_world(
         [sum(name_matches(pattern, name) for name, *_ in candidates) for pattern in targets]
     )
     unmatched = [pattern for pattern, count in zip(targets, match_counts) if count == 0]
@@ -303,7 +291,7 @@ def _select_layers(model: ModelLike, config: LoraConfig) -> list:
         if any(name_matches(p, item[0]) for p in targets)
         and not any(name_matches(p, item[0]) for p in excludes)
     ]
-    if _sum_over_world([len(selected)])[0] == 0:
+    if sum_over_world([len(selected)])[0] == 0:
         raise AdapterError(
             f"LoRA exclude_modules {excludes} remove every layer target_modules {targets} select: "
             f"the adapter would adapt nothing and train nothing"
@@ -321,7 +309,7 @@ def _check_rank_fits(selected: list, r: int) -> None:
                        else ParallelLayout(module)]
         if r > min(layout.in_features, layout.out_features)
     ]
-    if _sum_over_world([len(too_small)])[0]:  # every rank raises, not only the ones that saw it
+    if sum_over_world([len(too_small)])[0]:  # every rank raises, not only the ones that saw it
         example = f" ({too_small[0][0]} allows {too_small[0][1]})" if too_small else ""
         raise AdapterError(
             f"LoRA r={r} is larger than min(in_features, out_features) of a targeted "
@@ -335,7 +323,7 @@ def _check_name_is_free(selected: list, adapter_name: str) -> None:
         name for name, _, _, module in selected
         if isinstance(module, LoraParallelLinear) and adapter_name in module.lora_A
     ]
-    if _sum_over_world([len(clashes)])[0]:  # a stage without the clash must not go on alone
+    if sum_over_world([len(clashes)])[0]:  # a stage without the clash must not go on alone
         where = f" on {clashes[:3]}{'…' if len(clashes) > 3 else ''}" if clashes else ""
         raise AdapterError(
             f"adapter {adapter_name!r} already exists{where};"

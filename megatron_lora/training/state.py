@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -18,8 +17,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from ..agreement import raise_if_any_rank_failed
 from ..atomic import write_file_atomically
-from ..checkpoint import all_gather_bytes
 from ..topology import Topology
 from .errors import TrainingError
 from .rundir import LATEST, TRAINER_STATE, iteration_directory, latest_iteration_directory
@@ -77,15 +76,6 @@ def save_checkpoint(trainer, save) -> Path:
     return directory
 
 
-def raise_on_every_rank(problem: Optional[str]) -> None:
-    """Collective: if any rank found a problem, every rank raises it (the first one), so no
-    rank walks on into a collective the others left."""
-    problems = [p.decode() for p in all_gather_bytes((problem or "").encode())]
-    first = next((p for p in problems if p), None)
-    if first:
-        raise TrainingError(first)
-
-
 def _read_rank_state(load, directory: Path) -> dict:
     """This rank's optimiser and RNG state; a damaged file is an error on every rank."""
     path, state, problem = rank_file(directory), None, None
@@ -98,7 +88,7 @@ def _read_rank_state(load, directory: Path) -> dict:
     except Exception as error:  # safetensors' own error type for a truncated/corrupt file
         problem = (f"--load {load}: {path} cannot be read ({str(error).splitlines()[0]}); the "
                    f"checkpoint is damaged: resume from an earlier iteration")
-    raise_on_every_rank(problem)
+    raise_if_any_rank_failed(TrainingError(problem) if problem else None, TrainingError)
     return state
 
 
