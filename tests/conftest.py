@@ -65,11 +65,9 @@ def saved(saved_adapters):
 
 @pytest.fixture(scope="session")
 def gpt_spawned(saved_adapters):
-    """gpt_spawned(world) -> {(tp, pp, sp): rank-0 view} for every layout of that world size.
-
-    Per layout: the per-rank result dicts merged, since under PP each stage returns its own
-    modules (keyed by global name) and only the last stage has the loss.
-    """
+    """gpt_spawned(world) -> [gpt_checks.GptChecks of each rank]: every layout and variant of
+    that world size, run once in one spawn (under PP each stage holds its own modules' part,
+    and only the last stage the loss)."""
     from megatron_lora.cpu import spawn_gloo
 
     cache = {}

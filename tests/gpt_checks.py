@@ -8,6 +8,9 @@ layout with the TP=1 run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
 import torch
 
 from megatron_lora.diagnostics import CollectiveCounter
@@ -243,19 +246,28 @@ def tied_checkpoints(exp, directory):
     return out
 
 
-def run_variants(world, adapter_dir=None):
-    """Every variant layout of this world size: {layout id: {"parity": ..., ...}}."""
+@dataclass
+class VariantChecks:
+    """What run_variants checked at one variant layout, on one rank."""
+
+    parity: dict
+    tied_weights: Optional[dict] = None  # the tied-embedding variant
+    checkpoints: Optional[dict] = None  # the tied-embedding variant, with an adapter directory
+
+
+def run_variants(world, adapter_dir=None) -> Dict[str, VariantChecks]:
+    """Every variant layout of this world size, by layout id."""
     from pathlib import Path
 
     results = {}
     for name, (model_settings, layouts) in VARIANTS.items():
         for layout_id, tp, pp, sp, layout_settings in layouts.get(world, []):
             exp = experiment(tp, pp, sp, **model_settings, **layout_settings)
-            layout = {"parity": check_parity(exp, all_logits=True, count_collectives=False)}
+            layout = VariantChecks(parity=check_parity(exp, all_logits=True, count_collectives=False))
             if name == "tied":
-                layout["tied_weights"] = tied_weights(exp)
+                layout.tied_weights = tied_weights(exp)
                 if adapter_dir is not None:
-                    layout["checkpoints"] = tied_checkpoints(exp, Path(adapter_dir) / layout_id)
+                    layout.checkpoints = tied_checkpoints(exp, Path(adapter_dir) / layout_id)
             results[layout_id] = layout
     return results
 
@@ -583,31 +595,57 @@ def check_megatron_lm_provider(exp):
                                  if p.requires_grad})}
 
 
-def run_all(rank, world, adapter_dir=None):
-    """Every layout of this world size; a dict per layout. With ``adapter_dir`` (written by
+@dataclass
+class LayoutChecks:
+    """What run_all checked at one layout, on one rank; a check not run there is None."""
+
+    parity: dict
+    training: dict
+    merge: Optional[dict] = None  # PP=1 layouts with TP=1 or SP
+    merge_bf16: Optional[dict] = None
+    targeting: Optional[dict] = None  # TP=1 layouts
+    megatron_lm_provider: Optional[dict] = None  # world 1
+    load: Optional[dict] = None  # with the adapters save_and_break wrote
+
+
+@dataclass
+class GptChecks:
+    """run_all's result on one rank: every layout of its world size and the model variants."""
+
+    layouts: Dict[Tuple[int, int, bool], LayoutChecks]
+    variants: dict
+    recompute: dict
+    moe: Optional[dict] = None  # worlds 1 and 4: expert adapters saved at EP=2, loaded
+
+
+def run_all(rank, world, adapter_dir=None) -> GptChecks:
+    """Every layout of this world size. With ``adapter_dir`` (written by
     checkpoint_checks.save_and_break at TP=2 + SP) each layout also loads those adapters."""
     import checkpoint_checks
 
     torch.manual_seed(0)
-    results = {}
+    layouts = {}
     for tp, pp, sp in LAYOUTS[world]:
         exp = experiment(tp, pp, sp)
-        layout = {"parity": check_parity(exp), "training": check_training(exp)}
+        layout = LayoutChecks(parity=check_parity(exp), training=check_training(exp))
         if pp == 1 and (tp == 1 or sp):
-            layout["merge"] = check_merge(exp)
-            layout["merge_bf16"] = check_merge_bf16(experiment(tp, pp, sp, params_dtype="bfloat16"))
+            layout.merge = check_merge(exp)
+            layout.merge_bf16 = check_merge_bf16(experiment(tp, pp, sp, params_dtype="bfloat16"))
         if tp == 1:
-            layout["targeting"] = check_targeting(exp)
+            layout.targeting = check_targeting(exp)
         if world == 1:
-            layout["megatron_lm_provider"] = check_megatron_lm_provider(exp)
+            layout.megatron_lm_provider = check_megatron_lm_provider(exp)
         if adapter_dir is not None:
-            layout["load"] = checkpoint_checks.load_checks(exp, adapter_dir)
-        results[(tp, pp, sp)] = layout
-    results["variants"] = run_variants(world, adapter_dir)
-    results["recompute"] = {layout_id: check_recompute(layout_id)
-                            for layout_id, entry in RECOMPUTE_LAYOUTS.items() if entry[0] == world}
+            layout.load = checkpoint_checks.load_checks(exp, adapter_dir)
+        layouts[(tp, pp, sp)] = layout
+    results = GptChecks(
+        layouts=layouts,
+        variants=run_variants(world, adapter_dir),
+        recompute={layout_id: check_recompute(layout_id)
+                   for layout_id, entry in RECOMPUTE_LAYOUTS.items() if entry[0] == world},
+    )
     if adapter_dir is not None and world in (1, 4):  # expert adapters saved at EP=2
         from pathlib import Path
 
-        results["moe"] = checkpoint_checks.moe_check(world, Path(adapter_dir) / "moe", save=False)
+        results.moe = checkpoint_checks.moe_check(world, Path(adapter_dir) / "moe", save=False)
     return results

@@ -34,7 +34,7 @@ def test_bad_flags_name_the_flag():
 
 
 def test_model_provider_wrapper_adds_lora(gpt_spawned):
-    out = gpt_spawned(1)[0][(1, 1, False)]["megatron_lm_provider"]
+    out = gpt_spawned(1)[0].layouts[(1, 1, False)].megatron_lm_provider
     assert out["names"] == [f"decoder.layers.{i}.mlp.linear_fc{j}" for i in range(4) for j in (1, 2)]
     assert out["ranks"] == {4}
     assert out["trainable"] == ["lora_A", "lora_B"]

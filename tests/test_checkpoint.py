@@ -16,7 +16,7 @@ LOAD_LAYOUTS = [pytest.param(world, layout, id=f"tp{layout[0]}-pp{layout[1]}{'-s
 @pytest.mark.parametrize("world, layout", LOAD_LAYOUTS)
 def test_adapter_saved_at_tp2_sp_loads_at_any_layout(saved, gpt_spawned, world, layout):
     expected = saved[0]["random_logits"]
-    loads = [rank_result[layout]["load"] for rank_result in gpt_spawned(world)]
+    loads = [rank_result.layouts[layout].load for rank_result in gpt_spawned(world)]
     logits = [load["random_logits"] for load in loads if load["random_logits"] is not None]
     assert logits, "no rank produced logits"
     for value in logits:
@@ -28,7 +28,7 @@ def test_adapter_saved_at_tp2_sp_loads_at_any_layout(saved, gpt_spawned, world, 
 @pytest.mark.parametrize("kind", ["dist_adapter", "dist_full"])
 def test_dist_checkpoint_from_tp2_sp_loads_at_any_layout(saved, gpt_spawned, world, layout, kind):
     expected = saved[0]["random_logits"]
-    loads = [rank_result[layout]["load"] for rank_result in gpt_spawned(world)]
+    loads = [rank_result.layouts[layout].load for rank_result in gpt_spawned(world)]
     logits = [load[f"{kind}_logits"] for load in loads if load[f"{kind}_logits"] is not None]
     assert logits
     for value in logits:
@@ -62,7 +62,7 @@ def test_overfit_at_tp2_sp_then_greedy_generation_at_tp1(saved, gpt_spawned):
     losses, norms = saved[0]["overfit_losses"], saved[0]["overfit_norms"]
     assert losses[-1] <= 0.3 * losses[0], losses
     assert norms[-1] <= 0.3 * norms[0], norms
-    load = gpt_spawned(1)[0][(1, 1, False)]["load"]
+    load = gpt_spawned(1)[0].layouts[(1, 1, False)].load
     assert torch.equal(load["sequence"], saved[0]["sequence"])
     assert torch.equal(load["generated"], load["sequence"])  # prompt 4 tokens, 13 generated
 
@@ -145,7 +145,7 @@ def test_crash_during_save_leaves_the_previous_adapter(saved):
 @pytest.mark.parametrize("world, layout", LOAD_LAYOUTS)
 def test_resave_and_peft_export_are_bit_identical_from_any_layout(gpt_spawned, world, layout):
     for rank_result in gpt_spawned(world):
-        load = rank_result[layout]["load"]
+        load = rank_result.layouts[layout].load
         assert load["resave_identical"] and load["reexport_identical"]
         assert load["peft_round_trip_identical"]  # megatron -> PEFT -> megatron, bit for bit
 
@@ -154,20 +154,20 @@ def test_resave_and_peft_export_are_bit_identical_from_any_layout(gpt_spawned, w
 def test_peft_import_of_the_export_gives_the_same_logits(saved, gpt_spawned, world, layout):
     expected = saved[0]["random_logits"]
     for rank_result in gpt_spawned(world):
-        logits = rank_result[layout]["load"]["peft_import_logits"]
+        logits = rank_result.layouts[layout].load["peft_import_logits"]
         if logits is not None:
             assert relative_error(logits, expected) < 1e-5
 
 
 def test_transformers_and_peft_read_the_export(saved, gpt_spawned):
-    load = gpt_spawned(1)[0][(1, 1, False)]["load"]
+    load = gpt_spawned(1)[0].layouts[(1, 1, False)].load
     assert relative_error(load["hf_base_logits"], load["megatron_base_logits"]) < 1e-5  # the converter
     assert relative_error(load["peft_logits"], saved[0]["random_logits"]) < 1e-5  # PeftModel vs TP=2+SP
     assert relative_error(load["peft_logits"], load["hf_base_logits"]) > 1e-3  # the adapter matters
 
 
 def test_a_peft_made_adapter_imports_exactly(gpt_spawned):
-    load = gpt_spawned(1)[0][(1, 1, False)]["load"]
+    load = gpt_spawned(1)[0].layouts[(1, 1, False)].load
     assert relative_error(load["native_peft_logits"], load["hf_base_logits"]) > 1e-3
     assert relative_error(load["native_imported_logits"], load["native_peft_logits"]) < 1e-5
 
@@ -175,7 +175,7 @@ def test_a_peft_made_adapter_imports_exactly(gpt_spawned):
 def test_fc1_b_is_saved_as_gate_all_then_up_all(saved, gpt_spawned):
     """Fails if fc1's B were gathered or sliced contiguously (gate and up of ranks mixed)."""
     name = "decoder.layers.1.mlp.linear_fc1"
-    tp1_b = gpt_spawned(1)[0][(1, 1, False)]["parity"]["factors"][name][1]  # the same adapter
+    tp1_b = gpt_spawned(1)[0].layouts[(1, 1, False)].parity["factors"][name][1]  # the same adapter
     for rank_result in saved:
         fc1 = rank_result["fc1"]
         assert torch.equal(fc1["saved_b"], tp1_b)
@@ -190,7 +190,7 @@ def test_expert_adapters_saved_at_ep2_load_at_ep1_and_ep4(saved, gpt_spawned, wo
     assert "decoder.layers.3.mlp.experts.local_experts.3.linear_fc2" in names
     assert relative_error(saved_moe["logits"], saved_moe["base_logits"]) > 1e-3  # the adapter matters
     for rank_result in gpt_spawned(world):
-        loaded = rank_result["moe"]
+        loaded = rank_result.moe
         assert relative_error(loaded["logits"], saved_moe["logits"]) < 1e-5
-    loaded_names = {n for rank_result in gpt_spawned(world) for n in rank_result["moe"]["names"]}
+    loaded_names = {n for rank_result in gpt_spawned(world) for n in rank_result.moe["names"]}
     assert loaded_names == names

@@ -43,19 +43,19 @@ def merged_over_ranks(per_rank, *keys):
 
 @pytest.fixture(scope="module")
 def reference(gpt_spawned):
-    return gpt_spawned(1)[0][REFERENCE]
+    return gpt_spawned(1)[0].layouts[REFERENCE]
 
 
 def layout_results(gpt_spawned, world, layout):
-    return [rank_result[layout] for rank_result in gpt_spawned(world)]
+    return [rank_result.layouts[layout] for rank_result in gpt_spawned(world)]
 
 
 @pytest.mark.parametrize("world, layout", PARALLEL_LAYOUTS)
 def test_same_logical_adapter_at_every_layout(gpt_spawned, reference, world, layout):
-    factors = merged_over_ranks(layout_results(gpt_spawned, world, layout), "parity", "factors")
-    assert sorted(factors) == sorted(reference["parity"]["factors"])
+    factors = merged_over_ranks([checks.parity for checks in layout_results(gpt_spawned, world, layout)], "factors")
+    assert sorted(factors) == sorted(reference.parity["factors"])
     assert len(factors) == 17  # 4 layers x 4 linears + output_layer, by global layer number
-    for name, (weight_a, weight_b) in reference["parity"]["factors"].items():
+    for name, (weight_a, weight_b) in reference.parity["factors"].items():
         assert torch.equal(factors[name][0], weight_a), name
         assert torch.equal(factors[name][1], weight_b), name
 
@@ -64,33 +64,33 @@ def test_same_logical_adapter_at_every_layout(gpt_spawned, reference, world, lay
 def test_logits_loss_and_every_lora_gradient_match_tp1(gpt_spawned, reference, world, layout):
     results = layout_results(gpt_spawned, world, layout)
     if layout[1] == 1:
-        for logits in values_over_ranks(results, "parity", "logits"):
-            assert relative_error(logits, reference["parity"]["logits"]) < FP32
-    losses = [loss for loss in values_over_ranks(results, "parity", "loss") if loss is not None]
+        for logits in values_over_ranks([checks.parity for checks in results], "logits"):
+            assert relative_error(logits, reference.parity["logits"]) < FP32
+    losses = [loss for loss in values_over_ranks([checks.parity for checks in results], "loss") if loss is not None]
     assert losses, "no rank reported a loss"
     for loss in losses:
-        assert loss == pytest.approx(reference["parity"]["loss"], rel=FP32)
-    grads = merged_over_ranks(results, "parity", "grads")
-    assert sorted(grads) == sorted(reference["parity"]["grads"])
-    for name, (grad_a, grad_b) in reference["parity"]["grads"].items():
+        assert loss == pytest.approx(reference.parity["loss"], rel=FP32)
+    grads = merged_over_ranks([checks.parity for checks in results], "grads")
+    assert sorted(grads) == sorted(reference.parity["grads"])
+    for name, (grad_a, grad_b) in reference.parity["grads"].items():
         assert grad_a.abs().max() > 0 and grad_b.abs().max() > 0, name
         assert relative_error(grads[name][0], grad_a) < FP32, f"{name} lora_A"
         assert relative_error(grads[name][1], grad_b) < FP32, f"{name} lora_B"
-    for norm in values_over_ranks(results, "parity", "grad_norm"):
-        assert norm == pytest.approx(reference["parity"]["grad_norm"], rel=FP32)
+    for norm in values_over_ranks([checks.parity for checks in results], "grad_norm"):
+        assert norm == pytest.approx(reference.parity["grad_norm"], rel=FP32)
 
 
 @pytest.mark.parametrize("world, layout", PARALLEL_LAYOUTS)
 def test_report_counts_the_logical_model(gpt_spawned, reference, world, layout):
-    for report in values_over_ranks(layout_results(gpt_spawned, world, layout), "parity", "report"):
-        assert report == reference["parity"]["report"]
-    adapted, trainable, total = reference["parity"]["report"]
+    for report in values_over_ranks([checks.parity for checks in layout_results(gpt_spawned, world, layout)], "report"):
+        assert report == reference.parity["report"]
+    adapted, trainable, total = reference.parity["report"]
     assert adapted == 17 and 0 < trainable < total
 
 
 @pytest.mark.parametrize("world, layout", [p for p in PARALLEL_LAYOUTS if p.values[1][1] == 1])
 def test_lora_adds_one_collective_per_step(gpt_spawned, world, layout):
-    for base, lora in values_over_ranks(layout_results(gpt_spawned, world, layout), "parity",
+    for base, lora in values_over_ranks([checks.parity for checks in layout_results(gpt_spawned, world, layout)],
                                         "collectives"):
         assert lora == base + 1  # the grad sync; SP included
 
@@ -98,24 +98,24 @@ def test_lora_adds_one_collective_per_step(gpt_spawned, world, layout):
 @pytest.mark.parametrize("world, layout", PARALLEL_LAYOUTS)
 def test_training_curves_agree_step_by_step(gpt_spawned, reference, world, layout):
     results = layout_results(gpt_spawned, world, layout)
-    expected = reference["training"]["losses"]
+    expected = reference.training["losses"]
     assert len(expected) == TRAIN_STEPS
     assert expected[-1] < 0.7 * expected[0]  # it learns
-    assert reference["training"]["clipped_steps"] > 0  # clipping was active
-    curves = [c for c in values_over_ranks(results, "training", "losses") if c[0] is not None]
+    assert reference.training["clipped_steps"] > 0  # clipping was active
+    curves = [c for c in values_over_ranks([checks.training for checks in results], "losses") if c[0] is not None]
     assert curves
     for curve in curves:
         for step, (loss, want) in enumerate(zip(curve, expected)):
             assert loss == pytest.approx(want, rel=FP32), f"step {step}"
-    for norms in values_over_ranks(results, "training", "norms"):
-        assert norms == pytest.approx(reference["training"]["norms"], rel=1e-4)
-    factors = merged_over_ranks(results, "training", "factors")
-    for name, (weight_a, weight_b) in reference["training"]["factors"].items():
+    for norms in values_over_ranks([checks.training for checks in results], "norms"):
+        assert norms == pytest.approx(reference.training["norms"], rel=1e-4)
+    factors = merged_over_ranks([checks.training for checks in results], "factors")
+    for name, (weight_a, weight_b) in reference.training["factors"].items():
         # 20 Adam steps amplify fp32 reduction-order noise of near-zero gradients a little
         assert relative_error(factors[name][0], weight_a) < 1e-4, name
         assert relative_error(factors[name][1], weight_b) < 1e-4, name
-    assert all(values_over_ranks(results, "training", "base_unchanged"))
-    assert reference["training"]["base_unchanged"]
+    assert all(values_over_ranks([checks.training for checks in results], "base_unchanged"))
+    assert reference.training["base_unchanged"]
 
 
 MERGE_LAYOUTS = [pytest.param(1, REFERENCE, id="tp1"), pytest.param(2, (2, 1, True), id="tp2-sp")]
@@ -123,7 +123,7 @@ MERGE_LAYOUTS = [pytest.param(1, REFERENCE, id="tp1"), pytest.param(2, (2, 1, Tr
 
 @pytest.mark.parametrize("world, layout", MERGE_LAYOUTS)
 def test_disable_merge_unmerge_unload(gpt_spawned, world, layout):
-    for out in values_over_ranks(layout_results(gpt_spawned, world, layout), "merge"):
+    for out in [checks.merge for checks in layout_results(gpt_spawned, world, layout)]:
         assert torch.equal(out["disabled"], out["base"])
         assert torch.equal(out["after_disable"], out["lora"])
         assert relative_error(out["lora"], out["base"]) > 1e-3  # the adapter does something
@@ -137,7 +137,7 @@ def test_disable_merge_unmerge_unload(gpt_spawned, world, layout):
 @pytest.mark.parametrize("world, layout", MERGE_LAYOUTS)
 @pytest.mark.parametrize("dtype", ["merge", "merge_bf16"])
 def test_unmerge_restores_the_base_within_one_rounding(gpt_spawned, world, layout, dtype):
-    for out in values_over_ranks(layout_results(gpt_spawned, world, layout), dtype):
+    for out in [getattr(checks, dtype) for checks in layout_results(gpt_spawned, world, layout)]:
         fidelity = out["unmerge"]
         assert fidelity["max_ulps"] <= 0.5  # half an ulp of max(|w|, |w_merged|)
         # bit-exact wherever the merged value kept every bit (bf16: all but rare ties)
@@ -147,9 +147,9 @@ def test_unmerge_restores_the_base_within_one_rounding(gpt_spawned, world, layou
 
 
 def test_several_adapters_and_delete(gpt_spawned, reference):
-    ref = reference["merge"]
+    ref = reference.merge
     assert relative_error(ref["both"], ref["lora"]) > 1e-3 and relative_error(ref["both"], ref["only_second"]) > 1e-3
-    for out in values_over_ranks(layout_results(gpt_spawned, 2, (2, 1, True)), "merge"):
+    for out in [checks.merge for checks in layout_results(gpt_spawned, 2, (2, 1, True))]:
         for key in ("only_second", "both", "both_merged", "after_delete"):
             assert relative_error(out[key], ref[key]) < FP32, key
         assert relative_error(out["both_merged"], out["both"]) < FP32
@@ -162,7 +162,7 @@ TARGETING_LAYOUTS = [pytest.param(1, REFERENCE, id="tp1"), pytest.param(2, (1, 2
 
 @pytest.mark.parametrize("world, layout", TARGETING_LAYOUTS)
 def test_targets_by_name_suffix_glob_and_regex(gpt_spawned, world, layout):
-    results = values_over_ranks(layout_results(gpt_spawned, world, layout), "targeting")
+    results = [checks.targeting for checks in layout_results(gpt_spawned, world, layout)]
     expected_count = {"leaf": 4, "suffix": 4, "glob": 4, "glob_layers": 8, "regex": 4,
                       "exclude": 13, "output_layer": 1, "first_layer_only": 1}
     for case, count in expected_count.items():
@@ -180,7 +180,7 @@ def test_targets_by_name_suffix_glob_and_regex(gpt_spawned, world, layout):
 
 
 def test_targeting_and_adapter_errors(gpt_spawned):
-    out = gpt_spawned(1)[0][REFERENCE]["targeting"]
+    out = gpt_spawned(1)[0].layouts[REFERENCE].targeting
     assert "['linear_fc3']" in out["no_match"] and "decoder.layers.*.mlp.linear_fc1" in out["no_match"]
     assert out["untouched_after_error"]
     assert "already exists" in out["duplicate"] and "'default'" in out["duplicate"]
@@ -199,46 +199,46 @@ VARIANT_LAYOUTS = [pytest.param(name, world, entry[0], id=entry[0])
 
 
 def variant_results(gpt_spawned, world, layout_id):
-    return [rank_result["variants"][layout_id] for rank_result in gpt_spawned(world)]
+    return [rank_result.variants[layout_id] for rank_result in gpt_spawned(world)]
 
 
 def variant_reference(gpt_spawned, name):
     (reference_id, *_), = VARIANTS[name][1][1]
-    return gpt_spawned(1)[0]["variants"][reference_id]
+    return gpt_spawned(1)[0].variants[reference_id]
 
 
 @pytest.mark.parametrize("name, world, layout_id", VARIANT_LAYOUTS)
 def test_variant_matches_its_single_process_run(gpt_spawned, name, world, layout_id):
-    reference = variant_reference(gpt_spawned, name)["parity"]
+    reference = variant_reference(gpt_spawned, name).parity
     results = variant_results(gpt_spawned, world, layout_id)
-    factors = merged_over_ranks(results, "parity", "factors")
+    factors = merged_over_ranks([checks.parity for checks in results], "factors")
     assert sorted(factors) == sorted(reference["factors"])
     for factor_name, (weight_a, weight_b) in reference["factors"].items():
         assert torch.equal(factors[factor_name][0], weight_a), factor_name
         assert torch.equal(factors[factor_name][1], weight_b), factor_name
-    logits = [out for out in values_over_ranks(results, "parity", "logits") if out is not None]
+    logits = [out for out in values_over_ranks([checks.parity for checks in results], "logits") if out is not None]
     assert logits, "no rank returned logits"
     for out in logits:
         assert relative_error(out, reference["logits"]) < FP32
-    losses = [loss for loss in values_over_ranks(results, "parity", "loss") if loss is not None]
+    losses = [loss for loss in values_over_ranks([checks.parity for checks in results], "loss") if loss is not None]
     assert losses
     for loss in losses:
         assert loss == pytest.approx(reference["loss"], rel=FP32)
-    grads = merged_over_ranks(results, "parity", "grads")
+    grads = merged_over_ranks([checks.parity for checks in results], "grads")
     assert sorted(grads) == sorted(reference["grads"])
     for grad_name, (grad_a, grad_b) in reference["grads"].items():
         assert grad_a.abs().max() > 0 and grad_b.abs().max() > 0, grad_name
         assert relative_error(grads[grad_name][0], grad_a) < FP32, f"{grad_name} lora_A"
         assert relative_error(grads[grad_name][1], grad_b) < FP32, f"{grad_name} lora_B"
-    for norm in values_over_ranks(results, "parity", "grad_norm"):
+    for norm in values_over_ranks([checks.parity for checks in results], "grad_norm"):
         assert norm == pytest.approx(reference["grad_norm"], rel=FP32)
-    for report in values_over_ranks(results, "parity", "report"):
+    for report in values_over_ranks([checks.parity for checks in results], "report"):
         assert report == reference["report"]  # the logical model, counted once
 
 
 def test_variants_adapt_what_they_should(gpt_spawned):
-    tied = variant_reference(gpt_spawned, "tied")["parity"]["report"]
-    alltoall = variant_reference(gpt_spawned, "alltoall")["parity"]["report"]
+    tied = variant_reference(gpt_spawned, "tied").parity["report"]
+    alltoall = variant_reference(gpt_spawned, "alltoall").parity["report"]
     assert tied[0] == 17  # output_layer adapted although its weight is the embedding's
     assert alltoall[0] == 4 * (2 + 4 * 2) + 1  # qkv, proj and 4 experts' fc1 / fc2 per layer
 
@@ -247,9 +247,9 @@ def test_variants_adapt_what_they_should(gpt_spawned):
 def test_tied_output_copy_is_the_word_embedding(gpt_spawned, world):
     """The last stage's copy of tied embeddings starts as the first stage's embedding, the
     same logical tensor as at PP=1 (drawn once from the embedding's name)."""
-    reference = variant_reference(gpt_spawned, "tied")["tied_weights"]["embedding"]
+    reference = variant_reference(gpt_spawned, "tied").tied_weights["embedding"]
     (layout_id, *_), = VARIANTS["tied"][1][world]
-    weights = [out["tied_weights"] for out in variant_results(gpt_spawned, world, layout_id)]
+    weights = [out.tied_weights for out in variant_results(gpt_spawned, world, layout_id)]
     embeddings = [w["embedding"] for w in weights if w["embedding"] is not None]
     copies = [w["output_copy"] for w in weights if w["output_copy"] is not None]
     assert embeddings and copies
@@ -267,7 +267,7 @@ def test_tied_checkpoints_load_with_the_same_logits(gpt_spawned, saved_adapters,
     from checkpoint_checks import _same_tensors
 
     (layout_id, *_), = VARIANTS["tied"][1][world]
-    results = [out["checkpoints"] for out in variant_results(gpt_spawned, world, layout_id)]
+    results = [out.checkpoints for out in variant_results(gpt_spawned, world, layout_id)]
     assert any(out["logits"] is not None for out in results)
     for out in results:
         if out["logits"] is not None:

@@ -5,7 +5,7 @@ selective, selective with the MLP, distribute_saved_activations) against the sam
 adapter without recompute, at TP=1, TP=2 + SP, TP=2 and PP=2: logits, loss and the gradient of
 every LoRA factor, with LoRA dropout too; an alltoall MoE at EP=2 under full and "moe"
 recompute; 20 training steps under full recompute. The checks run in the spawns of
-tests/gpt_checks.py (run_all's "recompute" section), so they add no process start.
+tests/gpt_checks.py (GptChecks.recompute), so they add no process start.
 """
 
 import pytest
@@ -22,7 +22,7 @@ CASES = [pytest.param(layout, case, id=f"{layout}-{case}")
 def recompute_results(gpt_spawned, layout):
     """Per-rank results of check_recompute at this layout id."""
     world = RECOMPUTE_LAYOUTS[layout][0]
-    return [rank_result["recompute"][layout] for rank_result in gpt_spawned(world)]
+    return [rank_result.recompute[layout] for rank_result in gpt_spawned(world)]
 
 
 @pytest.mark.parametrize("layout, case", CASES)
@@ -74,7 +74,7 @@ def test_training_under_full_recompute_gives_the_no_recompute_curve(gpt_spawned,
     """20 Adam steps under full recompute against run_all's own training run of the layout."""
     world, parallel, _, _ = RECOMPUTE_LAYOUTS[layout]
     results = recompute_results(gpt_spawned, layout)
-    baseline = [r[parallel]["training"] for r in gpt_spawned(world)]
+    baseline = [r.layouts[parallel].training for r in gpt_spawned(world)]
     for got, want in zip(values_over_ranks(results, "training"), baseline):
         assert len(got["losses"]) == TRAIN_STEPS
         assert got["losses"] == pytest.approx(want["losses"], rel=EXACT), RECOMPUTE_TRAINING_CASE
