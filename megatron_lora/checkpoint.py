@@ -399,14 +399,23 @@ def check_config_against_tensors(config: dict, lora: LoraConfig, pairs, config_p
     safetensors header (``pairs`` from :func:`factor_pairs`; the weights' sha256 does not
     cover the JSON, so it is checked here): AdapterCheckpointError naming the file, the field
     and both values."""
+    _check_rank_and_modules(config, lora, pairs, config_path)
+    base = _declared_base_sizes(config, config_path)
+    for module, shapes in sorted(pairs.items()):
+        _check_shapes_against_base(module, shapes, base, config_path)
+    _check_layer_count(base["num_layers"], lora, pairs, config_path)
 
-    def disagree(field, claimed, actual, module, shape):
-        return AdapterCheckpointError(f"{config_path}: {field} is {claimed!r}, but the tensors say "
-                                      f"{actual!r} ({module} has shape {list(shape)})")
 
+def _disagreement(config_path, field, claimed, actual, key, shape) -> AdapterCheckpointError:
+    return AdapterCheckpointError(f"{config_path}: {field} is {claimed!r}, but the tensors say "
+                                  f"{actual!r} ({key} has shape {list(shape)})")
+
+
+def _check_rank_and_modules(config: dict, lora: LoraConfig, pairs, config_path: Path) -> None:
     for module, (shape_a, _) in sorted(pairs.items()):
         if shape_a[0] != lora.r:
-            raise disagree("lora_config.r", lora.r, shape_a[0], module + FACTOR_SUFFIXES[0], shape_a)
+            raise _disagreement(config_path, "lora_config.r", lora.r, shape_a[0],
+                                module + FACTOR_SUFFIXES[0], shape_a)
     listed = config.get("modules")
     if not isinstance(listed, list) or not all(isinstance(m, str) for m in listed):
         raise AdapterCheckpointError(f"{config_path}: modules is {str(listed)[:60]!r}; expected "
@@ -419,60 +428,74 @@ def check_config_against_tensors(config: dict, lora: LoraConfig, pairs, config_p
                 f"listed without tensors: {_few(absent)}" if absent else "",
                 f"tensors not listed: {_few(unlisted)}" if unlisted else "") if part))
 
+
+def _declared_base_sizes(config: dict, config_path: Path) -> dict:
+    """The base-model sizes the file declares (None where it declares none), each type-checked;
+    the query groups default to the heads and the head size to hidden / heads, as in megatron."""
     base = config.get("base_model", {})
     if not isinstance(base, dict):
         raise AdapterCheckpointError(f"{config_path}: base_model is {str(base)[:60]!r}; expected "
                                      f"an object of base-model sizes")
-    hidden = _base_value(base, "hidden_size", config_path)
-    heads = _base_value(base, "num_attention_heads", config_path)
-    groups = _base_value(base, "num_query_groups", config_path) or heads
-    head_dim = _base_value(base, "kv_channels", config_path)
-    ffn = _base_value(base, "ffn_hidden_size", config_path)
-    glu = _base_value(base, "gated_linear_unit", config_path, bool)
-    vocab = _base_value(base, "vocab_size", config_path)
-    num_layers = _base_value(base, "num_layers", config_path)
-    if heads and groups and heads % groups:
+    sizes = {name: _base_value(base, name, config_path) for name in (
+        "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+        "ffn_hidden_size", "vocab_size", "num_layers")}
+    sizes["gated_linear_unit"] = _base_value(base, "gated_linear_unit", config_path, bool)
+    heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
+    sizes["num_query_groups"] = sizes["num_query_groups"] or heads
+    if heads and sizes["num_query_groups"] and heads % sizes["num_query_groups"]:
         raise AdapterCheckpointError(
             f"{config_path}: base_model.num_attention_heads {heads} is not a multiple of "
-            f"base_model.num_query_groups {groups}; query groups must divide the heads")
-    if head_dim is None and heads and hidden:
-        head_dim = hidden // heads if hidden % heads == 0 else None
-    for module, (shape_a, shape_b) in sorted(pairs.items()):
-        leaf = module.rsplit(".", 1)[-1]
-        key_a, key_b = module + FACTOR_SUFFIXES[0], module + FACTOR_SUFFIXES[1]
-        if hidden and leaf in _HIDDEN_IN and shape_a[1] != hidden:
-            raise disagree("base_model.hidden_size", hidden, shape_a[1], key_a, shape_a)
-        if hidden and leaf in _HIDDEN_OUT and shape_b[0] != hidden:
-            raise disagree("base_model.hidden_size", hidden, shape_b[0], key_b, shape_b)
-        if leaf == "linear_qkv" and heads and head_dim and \
-                shape_b[0] != (heads + 2 * groups) * head_dim:
-            raise AdapterCheckpointError(
-                f"{config_path}: base_model heads ({heads} attention heads, {groups} query groups, "
-                f"{head_dim} channels each) give {(heads + 2 * groups) * head_dim} qkv rows, but "
-                f"{key_b} has shape {list(shape_b)}")
-        if leaf == "linear_proj" and heads and head_dim and shape_a[1] != heads * head_dim:
-            raise disagree("base_model.num_attention_heads × kv_channels", heads * head_dim,
-                           shape_a[1], key_a, shape_a)
-        if re.fullmatch(r"decoder\.layers\.\d+\.mlp\.linear_fc[12]", module) and ffn:
-            if leaf == "linear_fc2" and shape_a[1] != ffn:
-                raise disagree("base_model.ffn_hidden_size", ffn, shape_a[1], key_a, shape_a)
-            halves = 2 if glu else 1  # SwiGLU's fc1 B holds gate and up: 2 × ffn rows
-            if leaf == "linear_fc1" and shape_b[0] != ffn * halves:
-                raise disagree("base_model.ffn_hidden_size", ffn, shape_b[0] / halves
-                               if shape_b[0] % halves else shape_b[0] // halves, key_b, shape_b)
-        if module == "output_layer" and vocab and shape_b[0] != vocab:
-            raise disagree("base_model.vocab_size", vocab, shape_b[0], key_b, shape_b)
+            f"base_model.num_query_groups {sizes['num_query_groups']}; query groups must divide "
+            f"the heads")
+    if sizes["kv_channels"] is None and heads and hidden:
+        sizes["kv_channels"] = hidden // heads if hidden % heads == 0 else None
+    return sizes
+
+
+def _check_shapes_against_base(module: str, shapes, base: dict, config_path: Path) -> None:
+    """One module's factor shapes against the declared base sizes it depends on."""
+    (shape_a, shape_b), leaf = shapes, module.rsplit(".", 1)[-1]
+    key_a, key_b = module + FACTOR_SUFFIXES[0], module + FACTOR_SUFFIXES[1]
+    hidden, heads, groups = base["hidden_size"], base["num_attention_heads"], base["num_query_groups"]
+    head_dim, ffn, vocab = base["kv_channels"], base["ffn_hidden_size"], base["vocab_size"]
+    if hidden and leaf in _HIDDEN_IN and shape_a[1] != hidden:
+        raise _disagreement(config_path, "base_model.hidden_size", hidden, shape_a[1], key_a, shape_a)
+    if hidden and leaf in _HIDDEN_OUT and shape_b[0] != hidden:
+        raise _disagreement(config_path, "base_model.hidden_size", hidden, shape_b[0], key_b, shape_b)
+    if leaf == "linear_qkv" and heads and head_dim and shape_b[0] != (heads + 2 * groups) * head_dim:
+        raise AdapterCheckpointError(
+            f"{config_path}: base_model heads ({heads} attention heads, {groups} query groups, "
+            f"{head_dim} channels each) give {(heads + 2 * groups) * head_dim} qkv rows, but "
+            f"{key_b} has shape {list(shape_b)}")
+    if leaf == "linear_proj" and heads and head_dim and shape_a[1] != heads * head_dim:
+        raise _disagreement(config_path, "base_model.num_attention_heads × kv_channels",
+                            heads * head_dim, shape_a[1], key_a, shape_a)
+    if re.fullmatch(r"decoder\.layers\.\d+\.mlp\.linear_fc[12]", module) and ffn:
+        if leaf == "linear_fc2" and shape_a[1] != ffn:
+            raise _disagreement(config_path, "base_model.ffn_hidden_size", ffn, shape_a[1], key_a,
+                                shape_a)
+        halves = 2 if base["gated_linear_unit"] else 1  # SwiGLU's fc1 B: gate and up, 2 × ffn rows
+        if leaf == "linear_fc1" and shape_b[0] != ffn * halves:
+            raise _disagreement(config_path, "base_model.ffn_hidden_size", ffn,
+                                shape_b[0] / halves if shape_b[0] % halves else shape_b[0] // halves,
+                                key_b, shape_b)
+    if module == "output_layer" and vocab and shape_b[0] != vocab:
+        raise _disagreement(config_path, "base_model.vocab_size", vocab, shape_b[0], key_b, shape_b)
+
+
+def _check_layer_count(num_layers, lora: LoraConfig, pairs, config_path: Path) -> None:
     layers = {int(m.group(1)) for m in map(_LAYER_INDEX.match, pairs) if m}
-    if num_layers and layers:
-        if max(layers) >= num_layers:
-            raise AdapterCheckpointError(
-                f"{config_path}: base_model.num_layers is {num_layers}, but the tensors hold "
-                f"layer {max(layers)} (layers 0-{max(layers)})")
-        if _layer_agnostic(lora) and len(layers) != num_layers:
-            raise AdapterCheckpointError(
-                f"{config_path}: base_model.num_layers is {num_layers}, but the tensors hold "
-                f"{len(layers)} layers, and target_modules {lora.target_modules} select modules "
-                f"in every layer")
+    if not (num_layers and layers):
+        return
+    if max(layers) >= num_layers:
+        raise AdapterCheckpointError(
+            f"{config_path}: base_model.num_layers is {num_layers}, but the tensors hold "
+            f"layer {max(layers)} (layers 0-{max(layers)})")
+    if _layer_agnostic(lora) and len(layers) != num_layers:
+        raise AdapterCheckpointError(
+            f"{config_path}: base_model.num_layers is {num_layers}, but the tensors hold "
+            f"{len(layers)} layers, and target_modules {lora.target_modules} select modules "
+            f"in every layer")
 
 
 def _validate_against_model(model, adapter: AdapterFile, adapter_name: str):
