@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -180,7 +182,28 @@ def _packed_fc1_layout(model, directory: Path):
 # --- the spawned entry points ----------------------------------------------------------------
 
 
-def save_and_break(rank, world, directory):
+@dataclass
+class SavedAdapters:
+    """What save_and_break did on one rank (TP=2 + SP), for the checkpoint tests. Every field
+    is filled as the run goes; the two marked rank 0 stay None on the other rank."""
+
+    random_logits: Optional[torch.Tensor] = None  # the saved "random" adapter's logits
+    random_header: Optional[dict] = None  # rank 0: its adapter_config as read back
+    fc1: Optional[dict] = None  # how the packed gate/up factor lies in the file
+    refused_save: Optional[str] = None  # the error of a save over a file
+    sharded_keys: Optional[list] = None  # the model's megatron sharded-state-dict keys
+    overfit_losses: Optional[list] = None
+    overfit_norms: Optional[list] = None
+    sequence: Optional[torch.Tensor] = None  # what the "overfit" adapter learned
+    errors: Optional[dict] = None  # broken-adapter case -> the load's error (None: it loaded)
+    untouched: Optional[dict] = None  # broken-adapter case -> the model unchanged by the refused load
+    reloaded_logits: Optional[torch.Tensor] = None  # a good load after every refusal
+    coverage: Optional[dict] = None  # coverage_checks
+    crash: Optional[dict] = None  # rank 0: a save killed midway
+    moe: Optional[dict] = None  # expert adapters saved at EP=2
+
+
+def save_and_break(rank, world, directory) -> SavedAdapters:
     """World 2, TP=2 + SP: save the adapters every other layout loads, then the error paths."""
     from megatron_lora import LoraConfig, apply_lora
     from megatron.core import dist_checkpointing
@@ -191,32 +214,32 @@ def save_and_break(rank, world, directory):
 
     directory = Path(directory)
     exp = experiment(2, 1, True)
-    out = {}
+    out = SavedAdapters()
 
     model = build(exp, random_lora())
     tokens = batches(0)[0][:, :-1]
-    out["random_logits"] = logits_of(model, tokens)
+    out.random_logits = logits_of(model, tokens)
     save_adapter(model, directory / "random")
     if rank == 0:
-        out["random_header"] = read_adapter(directory / "random").config
+        out.random_header = read_adapter(directory / "random").config
     torch.distributed.barrier()
-    out["fc1"] = _packed_fc1_layout(model, directory / "random")
+    out.fc1 = _packed_fc1_layout(model, directory / "random")
     # saving again over an existing adapter replaces it atomically
     save_adapter(model, directory / "random")
-    out["refused_save"] = _refused_save(model, directory / "a_file")
+    out.refused_save = _refused_save(model, directory / "a_file")
     # megatron dist-checkpointing: adapter only, and the whole model (base + adapter)
     save_adapter_distributed(model, directory / "dist_adapter")
     export_peft(model, directory / "peft")
     (directory / "dist_full").mkdir(exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(directory / "dist_full"))
-    out["sharded_keys"] = sorted(model.sharded_state_dict().keys())
+    out.sharded_keys = sorted(model.sharded_state_dict().keys())
 
     overfit_model = build(exp)
     apply_lora(overfit_model, LoraConfig(r=8, lora_alpha=16.0, seed=1, target_modules=TARGETS),
                verbose=False)
     sequence = _sequence()
-    out["overfit_losses"], out["overfit_norms"] = overfit(overfit_model, sequence)
-    out["sequence"] = sequence
+    out.overfit_losses, out.overfit_norms = overfit(overfit_model, sequence)
+    out.sequence = sequence
     save_adapter(overfit_model, directory / "overfit")
 
     # every broken adapter: a clear error on every rank, and the model untouched
@@ -235,16 +258,16 @@ def save_and_break(rank, world, directory):
         except AdapterCheckpointError as error:
             errors[name] = str(error)
         untouched[name] = _same_state(fresh, state)
-    out["errors"], out["untouched"] = errors, untouched
+    out.errors, out.untouched = errors, untouched
 
     # a good load into the same model still works afterwards
     load_adapter(fresh, directory / "random")
-    out["reloaded_logits"] = logits_of(fresh, tokens)
+    out.reloaded_logits = logits_of(fresh, tokens)
     torch.distributed.barrier()
-    out["coverage"] = coverage_checks(exp, directory)
+    out.coverage = coverage_checks(exp, directory)
     if rank == 0:
-        out["crash"] = _crash_mid_save_single(model, directory / "random")
-    out["moe"] = moe_check(2, directory / "moe", save=True)
+        out.crash = _crash_mid_save_single(model, directory / "random")
+    out.moe = moe_check(2, directory / "moe", save=True)
     return out
 
 

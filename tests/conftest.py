@@ -15,13 +15,12 @@ import checkpoint_checks  # noqa: E402
 import gpt_checks  # noqa: E402
 import mp_checks  # noqa: E402
 
-SECTIONS = ("parity", "multi_adapter", "init", "dropout", "collectives", "ddp", "errors")
 SPAWN_TIMEOUT_S = 420
 
 
 @pytest.fixture(scope="session")
 def spawned():
-    """spawned(tp) -> per-rank result dicts of every section, computed once per TP size."""
+    """spawned(tp) -> [mp_checks.LayerChecks of each rank], computed once per TP size."""
     from megatron_lora.cpu import spawn_gloo
 
     cache = {}
@@ -29,9 +28,7 @@ def spawned():
     def get(tp):
         if tp not in cache:
             try:
-                cache[tp] = spawn_gloo(
-                    mp_checks.run_all, tp, args=(SECTIONS,), timeout=SPAWN_TIMEOUT_S
-                )
+                cache[tp] = spawn_gloo(mp_checks.run_all, tp, timeout=SPAWN_TIMEOUT_S)
             except (RuntimeError, TimeoutError) as error:
                 cache[tp] = error  # fail every dependent test at once, without re-spawning
         if isinstance(cache[tp], Exception):
@@ -43,7 +40,8 @@ def spawned():
 
 @pytest.fixture(scope="session")
 def saved_adapters(tmp_path_factory):
-    """(directory, per-rank results): adapters saved at TP=2 + SP, and the broken copies."""
+    """(directory, [checkpoint_checks.SavedAdapters of each rank]): adapters saved at TP=2 + SP,
+    and the broken copies."""
     from megatron_lora.cpu import spawn_gloo
 
     directory = tmp_path_factory.mktemp("adapters")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -597,15 +598,27 @@ def layout_errors(rank, world, group):
 # --- entry point ---------------------------------------------------------------------------------
 
 
-def run_all(rank, world, sections):
+@dataclass
+class LayerChecks:
+    """What run_all checked on one rank, one field per check function above."""
+
+    parity: dict  # parity_matrix: case id -> output / gradient errors against TP=1
+    multi_adapter: dict  # multi_adapter
+    init: dict  # init_factors: the full factors each rank drew
+    dropout: dict  # dropout_checks: mask agreement per layer kind
+    collectives: dict  # collective_counts: per forward, backward and grad sync
+    ddp: dict  # ddp_and_grad_norm: per layout
+    errors: dict  # layout_errors: case -> message
+
+
+def run_all(rank, world) -> LayerChecks:
     group = setup_parallel(world)
-    checks = {
-        "parity": parity_matrix,
-        "multi_adapter": multi_adapter,
-        "init": init_factors,
-        "dropout": dropout_checks,
-        "collectives": collective_counts,
-        "ddp": ddp_and_grad_norm,
-        "errors": layout_errors,
-    }
-    return {name: checks[name](rank, world, group) for name in sections}
+    return LayerChecks(
+        parity=parity_matrix(rank, world, group),
+        multi_adapter=multi_adapter(rank, world, group),
+        init=init_factors(rank, world, group),
+        dropout=dropout_checks(rank, world, group),
+        collectives=collective_counts(rank, world, group),
+        ddp=ddp_and_grad_norm(rank, world, group),
+        errors=layout_errors(rank, world, group),
+    )

@@ -22,7 +22,7 @@ def _check_fast(entry, label):
 @pytest.mark.parametrize("tp", (2, 4))
 def test_fast_path_adds_no_collective(spawned, tp):
     for result in spawned(tp):
-        counts = result["collectives"]
+        counts = result.collectives
         fast = [label for label in counts if label.startswith("fast-")]
         assert len(fast) == 7
         for label in fast:
@@ -32,7 +32,7 @@ def test_fast_path_adds_no_collective(spawned, tp):
 @pytest.mark.parametrize("tp", (2, 4))
 def test_fallback_adds_only_rank_sized_collectives(spawned, tp):
     for result in spawned(tp):
-        counts = result["collectives"]
+        counts = result.collectives
         for label, entry in counts.items():
             if not label.startswith("fallback-") or label.endswith("row-scatter"):
                 continue
@@ -47,7 +47,7 @@ def test_fallback_adds_only_rank_sized_collectives(spawned, tp):
 @pytest.mark.parametrize("tp", (2, 4))
 def test_grad_sync_is_one_collective_for_the_model(spawned, tp):
     for result in spawned(tp):
-        sync = result["collectives"]["grad_sync"]
+        sync = result.collectives["grad_sync"]
         assert sync["returned"] == 1
         assert [name for name, _ in sync["calls"]] == ["all_reduce"]
         # 4 column A's [5, 16] + 4 row B's [16, 5]

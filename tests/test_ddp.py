@@ -6,7 +6,7 @@ import pytest
 @pytest.mark.parametrize("tp", (1, 2, 4))
 def test_main_grads_and_grad_norm_match_tp1(spawned, tp):
     for rank, result in enumerate(spawned(tp)):
-        for layout, metrics in result["ddp"].items():
+        for layout, metrics in result.ddp.items():
             for name, value in metrics.items():
                 assert value <= 1e-5, (rank, layout, name, value)
-        assert ("sp" in result["ddp"]) == (tp > 1)
+        assert ("sp" in result.ddp) == (tp > 1)

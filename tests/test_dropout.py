@@ -7,7 +7,7 @@ import pytest
 def test_replicated_input_mask_equals_tp1_mask_on_every_rank(spawned, tp):
     for rank, result in enumerate(spawned(tp)):
         for path in ("fast", "fallback"):
-            metrics = result["dropout"][f"column-replicated-{path}"]
+            metrics = result.dropout[f"column-replicated-{path}"]
             assert max(metrics.values()) <= 1e-12, (rank, path, metrics)
 
 
@@ -15,7 +15,7 @@ def test_replicated_input_mask_equals_tp1_mask_on_every_rank(spawned, tp):
 def test_sharded_inputs_draw_per_rank_masks_and_stay_exact(spawned, tp):
     for rank, result in enumerate(spawned(tp)):
         for kind in ("row-sharded", "column-sharded"):
-            metrics = result["dropout"][kind]
+            metrics = result.dropout[kind]
             assert metrics["masks_differ_across_ranks"], (rank, kind)
             assert 0.2 < metrics["drop_fraction"] < 0.4, (rank, kind, metrics)
             for name in ("out", "dA", "dB"):

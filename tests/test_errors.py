@@ -71,7 +71,7 @@ def test_dispatch_returns_none_for_plain_modules():
     ],
 )
 def test_unreadable_parallel_state_gives_clear_error(spawned, case, expected):
-    message = spawned(2)[0]["errors"][case]
+    message = spawned(2)[0].errors[case]
     assert message.startswith("ParallelLayoutError: "), message
     assert expected in message
 

@@ -6,16 +6,16 @@ import torch
 
 @pytest.mark.parametrize("tp", (2, 4))
 def test_gathered_factors_bit_identical_to_tp1(spawned, tp):
-    reference = spawned(1)[0]["init"]
+    reference = spawned(1)[0].init
     for rank, result in enumerate(spawned(tp)):
-        assert result["init"].keys() == reference.keys()
-        for key, factors in result["init"].items():
+        assert result.init.keys() == reference.keys()
+        for key, factors in result.init.items():
             assert factors["A"] == reference[key]["A"], f"A of {key} differs on rank {rank}"
             assert factors["B"] == reference[key]["B"], f"B of {key} differs on rank {rank}"
 
 
 def test_init_modes(spawned):
-    init = spawned(1)[0]["init"]
+    init = spawned(1)[0].init
     for mode in ("True", "gaussian", "xavier"):
         b = torch.tensor(init[f"{mode}-column"]["B"])
         assert torch.count_nonzero(b) == 0, f"{mode}: a new adapter must not change the output"

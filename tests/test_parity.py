@@ -29,7 +29,7 @@ def test_matrix_covers_every_setting(tp):
 )
 def test_output_input_grad_and_lora_grads_match_tp1(spawned, tp, case_id, dtype):
     for rank, result in enumerate(spawned(tp)):
-        metrics = result["parity"][case_id]
+        metrics = result.parity[case_id]
         for name, value in metrics.items():
             if isinstance(value, bool):
                 assert value, f"rank {rank}: {name} is False"
@@ -41,7 +41,7 @@ def test_output_input_grad_and_lora_grads_match_tp1(spawned, tp, case_id, dtype)
 @pytest.mark.parametrize("tp", TP_SIZES)
 def test_several_active_adapters_are_summed_exactly(spawned, tp):
     for rank, result in enumerate(spawned(tp)):
-        cases = result["multi_adapter"]
+        cases = result.multi_adapter
         assert len(cases) == (8 if tp > 1 else 4)
         for label, metrics in cases.items():
             assert {"dA-default", "dB-second"} <= set(metrics)
