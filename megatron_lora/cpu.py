@@ -408,7 +408,9 @@ def _end_with_parent() -> None:
 def _own_process_group() -> None:
     """Lead a process group of this rank and everything it starts (megatron's checkpoint writer
     starts a multiprocessing Manager that outlives a killed rank), so the parent can end them
-    all with one killpg."""
+    all with one killpg. The price: a killpg of the parent's own group no longer reaches them;
+    the ranks still die with the parent (PR_SET_PDEATHSIG), their helpers only through
+    spawn_gloo's own clean-up."""
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
 
@@ -458,7 +460,10 @@ def _stacks_of_running(processes, stack_paths, wait_s: float = 3.0) -> str:
 
     if not hasattr(signal, "SIGUSR1"):
         return ""
-    running = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    from multiprocessing.connection import wait
+
+    exited = set(wait([process.sentinel for process in processes], timeout=0))
+    running = [rank for rank, process in enumerate(processes) if process.sentinel not in exited]
     for rank in running:
         try:
             os.kill(processes[rank].pid, signal.SIGUSR1)
@@ -479,20 +484,27 @@ def _stacks_of_running(processes, stack_paths, wait_s: float = 3.0) -> str:
     return "".join(parts)
 
 
-def _end_process_groups(processes) -> None:
-    """Kill what is left of each rank's process group: helpers a rank started that did not end
-    with it. A group that is already empty is skipped."""
+def _end_ranks(processes, grace_s: float) -> None:
+    """End the ranks and whatever they started, after ``grace_s`` for them to exit on their
+    own. The wait is on sentinels, which does not reap: a rank's PID (its process-group id)
+    stays taken until its group has been killed, so killpg reaches only our own processes."""
     import signal
+    import time
+    from multiprocessing.connection import wait
 
-    if not hasattr(os, "killpg"):
-        return
-    for process in processes:
-        if process.pid is None:
-            continue
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    started = [process for process in processes if process.pid is not None]
+    pending, deadline = {process.sentinel: process for process in started}, time.monotonic() + grace_s
+    while pending and deadline > time.monotonic():
+        for sentinel in wait(list(pending), timeout=deadline - time.monotonic()):
+            del pending[sentinel]
+    for process in started:
+        if hasattr(os, "killpg"):
+            try:  # the rank if still running, and the helpers it started (megatron's Manager)
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # empty group, or not led yet
+                pass
+        process.kill()  # a rank that never got to lead its group
+        process.join(timeout=5)
 
 
 def spawn_gloo(fn, world_size: int, args=(), timeout: float = 300.0, threads: int = 1):
@@ -552,14 +564,6 @@ def spawn_gloo(fn, world_size: int, args=(), timeout: float = 300.0, threads: in
         return [values[rank] for rank in range(world_size)]
     finally:
         # ranks that reported get 5 s to exit on their own; after a failure or a timeout the
-        # others may wait in a collective forever, so they are killed at once
-        grace_s = 5 if len(values) == world_size else 0
-        for process in processes:
-            if process.pid is not None:
-                process.join(timeout=grace_s)
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=5)
-        _end_process_groups(processes)
+        # others may wait in a collective forever, so they are ended at once
+        _end_ranks(processes, grace_s=5 if len(values) == world_size else 0)
         stack_dir.cleanup()
