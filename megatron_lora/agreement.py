@@ -56,11 +56,11 @@ def all_gather_bytes(payload: bytes) -> List[bytes]:
 
 
 def raise_if_any_rank_failed(failure: Optional[BaseException],
-                             user_error: Type[MegatronLoraError]) -> None:
+                             user_error: Type[MegatronLoraError], doing: str = "") -> None:
     """Collective: if any rank failed, every rank raises. The failing rank re-raises its own
     error (traceback intact); the others raise ``user_error`` with the first failing rank's
     message when that was a user error (a :class:`MegatronLoraError`), else a RuntimeError
-    naming that rank, so a bug keeps looking like a bug."""
+    naming that rank and what it was ``doing``, so a bug keeps looking like a bug."""
     mine = None if failure is None else [isinstance(failure, MegatronLoraError), str(failure)]
     reports = [json.loads(r) for r in all_gather_bytes(json.dumps(mine).encode())]
     if failure is not None:
@@ -69,4 +69,4 @@ def raise_if_any_rank_failed(failure: Optional[BaseException],
         if report is not None:
             is_user_error, message = report
             raise user_error(message) if is_user_error else RuntimeError(
-                f"rank {rank} failed: {message}")
+                f"rank {rank} failed{' ' + doing if doing else ''}: {message}")

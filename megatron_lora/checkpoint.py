@@ -258,7 +258,8 @@ def save_adapter(model: ModelLike, path, adapter_name: str = "default",
             written = write_directory_atomically(path, files)
         except Exception as error:  # re-raised below, once every rank knows
             failure = error
-    raise_if_any_rank_failed(failure, AdapterCheckpointError)  # every rank, or none
+    raise_if_any_rank_failed(failure, AdapterCheckpointError,  # every rank, or none
+                             doing=f"saving the adapter to {path}")
     return written
 
 
@@ -436,10 +437,9 @@ def _declared_base_sizes(config: dict, config_path: Path) -> dict:
     if not isinstance(base, dict):
         raise AdapterCheckpointError(f"{config_path}: base_model is {str(base)[:60]!r}; expected "
                                      f"an object of base-model sizes")
-    sizes = {name: _base_value(base, name, config_path) for name in (
-        "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-        "ffn_hidden_size", "vocab_size", "num_layers")}
-    sizes["gated_linear_unit"] = _base_value(base, "gated_linear_unit", config_path, bool)
+    sizes = {name: _base_value(base, name, config_path, bool if name == "gated_linear_unit" else int)
+             for name in ("hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                          "ffn_hidden_size", "gated_linear_unit", "vocab_size", "num_layers")}
     heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
     sizes["num_query_groups"] = sizes["num_query_groups"] or heads
     if heads and sizes["num_query_groups"] and heads % sizes["num_query_groups"]:

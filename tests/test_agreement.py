@@ -24,6 +24,8 @@ def agreement_checks(rank, world_size):
         "none": _outcome(lambda: raise_if_any_rank_failed(None, TrainingError)),
         "user": _outcome(failing_on_rank_1(AdapterCheckpointError("adapter file is damaged"))),
         "bug": _outcome(failing_on_rank_1(OSError("disk on fire"))),
+        "bug_while": _outcome(lambda: raise_if_any_rank_failed(
+            OSError("disk on fire") if rank == 1 else None, TrainingError, doing="saving x")),
         "sum": sum_over_world([rank + 1, 10]),
         "bytes": all_gather_bytes(["".encode(), "ünïcode ✓".encode()][rank]),
     }
@@ -38,5 +40,6 @@ def test_a_failure_on_one_rank_raises_on_every_rank():
     # a bug stays a bug elsewhere too, naming the rank it happened on
     assert rank1["bug"] == ["OSError", "disk on fire"]
     assert rank0["bug"] == ["RuntimeError", "rank 1 failed: disk on fire"]
+    assert rank0["bug_while"] == ["RuntimeError", "rank 1 failed saving x: disk on fire"]
     assert rank0["sum"] == rank1["sum"] == [3, 20]
     assert rank0["bytes"] == rank1["bytes"] == [b"", "ünïcode ✓".encode()]
