@@ -16,23 +16,23 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .layer import LoraParallelLinear
+from .layer import LoraLayer
 from .model import model_chunks
 from .topology import Topology, is_expert
 
 
-def _lora_layers(model) -> List[LoraParallelLinear]:
+def _lora_layers(model) -> List[LoraLayer]:
     roots = model if isinstance(model, (list, tuple)) else [model]
-    layers: List[LoraParallelLinear] = []
+    layers: List[LoraLayer] = []
     seen = set()
     for root in roots:
         if not isinstance(root, torch.nn.Module):
             raise TypeError(
                 f"finalize_lora_grads expects a module, a list of model chunks or a list of "
-                f"LoraParallelLinear layers, got {type(root).__name__}"
+                f"LoraLayer layers, got {type(root).__name__}"
             )
         for module in root.modules():
-            if isinstance(module, LoraParallelLinear) and id(module) not in seen:
+            if isinstance(module, LoraLayer) and id(module) not in seen:
                 seen.add(id(module))
                 layers.append(module)
     return layers

@@ -1,4 +1,5 @@
-"""LoraParallelLinear: LoRA on one megatron-core ColumnParallelLinear / RowParallelLinear.
+"""LoraLayer, what every LoRA wrapper shares, and LoraParallelLinear: LoRA on one megatron-core
+ColumnParallelLinear / RowParallelLinear (embedding.py and router.py hold the other kinds).
 
 The delta s·(x Aᵀ) Bᵀ is always produced in the same parallel state as the base output
 (replicated, sharded or partial) and added before whatever reduction the base output still
@@ -49,6 +50,7 @@ from .parallel import (
     COLUMN,
     LORA_A,
     LORA_B,
+    VOCAB,
     ParallelLayout,
     column_sequence_parallel_linear,
     project_down_shared_input_grad,
@@ -75,12 +77,12 @@ class LoraFactor(torch.nn.Module):
         return f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}"
 
 
-class LoraParallelLinear(torch.nn.Module):
-    """Wraps a megatron-core parallel linear; returns exactly what the base returns.
+class LoraLayer(torch.nn.Module):
+    """What every LoRA wrapper shares: adapters kept by name, their factors, merging, and
+    the checkpoint hooks. Subclasses add the forward of one kind of megatron-core layer.
 
     ``lora_A[name].weight`` / ``lora_B[name].weight`` hold this rank's shard of the logical
-    ``[r, in]`` / ``[out, r]`` factors: column layers keep A replicated and B split by output
-    rows like the base weight; row layers keep A split by input columns and B replicated.
+    ``[r, in]`` / ``[out, r]`` factors, split the way ``self.layout`` (ParallelLayout) says.
     """
 
     def __init__(
@@ -91,13 +93,11 @@ class LoraParallelLinear(torch.nn.Module):
         *,
         module_name: str = "",
         packed_gate_up: bool = False,
-        fused_collectives: bool = True,
     ):
         super().__init__()
         self.base_layer = base_layer
         self.layout = ParallelLayout(base_layer, packed_gate_up=packed_gate_up)
         self.module_name = module_name
-        self.fused_collectives = fused_collectives
         self.lora_A = torch.nn.ModuleDict()
         self.lora_B = torch.nn.ModuleDict()
         self.lora_dropout = torch.nn.ModuleDict()
@@ -108,11 +108,26 @@ class LoraParallelLinear(torch.nn.Module):
         self.disabled = False  # set by model.disable_adapters(): base output only
         self.update_layer(adapter_name, lora_config if lora_config is not None else LoraConfig())
 
-    # --- adapters ------------------------------------------------------------------------
+    @staticmethod
+    def refusal(config: LoraConfig) -> Optional[str]:
+        """Why this layer type refuses ``config`` (a setting not proven exact on it), or None.
+        apply_lora asks before wrapping anything, so every rank refuses together."""
+        return None
+
+    def _check_config(self, config: LoraConfig) -> None:
+        reason = self.refusal(config)
+        if reason is not None:
+            raise AdapterError(f"{self.module_name or type(self).__name__}: {reason}")
+
+    def _uses_dropout(self) -> bool:
+        """Whether lora_dropout applies to this layer's input (not to an embedding's indices)."""
+        return True
+
     def update_layer(self, adapter_name: str, config: LoraConfig) -> None:
         """Add (or replace) the adapter ``adapter_name`` and make it active."""
         if not isinstance(config, LoraConfig):
             raise TypeError(f"lora_config must be a LoraConfig, got {type(config).__name__}")
+        self._check_config(config)
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise AdapterError(
                 f"adapter_name={adapter_name!r} is invalid: expected a non-empty name without '.'"
@@ -140,7 +155,8 @@ class LoraParallelLinear(torch.nn.Module):
         self.lora_A[adapter_name] = factor_a
         self.lora_B[adapter_name] = factor_b
         self.lora_dropout[adapter_name] = (
-            torch.nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else torch.nn.Identity()
+            torch.nn.Dropout(p=config.lora_dropout)
+            if config.lora_dropout > 0 and self._uses_dropout() else torch.nn.Identity()
         )
         self.scaling[adapter_name] = config.scaling
         self.lora_configs[adapter_name] = config
@@ -175,23 +191,29 @@ class LoraParallelLinear(torch.nn.Module):
     def _mark_parallel_attributes(self, weight_a, weight_b, base_weight) -> None:
         """The attributes megatron-core's optimizer, DDP and grad-norm code read."""
         factors = {LORA_A: weight_a, LORA_B: weight_b}
-        sharded = factors[self.layout.sharded_factor]
-        replicated = factors[self.layout.replicated_factor]
-        set_tensor_model_parallel_attributes(sharded, True, self.layout.split_dim, 1)
+        sharded = self.layout.sharded_factor
+        if sharded is not None:
+            set_tensor_model_parallel_attributes(factors[sharded], True, self.layout.split_dim, 1)
         # A replicated factor is no TP shard: megatron's grad norm then counts it on TP rank 0
-        # only (once). Its gradient is partial on every rank, which finalize_lora_grads
-        # completes; we deliberately do not set `sequence_parallel`, or megatron's
+        # only (once). Where its gradient is partial on every rank, finalize_lora_grads
+        # completes it; we deliberately do not set `sequence_parallel`, or megatron's
         # finalize_model_grads would sum it a second time (and only when SP is on).
-        set_tensor_model_parallel_attributes(replicated, False, -1, 1)
-        replicated.lora_partial_grad_group = self.layout.group
+        for factor in self.layout.replicated_factors:
+            set_tensor_model_parallel_attributes(factors[factor], False, -1, 1)
+        for factor in self.layout.partial_grad_factors:
+            factors[factor].lora_partial_grad_group = self.layout.group
         expert = is_expert(base_weight)
         for weight in (weight_a, weight_b):
             weight.allreduce = not expert  # expert weights are reduced over the expert-DP group
             weight.is_lora = True
 
     def replicated_lora_parameters(self) -> List[torch.nn.Parameter]:
-        factors = getattr(self, self.layout.replicated_factor)
-        return [factors[name].weight for name in factors]
+        """The factors whose gradients finalize_lora_grads sums over this layer's TP group."""
+        params = []
+        for factor in self.layout.partial_grad_factors:
+            store = getattr(self, factor)
+            params.extend(store[name].weight for name in store)
+        return params
 
     @property
     def weight(self) -> Optional[torch.Tensor]:
@@ -212,6 +234,148 @@ class LoraParallelLinear(torch.nn.Module):
             name for name in self.active_adapters
             if name in self.lora_A and name not in self.merged_adapters
         ]
+
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """This rank's local s·B A delta, in the base weight's dtype and shape (an
+        embedding's table holds it transposed)."""
+        delta = self._delta_float64(adapter_name)
+        base_weight = self._base_weight_or_none()
+        return delta.to(base_weight.dtype if base_weight is not None else torch.float32)
+
+    def _delta_float64(self, adapter_name: str) -> torch.Tensor:
+        """s·B_local A_local in float64: the same tensor every time, for merge and unmerge."""
+        self._require_adapters([adapter_name])
+        weight_a = self.lora_A[adapter_name].weight.detach().to(torch.float64)
+        weight_b = self.lora_B[adapter_name].weight.detach().to(torch.float64)
+        delta = (weight_b @ weight_a) * self.scaling[adapter_name]
+        return delta.t() if self.layout.kind == VOCAB else delta
+
+    def _merge_target(self) -> torch.Tensor:
+        weight = self._base_weight_or_none()
+        if weight is None:
+            raise ValueError(f"{self.module_name or 'this layer'}: the base layer has no weight to merge into")
+        return weight
+
+    @torch.no_grad()
+    def merge(self, adapter_names=None) -> None:
+        """Add the deltas (default: the active adapters) into this rank's base weight shard.
+
+        No communication: each rank's delta is its own shard of s·B A. Computed in float64
+        and rounded once to the base dtype, which is kept.
+        """
+        names = self.active_adapters if adapter_names is None else [
+            n for n in adapter_names if n in self.lora_A
+        ]
+        weight = self._merge_target()
+        for name in names:
+            if name in self.merged_adapters:
+                continue
+            weight.copy_((weight.to(torch.float64) + self._delta_float64(name)).to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged deltas again, newest first.
+
+        Each element comes back within one rounding step of the merged weight (|Δ| ≤ one ulp
+        of max(|w|, |w_merged|) in the base dtype); it is bit-exact wherever merging did not
+        move the element into a higher binade, which is almost every element.
+        """
+        weight = self._merge_target()
+        for name in reversed(self.merged_adapters):
+            weight.copy_((weight.to(torch.float64) - self._delta_float64(name)).to(weight.dtype))
+        self.merged_adapters = []
+
+    def full_factors(self, adapter_name: str, *, grads: bool = False):
+        """The logical A [r, in] and B [out, r] (or their gradients), gathered over the TP group.
+
+        Collective over the layer's TP group. Canonical layout: the same at every TP size
+        (SwiGLU fc1's B as [gate_all; up_all]). Gradients of replicated factors must already
+        be complete (finalize_lora_grads), so the local one is taken as is.
+        """
+        self._require_adapters([adapter_name])
+        layout = self.layout
+
+        def local(factor):
+            weight = factor[adapter_name].weight
+            tensor = weight.grad if grads else weight
+            if tensor is None:
+                raise ValueError(f"{self.module_name}: {adapter_name!r} has no gradient yet")
+            return tensor.detach()
+
+        return (layout.gather(local(self.lora_A), LORA_A),
+                layout.gather(local(self.lora_B), LORA_B))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept the base's own keys (``{prefix}weight``) as well as ``{prefix}base_layer.weight``:
+        megatron checkpoints and plain base state dicts then load into the wrapped model."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if "." not in rest and not rest.startswith(("lora_", "base_layer")):
+                state_dict[f"{prefix}base_layer.{rest}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """megatron dist-checkpointing: the base layer's entries under its own, unchanged keys,
+        plus every adapter's factors as ``{prefix}lora_A.{name}.weight`` ShardedTensors.
+
+        Sharded factors carry the base weight's TP axis; replicated ones are marked as
+        replicas over TP; SwiGLU fc1's B goes through megatron's gate/up factory, so the
+        checkpoint holds the canonical [gate_all; up_all] tensor and reshards to any TP.
+        """
+        # heavy (megatron's transformer package): only dist-checkpointing needs it
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        state = self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata)
+        factors, tp_axes = {}, {}
+        for name in self.lora_A:
+            factors[f"lora_A.{name}.weight"] = self.lora_A[name].weight
+            factors[f"lora_B.{name}.weight"] = self.lora_B[name].weight
+            if self.layout.sharded_factor is not None:
+                tp_axes[f"{self.layout.sharded_factor}.{name}.weight"] = self.layout.split_dim
+        sharded = make_sharded_tensors_for_checkpoint(
+            factors, prefix, tp_axes, sharded_offsets,
+            tp_group=self.layout.group, dp_cp_group=metadata["dp_cp_group"],
+        )
+        if self.layout.packed_gate_up:  # at every TP size, as megatron does for the base weight
+            singleton = metadata.get("singleton_local_shards", False)
+            for name in self.lora_B:
+                key = f"{prefix}lora_B.{name}.weight"
+                sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton)
+        state.update(sharded)
+        return state
+
+    def extra_repr(self) -> str:
+        return f"{self.layout.describe()}, adapters={list(self.lora_A.keys())}"
+
+
+
+class LoraParallelLinear(LoraLayer):
+    """Wraps a megatron-core parallel linear; returns exactly what the base returns.
+
+    Column layers keep A replicated and B split by output rows like the base weight; row
+    layers keep A split by input columns and B replicated.
+    """
+
+    def __init__(
+        self,
+        base_layer: torch.nn.Module,
+        adapter_name: str = "default",
+        lora_config: Optional[LoraConfig] = None,
+        *,
+        module_name: str = "",
+        packed_gate_up: bool = False,
+        fused_collectives: bool = True,
+    ):
+        super().__init__(base_layer, adapter_name, lora_config, module_name=module_name,
+                         packed_gate_up=packed_gate_up)
+        self.fused_collectives = fused_collectives
 
     def _dropout_rng(self, sharded: bool):
         """Replicated inputs draw from the default stream (the same on every TP rank, as
@@ -388,117 +552,3 @@ class LoraParallelLinear(torch.nn.Module):
         return output, None
 
     # --- weights -------------------------------------------------------------------------
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """This rank's local s·B A delta, in the base weight's dtype and shape."""
-        delta = self._delta_float64(adapter_name)
-        base_weight = self._base_weight_or_none()
-        return delta.to(base_weight.dtype if base_weight is not None else torch.float32)
-
-    def _delta_float64(self, adapter_name: str) -> torch.Tensor:
-        """s·B_local A_local in float64: the same tensor every time, for merge and unmerge."""
-        self._require_adapters([adapter_name])
-        weight_a = self.lora_A[adapter_name].weight.detach().to(torch.float64)
-        weight_b = self.lora_B[adapter_name].weight.detach().to(torch.float64)
-        return (weight_b @ weight_a) * self.scaling[adapter_name]
-
-    def _merge_target(self) -> torch.Tensor:
-        weight = self._base_weight_or_none()
-        if weight is None:
-            raise ValueError(f"{self.module_name or 'this layer'}: the base layer has no weight to merge into")
-        return weight
-
-    @torch.no_grad()
-    def merge(self, adapter_names=None) -> None:
-        """Add the deltas (default: the active adapters) into this rank's base weight shard.
-
-        No communication: each rank's delta is its own shard of s·B A. Computed in float64
-        and rounded once to the base dtype, which is kept.
-        """
-        names = self.active_adapters if adapter_names is None else [
-            n for n in adapter_names if n in self.lora_A
-        ]
-        weight = self._merge_target()
-        for name in names:
-            if name in self.merged_adapters:
-                continue
-            weight.copy_((weight.to(torch.float64) + self._delta_float64(name)).to(weight.dtype))
-            self.merged_adapters.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract the merged deltas again, newest first.
-
-        Each element comes back within one rounding step of the merged weight (|Δ| ≤ one ulp
-        of max(|w|, |w_merged|) in the base dtype); it is bit-exact wherever merging did not
-        move the element into a higher binade, which is almost every element.
-        """
-        weight = self._merge_target()
-        for name in reversed(self.merged_adapters):
-            weight.copy_((weight.to(torch.float64) - self._delta_float64(name)).to(weight.dtype))
-        self.merged_adapters = []
-
-    def full_factors(self, adapter_name: str, *, grads: bool = False):
-        """The logical A [r, in] and B [out, r] (or their gradients), gathered over the TP group.
-
-        Collective over the layer's TP group. Canonical layout: the same at every TP size
-        (SwiGLU fc1's B as [gate_all; up_all]). Gradients of replicated factors must already
-        be complete (finalize_lora_grads), so the local one is taken as is.
-        """
-        self._require_adapters([adapter_name])
-        layout = self.layout
-
-        def local(factor):
-            weight = factor[adapter_name].weight
-            tensor = weight.grad if grads else weight
-            if tensor is None:
-                raise ValueError(f"{self.module_name}: {adapter_name!r} has no gradient yet")
-            return tensor.detach()
-
-        return (layout.gather(local(self.lora_A), LORA_A),
-                layout.gather(local(self.lora_B), LORA_B))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Accept the base's own keys (``{prefix}weight``) as well as ``{prefix}base_layer.weight``:
-        megatron checkpoints and plain base state dicts then load into the wrapped model."""
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rest = key[len(prefix):]
-            if "." not in rest and not rest.startswith(("lora_", "base_layer")):
-                state_dict[f"{prefix}base_layer.{rest}"] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """megatron dist-checkpointing: the base layer's entries under its own, unchanged keys,
-        plus every adapter's factors as ``{prefix}lora_A.{name}.weight`` ShardedTensors.
-
-        Sharded factors carry the base weight's TP axis; replicated ones are marked as
-        replicas over TP; SwiGLU fc1's B goes through megatron's gate/up factory, so the
-        checkpoint holds the canonical [gate_all; up_all] tensor and reshards to any TP.
-        """
-        # heavy (megatron's transformer package): only dist-checkpointing needs it
-        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-        from megatron.core.transformer.utils import (
-            ensure_metadata_has_dp_cp_group,
-            make_sharded_tensors_for_checkpoint,
-        )
-
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        state = self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata)
-        factors, tp_axes = {}, {}
-        for name in self.lora_A:
-            factors[f"lora_A.{name}.weight"] = self.lora_A[name].weight
-            factors[f"lora_B.{name}.weight"] = self.lora_B[name].weight
-            tp_axes[f"{self.layout.sharded_factor}.{name}.weight"] = self.layout.split_dim
-        sharded = make_sharded_tensors_for_checkpoint(
-            factors, prefix, tp_axes, sharded_offsets,
-            tp_group=self.layout.group, dp_cp_group=metadata["dp_cp_group"],
-        )
-        if self.layout.packed_gate_up:  # at every TP size, as megatron does for the base weight
-            singleton = metadata.get("singleton_local_shards", False)
-            for name in self.lora_B:
-                key = f"{prefix}lora_B.{name}.weight"
-                sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton)
-        state.update(sharded)
-        return state
-
-    def extra_repr(self) -> str:
-        return f"{self.layout.describe()}, adapters={list(self.lora_A.keys())}"

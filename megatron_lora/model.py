@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 from .agreement import sum_over_world
 from .config import LoraConfig
-from .dispatch import SUPPORTED_LAYERS, dispatch_megatron
+from .dispatch import SUPPORTED_LAYERS, dispatch_megatron, wrapper_class
 from .errors import AdapterError
-from .layer import LoraParallelLinear
+from .layer import LoraLayer
 from .parallel import ParallelLayout, is_packed_gate_up
 from .recompute import connect_recomputed_regions, disconnect_recomputed_regions
 from .topology import Topology
@@ -81,10 +81,10 @@ def global_named_modules(model: ModelLike) -> Iterator[Tuple[str, torch.nn.Modul
         yield from walk(chunk, "", [])
 
 
-def lora_layers(model: ModelLike) -> Iterator[Tuple[str, LoraParallelLinear]]:
-    """(global name, layer) for every LoraParallelLinear in the model."""
+def lora_layers(model: ModelLike) -> Iterator[Tuple[str, LoraLayer]]:
+    """(global name, layer) for every LoRA wrapper (LoraLayer) in the model."""
     for name, module in global_named_modules(model):
-        if isinstance(module, LoraParallelLinear):
+        if isinstance(module, LoraLayer):
             yield name, module
 
 
@@ -100,7 +100,7 @@ def adaptable_modules(model: ModelLike):
                     continue
                 part = _global_child_name(module, child_name, child, ancestors)
                 child_global = f"{name}.{part}" if name else part
-                if isinstance(child, (LoraParallelLinear,) + SUPPORTED_LAYERS):
+                if isinstance(child, (LoraLayer,) + SUPPORTED_LAYERS):
                     found.append((child_global, module, child_name, child))
                 else:  # never look inside a wrapper: its base layer is not a target of its own
                     stack.append((child, child_global, ancestors + [module]))
@@ -248,9 +248,10 @@ def apply_lora(
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
     selected = _select_layers(model, config)
     _check_rank_fits(selected, config.r)
+    _check_layer_types_take(selected, config)
     _check_name_is_free(selected, adapter_name)
     for name, parent, attribute, module in selected:
-        if isinstance(module, LoraParallelLinear):
+        if isinstance(module, LoraLayer):
             module.update_layer(adapter_name, config)
         else:
             wrapped = dispatch_megatron(
@@ -305,7 +306,7 @@ def _check_rank_fits(selected: list, r: int) -> None:
     too_small = [
         (name, min(layout.in_features, layout.out_features))
         for name, _, _, module in selected
-        for layout in [module.layout if isinstance(module, LoraParallelLinear)
+        for layout in [module.layout if isinstance(module, LoraLayer)
                        else ParallelLayout(module)]
         if r > min(layout.in_features, layout.out_features)
     ]
@@ -317,11 +318,25 @@ def _check_rank_fits(selected: list, r: int) -> None:
         )
 
 
+def _check_layer_types_take(selected: list, config: LoraConfig) -> None:
+    """Refuse, on every rank, a config that a selected layer type is not proven exact with."""
+    reasons = sorted({
+        f"{name}: {reason}" for name, _, _, module in selected
+        for reason in [(type(module) if isinstance(module, LoraLayer)
+                        else wrapper_class(module)).refusal(config)]
+        if reason is not None
+    })
+    if sum_over_world([len(reasons)])[0]:
+        raise AdapterError(
+            f"LoRA config refused by a targeted layer{f' ({reasons[0]})' if reasons else ''}"
+        )
+
+
 def _check_name_is_free(selected: list, adapter_name: str) -> None:
     """Refuse, on every rank, a name that a selected layer already holds an adapter under."""
     clashes = [
         name for name, _, _, module in selected
-        if isinstance(module, LoraParallelLinear) and adapter_name in module.lora_A
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
     ]
     if sum_over_world([len(clashes)])[0]:  # a stage without the clash must not go on alone
         where = f" on {clashes[:3]}{'…' if len(clashes) > 3 else ''}" if clashes else ""
@@ -451,7 +466,7 @@ def merge_and_unload(model: ModelLike, adapter_names_: Optional[Sequence[str]] =
             (parent, attribute, module.base_layer)
             for parent in chunk.modules()
             for attribute, module in parent._modules.items()
-            if isinstance(module, LoraParallelLinear)
+            if isinstance(module, LoraLayer)
         ]
         for parent, attribute, base in replacements:
             setattr(parent, attribute, base)

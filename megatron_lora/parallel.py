@@ -10,11 +10,15 @@ autograd function whose backward is the adjoint of its forward. They look
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from megatron.core.tensor_parallel.random import get_expert_parallel_rng_tracker_name
 
 from .errors import MegatronLoraError
@@ -22,6 +26,8 @@ from .fused import low_rank_outer_grad
 
 COLUMN = "column"
 ROW = "row"
+VOCAB = "vocab"
+REPLICATED = "replicated"
 LORA_A = "lora_A"
 LORA_B = "lora_B"
 
@@ -34,9 +40,35 @@ def _require(layer, name):
     if not hasattr(layer, name):
         raise ParallelLayoutError(
             f"cannot read the parallel layout of {type(layer).__name__}: it has no attribute "
-            f"{name!r}; expected a megatron-core ColumnParallelLinear or RowParallelLinear"
+            f"{name!r}; expected the megatron-core layer it claims to be"
         )
     return getattr(layer, name)
+
+
+def _kind_of(base_layer) -> str:
+    # heavy (megatron's transformer package): imported only when a layer is wrapped
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    for layer_type, kind in ((ColumnParallelLinear, COLUMN), (RowParallelLinear, ROW),
+                             (VocabParallelEmbedding, VOCAB), (TopKRouter, REPLICATED)):
+        if isinstance(base_layer, layer_type):
+            return kind
+    raise ParallelLayoutError(
+        f"{type(base_layer).__name__} is not a layer LoRA can wrap: expected a megatron-core "
+        "ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding or TopKRouter"
+    )
+
+
+def _logical_sizes(base_layer, kind: str) -> Tuple[int, int]:
+    """(in_features, out_features) of the whole layer, as LoRA's A [r, in] and B [out, r]
+    see it: an embedding maps the vocabulary to the hidden size, the router the hidden size
+    to the experts."""
+    if kind == VOCAB:
+        return int(_require(base_layer, "num_embeddings")), int(_require(base_layer, "embedding_dim"))
+    if kind == REPLICATED:
+        weight = _require(base_layer, "weight")
+        return int(weight.shape[1]), int(weight.shape[0])
+    return int(_require(base_layer, "input_size")), int(_require(base_layer, "output_size"))
 
 
 def is_packed_gate_up(name: str, module) -> bool:
@@ -102,7 +134,16 @@ def read_tensor_slice(handle, key: str, dim: int, rank: int, world_size: int,
 
 
 class ParallelLayout:
-    """The parallel layout of one megatron-core parallel linear, read live from the layer.
+    """The parallel layout of one megatron-core layer LoRA wraps, read live from the layer.
+
+    Four kinds (docs/design.md, Factor sharding, and docs/layer_types.md):
+
+    * ``column`` / ``row``: ColumnParallelLinear / RowParallelLinear;
+    * ``vocab``: VocabParallelEmbedding, whose weight is [vocab/t, hidden]. LoRA treats the
+      vocabulary as the input: A [r, vocab] is split by vocabulary like a row layer's A, and
+      B [hidden, r] is replicated;
+    * ``replicated``: the MoE router, whose weight [experts, hidden] every TP rank holds whole;
+      so do both factors.
 
     Settings a user may flip after wrapping (``sequence_parallel``, ``skip_bias_add``,
     ``gather_output``) are properties that read the base layer on every access; sizes and
@@ -111,15 +152,7 @@ class ParallelLayout:
 
     def __init__(self, base_layer, packed_gate_up: bool = False):
         self.base = base_layer
-        if isinstance(base_layer, ColumnParallelLinear):
-            self.kind = COLUMN
-        elif isinstance(base_layer, RowParallelLinear):
-            self.kind = ROW
-        else:
-            raise ParallelLayoutError(
-                f"{type(base_layer).__name__} is not a megatron-core ColumnParallelLinear or "
-                "RowParallelLinear"
-            )
+        self.kind = _kind_of(base_layer)
         group = _require(base_layer, "tp_group")
         if group is None or not hasattr(group, "size") or not hasattr(group, "rank"):
             raise ParallelLayoutError(
@@ -130,22 +163,8 @@ class ParallelLayout:
         self.group = group
         self.world_size = group.size()
         self.rank = group.rank()
-        self.in_features = int(_require(base_layer, "input_size"))
-        self.out_features = int(_require(base_layer, "output_size"))
-        for attr in ("sequence_parallel", "skip_bias_add", "is_expert", "explicit_expert_comm"):
-            _require(base_layer, attr)
-        if self.kind == COLUMN:
-            _require(base_layer, "gather_output")
-            _require(base_layer, "allreduce_dgrad")
-            split_features, name = self.out_features, "output_size"
-        else:
-            _require(base_layer, "input_is_parallel")
-            split_features, name = self.in_features, "input_size"
-        if split_features % self.world_size:
-            raise ParallelLayoutError(
-                f"{type(base_layer).__name__}.{name}={split_features} is not divisible by its "
-                f"tensor-parallel size {self.world_size}"
-            )
+        self.in_features, self.out_features = _logical_sizes(base_layer, self.kind)
+        self._check_split(base_layer)
         weight = getattr(base_layer, "weight", None)
         if weight is not None and tuple(weight.shape) != self.local_weight_shape:
             raise ParallelLayoutError(
@@ -160,10 +179,35 @@ class ParallelLayout:
             )
         self.packed_gate_up = packed_gate_up
 
+    def _check_split(self, base_layer) -> None:
+        """The attributes each kind's forward reads, and a split dimension that divides."""
+        if self.kind in (COLUMN, ROW):
+            for attr in ("sequence_parallel", "skip_bias_add", "is_expert", "explicit_expert_comm"):
+                _require(base_layer, attr)
+        if self.kind == COLUMN:
+            _require(base_layer, "gather_output")
+            _require(base_layer, "allreduce_dgrad")
+            split_features, name = self.out_features, "output_size"
+        elif self.kind == ROW:
+            _require(base_layer, "input_is_parallel")
+            split_features, name = self.in_features, "input_size"
+        elif self.kind == VOCAB:
+            _require(base_layer, "reduce_scatter_embeddings")
+            split_features, name = self.in_features, "num_embeddings"
+        else:
+            _require(base_layer, "config")
+            return
+        if split_features % self.world_size:
+            raise ParallelLayoutError(
+                f"{type(base_layer).__name__}.{name}={split_features} is not divisible by its "
+                f"tensor-parallel size {self.world_size}"
+            )
+
     # --- sizes -------------------------------------------------------------------------
     @property
     def local_in_features(self) -> int:
-        return self.in_features // self.world_size if self.kind == ROW else self.in_features
+        split = self.kind in (ROW, VOCAB)
+        return self.in_features // self.world_size if split else self.in_features
 
     @property
     def local_out_features(self) -> int:
@@ -171,27 +215,45 @@ class ParallelLayout:
 
     @property
     def local_weight_shape(self) -> Tuple[int, int]:
+        if self.kind == VOCAB:  # an embedding table: one row per token
+            return (self.local_in_features, self.local_out_features)
         return (self.local_out_features, self.local_in_features)
 
     # --- factor sharding (docs/design.md, Factor sharding) -------------------------------
     @property
-    def sharded_factor(self) -> str:
-        """The factor split like the base weight: B of a column layer, A of a row layer."""
-        return LORA_B if self.kind == COLUMN else LORA_A
+    def sharded_factor(self) -> Optional[str]:
+        """The factor split like the base weight: B of a column layer, A of a row layer or an
+        embedding (by vocabulary); None for the router, whose factors are both whole."""
+        return {COLUMN: LORA_B, ROW: LORA_A, VOCAB: LORA_A}.get(self.kind)
 
     @property
-    def replicated_factor(self) -> str:
-        """The factor every rank holds whole (its gradient is a partial sum over TP)."""
-        return LORA_A if self.kind == COLUMN else LORA_B
+    def replicated_factors(self) -> Tuple[str, ...]:
+        """The factors every rank holds whole."""
+        return tuple(f for f in (LORA_A, LORA_B) if f != self.sharded_factor)
+
+    @property
+    def partial_grad_factors(self) -> Tuple[str, ...]:
+        """The factors whose gradient on each TP rank is only that rank's part of a sum
+        (finalize_lora_grads completes it): the replicated factor of a split layer, which
+        meets one shard; both router factors under SP, where each rank routes its own part of
+        the sequence (without SP every rank routes every token, so nothing is partial)."""
+        if self.world_size == 1:
+            return ()
+        if self.kind == REPLICATED:
+            return (LORA_A, LORA_B) if self.sequence_parallel else ()
+        return self.replicated_factors
 
     @property
     def split_dim(self) -> int:
-        """The sharded factor's split dimension: B's rows (column), A's columns (row)."""
-        return 0 if self.kind == COLUMN else 1
+        """The sharded factor's split dimension: B's rows (column), A's columns (row,
+        vocab); -1 where nothing is split."""
+        return {COLUMN: 0, ROW: 1, VOCAB: 1}.get(self.kind, -1)
 
     @property
     def split_parts(self) -> int:
         """Equal parts the full sharded factor is cut into along split_dim (gate/up: 2 x TP)."""
+        if self.sharded_factor is None:
+            return 1
         return self.world_size * (2 if self.packed_gate_up else 1)
 
     def full_factor_shapes(self, r: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -235,11 +297,20 @@ class ParallelLayout:
     # --- live settings -----------------------------------------------------------------
     @property
     def explicit_expert_comm(self) -> bool:
-        return bool(self.base.explicit_expert_comm)
+        return bool(getattr(self.base, "explicit_expert_comm", False))
+
+    @property
+    def is_expert(self) -> bool:
+        return bool(getattr(self.base, "is_expert", False))
 
     @property
     def sequence_parallel(self) -> bool:
-        """True when this layer itself gathers (column) or reduce-scatters (row) the sequence."""
+        """True when this layer itself gathers (column) or reduce-scatters (row, embedding)
+        the sequence; for the router, when its input is this rank's part of the sequence."""
+        if self.kind == VOCAB:
+            return bool(self.base.reduce_scatter_embeddings)
+        if self.kind == REPLICATED:
+            return bool(self.base.config.sequence_parallel)
         return bool(self.base.sequence_parallel) and not self.explicit_expert_comm
 
     @property
@@ -262,13 +333,13 @@ class ParallelLayout:
 
     @property
     def rng_tracker_name(self) -> str:
-        if self.base.is_expert:
+        if self.is_expert:
             return get_expert_parallel_rng_tracker_name()
         return "model-parallel-rng"
 
     def describe(self) -> str:
         extra = "SP" if self.sequence_parallel else "no SP"
-        if self.base.is_expert:
+        if self.is_expert:
             extra += ", expert"
         return f"{self.kind}-parallel, TP={self.world_size} (rank {self.rank}), {extra}"
 

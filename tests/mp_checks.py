@@ -609,9 +609,12 @@ class LayerChecks:
     collectives: dict  # collective_counts: per forward, backward and grad sync
     ddp: dict  # ddp_and_grad_norm: per layout
     errors: dict  # layout_errors: case -> message
+    layer_types: dict  # layer_type_checks.run_all: embedding and router
 
 
 def run_all(rank, world) -> LayerChecks:
+    import layer_type_checks  # it imports this module's helpers
+
     group = setup_parallel(world)
     return LayerChecks(
         parity=parity_matrix(rank, world, group),
@@ -621,4 +624,5 @@ def run_all(rank, world) -> LayerChecks:
         collectives=collective_counts(rank, world, group),
         ddp=ddp_and_grad_norm(rank, world, group),
         errors=layout_errors(rank, world, group),
+        layer_types=layer_type_checks.run_all(rank, world, group),
     )
