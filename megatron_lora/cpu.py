@@ -234,6 +234,17 @@ def _tied_embedding_setup_on_cpu() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+def _mla_without_transformer_engine() -> None:
+    # Without TransformerEngine, 0.16's multi_latent_attention still sets HAVE_TE (its import
+    # of megatron's TE extension succeeds, with stand-ins for the TE classes), then calls
+    # isinstance(linear_proj, TELinear) on a stand-in, which raises. Tell it what is true:
+    # no TE. 0.17+ set HAVE_TE from TE itself.
+    from megatron.core.transformer import multi_latent_attention
+
+    if not isinstance(multi_latent_attention.TELinear, type):
+        multi_latent_attention.HAVE_TE = False
+
+
 @dataclass(frozen=True)
 class _Adjustment:
     name: str
@@ -252,6 +263,7 @@ _ADJUSTMENTS: Tuple[_Adjustment, ...] = (
     _Adjustment("split_sizes_as_host_arrays", _ALL_LINES, _split_sizes_as_host_arrays),
     _Adjustment("uneven_all_gather_by_padding", _ALL_LINES, _uneven_all_gather_by_padding),
     _Adjustment("tied_embedding_setup_on_cpu", _ALL_LINES, _tied_embedding_setup_on_cpu),
+    _Adjustment("mla_without_transformer_engine", ("0.16",), _mla_without_transformer_engine),
 )
 
 

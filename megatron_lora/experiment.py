@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import yaml
 from megatron.core.activations import squared_relu
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from .config import LoraConfig
 from .errors import MegatronLoraError
@@ -59,8 +60,15 @@ _MODEL_KEYS = {
     "params_dtype": (Literal[tuple(PARAMS_DTYPES)], "float32"),
 }
 
-_TC_FIELDS = [f.name for f in dataclasses.fields(TransformerConfig)]
-_TC_HINTS = typing.get_type_hints(TransformerConfig)
+# MLATransformerConfig is TransformerConfig plus the multi-latent-attention sizes; its fields
+# are accepted, and the MLA-only ones only with `multi_latent_attention: true`.
+_TC_FIELDS = [f.name for f in dataclasses.fields(MLATransformerConfig)]
+_TC_HINTS = typing.get_type_hints(MLATransformerConfig)
+# megatron reads q_lora_rank=None as "no query down-projection" (one linear_q_proj), though
+# its annotation says int
+_TC_HINTS["q_lora_rank"] = Optional[int]
+_PLAIN_TC_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
+_MLA_ONLY_FIELDS = set(_TC_FIELDS) - _PLAIN_TC_FIELDS
 
 # Defaults for a GPT/Llama-like model where they differ from TransformerConfig's.
 _DEFAULTS = {
@@ -394,10 +402,19 @@ class ExperimentConfig:
     def transformer_config(self, **extra) -> TransformerConfig:
         """megatron-core's TransformerConfig for this experiment; extra overrides any field
         (model builders pass e.g. use_cpu_initialization=True)."""
+        mla = bool(self.megatron_config.get("multi_latent_attention"))
+        config_class = MLATransformerConfig if mla else TransformerConfig
+        mla_only = sorted(set(self.megatron_config) & _MLA_ONLY_FIELDS - set(_MODEL_KEYS))
+        if mla_only and not mla:
+            with _reported_from(self.source):
+                raise ExperimentConfigError(
+                    f"megatron_config sets {mla_only}, which only multi-latent attention "
+                    f"uses; add `multi_latent_attention: true` or remove them"
+                )
         kwargs = {
             key: _to_megatron(value, _TC_HINTS[key])
             for key, value in self.megatron_config.items()
-            if key in _ALLOWED_TC
+            if key in _ALLOWED_TC and (mla or key in _PLAIN_TC_FIELDS)
         }
         dtype = self.params_dtype
         activation_func, gated = ACTIVATIONS[self.megatron_config["activation"]]
@@ -412,7 +429,7 @@ class ExperimentConfig:
         kwargs.update(extra)
         with _reported_from(self.source):
             try:
-                return TransformerConfig(**kwargs)
+                return config_class(**kwargs)
             except (ValueError, AssertionError, NotImplementedError) as error:
                 raise ExperimentConfigError(
                     f"megatron-core's TransformerConfig rejects this config: {error}"
@@ -543,7 +560,8 @@ _RECOMPUTE_MODULES_REFUSED = {
                  "even without fp8, so it fails without TransformerEngine",
     "moe_act": "recomputing the experts' activation alone is not proven exact with LoRA here",
     "shared_experts": "shared-expert recompute is not proven exact with LoRA here",
-    "mla_up_proj": "multi-latent attention is not supported by megatron_lora",
+    "mla_up_proj": "recomputing the multi-latent attention up-projections is not proven exact "
+                   "with LoRA here",
 }
 
 

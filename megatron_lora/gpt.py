@@ -54,17 +54,53 @@ class SequenceParallelNorm:
         return norm
 
 
+class LatentCoreAttention(torch.nn.Module):
+    """Causal softmax attention whose keys and values have different head sizes, for
+    multi-latent attention with the local spec.
+
+    megatron-core's local spec puts its DotProductAttention behind MLA, which takes one head
+    size and no ``k_channels`` / ``v_channels``, so that spec fails to build (0.16 to 0.19).
+    This module computes what MLA asks of it: softmax(q kᵀ · softmax_scale) v per head, causal,
+    on this rank's heads. LoRA adapts the projections around it, never this module.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type=None,
+                 softmax_scale=None, k_channels=None, v_channels=None, **_unused):
+        super().__init__()
+        if config.attention_dropout:
+            raise ValueError(
+                f"attention_dropout={config.attention_dropout} with multi_latent_attention: "
+                "the local-spec MLA core attention here has no dropout; set it to 0"
+            )
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None, **_unused):
+        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("LatentCoreAttention computes causal attention only (no mask, "
+                             "bias or packed sequences)")
+        # [s, b, heads, dim] -> [b, heads, s, dim] and back to [s, b, heads · v_dim]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+
 def gpt_block_spec(config, num_layers_on_stage: int):
     """megatron-core's local GPT layer spec with SP-capable torch norms."""
     # heavy (megatron's model and transformer packages): only building a model needs them
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+    mla = bool(getattr(config, "multi_latent_attention", False))
     layer_spec = get_gpt_layer_local_spec(
-        num_experts=config.num_moe_experts, normalization=config.normalization
+        num_experts=config.num_moe_experts, normalization=config.normalization,
+        multi_latent_attention=mla,
     )
     layer_spec.submodules.input_layernorm = SequenceParallelNorm
     layer_spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+    if mla:
+        layer_spec.submodules.self_attention.submodules.core_attention = LatentCoreAttention
     return TransformerBlockSubmodules(
         layer_specs=[layer_spec] * num_layers_on_stage, layer_norm=SequenceParallelNorm
     )

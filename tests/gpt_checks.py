@@ -59,6 +59,40 @@ VARIANTS = {
              dict(expert_model_parallel_size=2, expert_tensor_parallel_size=1))],
         4: [("alltoall-tp2-sp-ep2-etp2", 2, 1, True, dict(expert_model_parallel_size=2))],
     }),
+    # shared experts (TP-split like a dense MLP, outside the expert dispatch) next to routed
+    # ones, with LoRA on the router and the word embeddings as well
+    "moe-shared": (dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+                        moe_shared_expert_intermediate_size=64), {
+        1: [("moe-shared-ep1", 1, 1, False, {})],
+        2: [("moe-shared-tp2-sp-ep2", 2, 1, True,
+             dict(expert_model_parallel_size=2, expert_tensor_parallel_size=1)),
+            ("moe-shared-overlap-tp2-sp", 2, 1, True, dict(moe_shared_expert_overlap=True))],
+        4: [("moe-shared-tp2-sp-ep2-etp2", 2, 1, True, dict(expert_model_parallel_size=2)),
+            ("moe-shared-tp4-sp", 4, 1, True, {})],
+    }),
+    # DeepSeek-style multi-latent attention (local spec): TP=1 only (TP > 1 is refused)
+    "mla": (dict(multi_latent_attention=True, q_lora_rank=32, kv_lora_rank=16, qk_head_dim=8,
+                 qk_pos_emb_head_dim=8, v_head_dim=8, rope_type="rope"), {
+        1: [("mla-tp1", 1, 1, False, {})],
+    }),
+    # MLA without a query down-projection (q_lora_rank unset: one linear_q_proj)
+    "mla-q-proj": (dict(multi_latent_attention=True, q_lora_rank=None, kv_lora_rank=16,
+                        qk_head_dim=8, qk_pos_emb_head_dim=8, v_head_dim=8, rope_type="rope"), {
+        1: [("mla-q-proj-tp1", 1, 1, False, {})],
+    }),
+}
+MLA_TARGETS = ["linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj",
+               "linear_kv_up_proj", "linear_proj", "linear_fc1", "linear_fc2"]
+# variants whose adapter targets more than TARGETS
+VARIANT_TARGETS = {"moe-shared": TARGETS + ["router", "word_embeddings"],
+                   "mla": MLA_TARGETS[1:], "mla-q-proj": [MLA_TARGETS[0]] + MLA_TARGETS[3:]}
+# variants also trained for TRAIN_STEPS steps at each layout (the curves must match world 1)
+TRAINED_VARIANTS = ("moe-shared", "mla")
+# (world, variant) -> the AdapterError apply_lora raises there (a layout not proven exact)
+REFUSED_VARIANTS = {
+    (2, "mla"): (dict(tensor_model_parallel_size=2, sequence_parallel=True), VARIANT_TARGETS["mla"]),
+    (1, "tied"): (dict(tensor_model_parallel_size=1, sequence_parallel=False),
+                  TARGETS + ["word_embeddings"]),
 }
 
 
@@ -171,7 +205,7 @@ def zero_lora_grads(model):
 # --- sections --------------------------------------------------------------------------------
 
 
-def check_parity(exp, all_logits=False, count_collectives=True):
+def check_parity(exp, all_logits=False, count_collectives=True, targets=TARGETS):
     """Logits, loss, every LoRA gradient and the grad norm of one step; collectives counted.
 
     Logits under PP only with ``all_logits`` (through the schedule). Every rank sees the same
@@ -181,7 +215,7 @@ def check_parity(exp, all_logits=False, count_collectives=True):
     from megatron_lora import finalize_lora_grads, lora_grad_norm
     from megatron_lora.grad_sync import average_over_data_parallel
 
-    model = build(exp, random_lora())
+    model = build(exp, random_lora(target_modules=targets))
     report = model.lora_report
     result = {
         "factors": full_factors(model),
@@ -251,8 +285,20 @@ class VariantChecks:
     """What run_variants checked at one variant layout, on one rank."""
 
     parity: dict
+    training: Optional[dict] = None  # TRAINED_VARIANTS: check_training's curve
+    refusal: Optional[str] = None  # REFUSED_VARIANTS: apply_lora's message
     tied_weights: Optional[dict] = None  # the tied-embedding variant
     checkpoints: Optional[dict] = None  # the tied-embedding variant, with an adapter directory
+
+
+def _refusal(exp, targets):
+    from megatron_lora import AdapterError
+
+    try:
+        build(exp, random_lora(target_modules=targets))
+    except AdapterError as error:
+        return str(error)
+    return None
 
 
 def run_variants(world, adapter_dir=None) -> Dict[str, VariantChecks]:
@@ -260,10 +306,20 @@ def run_variants(world, adapter_dir=None) -> Dict[str, VariantChecks]:
     from pathlib import Path
 
     results = {}
+    for (refused_world, name), (layout_settings, targets) in REFUSED_VARIANTS.items():
+        if refused_world == world:
+            settings = dict(VARIANTS[name][0], **layout_settings)
+            tp, sp = settings.pop("tensor_model_parallel_size"), settings.pop("sequence_parallel")
+            results[f"{name}-refused"] = VariantChecks(parity={}, refusal=_refusal(
+                experiment(tp, 1, sp, **settings), targets))
     for name, (model_settings, layouts) in VARIANTS.items():
         for layout_id, tp, pp, sp, layout_settings in layouts.get(world, []):
             exp = experiment(tp, pp, sp, **model_settings, **layout_settings)
-            layout = VariantChecks(parity=check_parity(exp, all_logits=True, count_collectives=False))
+            targets = VARIANT_TARGETS.get(name, TARGETS)
+            layout = VariantChecks(parity=check_parity(exp, all_logits=True, count_collectives=False,
+                                                       targets=targets))
+            if name in TRAINED_VARIANTS:
+                layout.training = check_training(exp, targets)
             if name == "tied":
                 layout.tied_weights = tied_weights(exp)
                 if adapter_dir is not None:
@@ -297,14 +353,15 @@ def count_step_collectives(model):
     return tuple(counts)
 
 
-def check_training(exp):
+def check_training(exp, targets=TARGETS):
     """TRAIN_STEPS Adam steps on LoRA parameters only, clipped; the loss and norm per step.
 
     Every step sees the same batches, so the loss must fall.
     """
     from megatron_lora import LoraConfig, clip_lora_grads_, finalize_lora_grads
+    from megatron_lora.grad_sync import average_over_data_parallel
 
-    lora = LoraConfig(r=4, lora_alpha=16.0, seed=7, target_modules=TARGETS)  # B = 0 at start
+    lora = LoraConfig(r=4, lora_alpha=16.0, seed=7, target_modules=targets)  # B = 0 at start
     model = build(exp, lora)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
@@ -313,6 +370,8 @@ def check_training(exp):
         zero_lora_grads(model)
         losses.append(run_schedule(model, batches(0)))
         finalize_lora_grads(model)
+        # replicas (expert parallelism at TP x PP < world) saw the same batches: average them
+        average_over_data_parallel([p for p in model.parameters() if p.requires_grad])
         norm = clip_lora_grads_(model, CLIP_NORM)
         norms.append(norm)
         clipped += norm > CLIP_NORM
