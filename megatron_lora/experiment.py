@@ -63,7 +63,9 @@ _MODEL_KEYS = {
 # MLATransformerConfig is TransformerConfig plus the multi-latent-attention sizes; its fields
 # are accepted, and the MLA-only ones only with `multi_latent_attention: true`.
 _TC_FIELDS = [f.name for f in dataclasses.fields(MLATransformerConfig)]
-_TC_HINTS = typing.get_type_hints(MLATransformerConfig)
+# TransformerConfig's own annotations win: MLATransformerConfig re-annotates some of its fields
+# more loosely (normalization as a plain str)
+_TC_HINTS = {**typing.get_type_hints(MLATransformerConfig), **typing.get_type_hints(TransformerConfig)}
 # megatron reads q_lora_rank=None as "no query down-projection" (one linear_q_proj), though
 # its annotation says int
 _TC_HINTS["q_lora_rank"] = Optional[int]
