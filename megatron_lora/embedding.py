@@ -33,11 +33,6 @@ class LoraVocabParallelEmbedding(LoraLayer):
     """Wraps a VocabParallelEmbedding; returns what the base returns ([b, s, h], or the
     [s/t, b, h] sequence shard when the base reduce-scatters)."""
 
-    def __init__(self, base_layer, adapter_name="default", lora_config=None, *,
-                 module_name: str = "", fused_collectives: bool = True, **_unused):
-        super().__init__(base_layer, adapter_name, lora_config, module_name=module_name)
-        self.fused_collectives = fused_collectives
-
     def _uses_dropout(self) -> bool:
         return False  # an index input: nothing to drop (PEFT does the same)
 
@@ -53,13 +48,11 @@ class LoraVocabParallelEmbedding(LoraLayer):
 
     def _partial_delta(self, local, adapters: List[str], dtype) -> torch.Tensor:
         """Σ_adapters s · A_iᵀ[tok] Bᵀ on this rank (rows of other ranks' tokens not yet zeroed)."""
-        delta = None
-        for adapter in adapters:
-            weight_a = self.lora_A[adapter].weight.to(dtype)  # [r, vocab/t]
-            h = F.embedding(local, weight_a.t()) * self.scaling[adapter]
-            term = F.linear(h, self.lora_B[adapter].weight.to(dtype))
-            delta = term if delta is None else delta + term
-        return delta
+        def down(adapter):  # A [r, vocab/t]: its columns are the lookup table
+            weight_a = self.lora_A[adapter].weight.to(dtype)
+            return F.embedding(local, weight_a.t()) * self.scaling[adapter]
+
+        return self._summed_deltas(adapters, down, dtype)
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """The base's own reduction of a partial [b, s, h] output."""

@@ -93,11 +93,15 @@ class LoraLayer(torch.nn.Module):
         *,
         module_name: str = "",
         packed_gate_up: bool = False,
+        fused_collectives: bool = True,
     ):
         super().__init__()
         self.base_layer = base_layer
         self.layout = ParallelLayout(base_layer, packed_gate_up=packed_gate_up)
         self.module_name = module_name
+        # False forces the black-box fallback (where a wrapper has one): the base layer is
+        # called as it is and LoRA does its own collectives
+        self.fused_collectives = fused_collectives
         self.lora_A = torch.nn.ModuleDict()
         self.lora_B = torch.nn.ModuleDict()
         self.lora_dropout = torch.nn.ModuleDict()
@@ -118,6 +122,14 @@ class LoraLayer(torch.nn.Module):
         reason = self.refusal(config)
         if reason is not None:
             raise AdapterError(f"{self.module_name or type(self).__name__}: {reason}")
+
+    def _summed_deltas(self, adapters: List[str], down, dtype) -> torch.Tensor:
+        """Σ_adapters down(adapter) Bᵀ: ``down`` gives an adapter's scaled r-wide projection."""
+        delta = None
+        for adapter in adapters:
+            term = F.linear(down(adapter), self.lora_B[adapter].weight.to(dtype))
+            delta = term if delta is None else delta + term
+        return delta
 
     def _uses_dropout(self) -> bool:
         """Whether lora_dropout applies to this layer's input (not to an embedding's indices)."""
@@ -362,20 +374,6 @@ class LoraParallelLinear(LoraLayer):
     Column layers keep A replicated and B split by output rows like the base weight; row
     layers keep A split by input columns and B replicated.
     """
-
-    def __init__(
-        self,
-        base_layer: torch.nn.Module,
-        adapter_name: str = "default",
-        lora_config: Optional[LoraConfig] = None,
-        *,
-        module_name: str = "",
-        packed_gate_up: bool = False,
-        fused_collectives: bool = True,
-    ):
-        super().__init__(base_layer, adapter_name, lora_config, module_name=module_name,
-                         packed_gate_up=packed_gate_up)
-        self.fused_collectives = fused_collectives
 
     def _dropout_rng(self, sharded: bool):
         """Replicated inputs draw from the default stream (the same on every TP rank, as

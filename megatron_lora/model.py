@@ -307,8 +307,7 @@ def _check_rank_fits(selected: list, r: int) -> None:
     too_small = [
         (name, min(layout.in_features, layout.out_features))
         for name, _, _, module in selected
-        for layout in [module.layout if isinstance(module, LoraLayer)
-                       else ParallelLayout(module)]
+        for layout in [_layout_of(module)]
         if r > min(layout.in_features, layout.out_features)
     ]
     if sum_over_world([len(too_small)])[0]:  # every rank raises, not only the ones that saw it
@@ -319,10 +318,23 @@ def _check_rank_fits(selected: list, r: int) -> None:
         )
 
 
+def _layout_of(module) -> ParallelLayout:
+    """A selected module's layout: a wrapper's own, or read from a layer not yet wrapped."""
+    return module.layout if isinstance(module, LoraLayer) else ParallelLayout(module)
+
+
+def _wrapper_type(module) -> type:
+    """The LoraLayer subclass a selected module is, or will be wrapped by."""
+    return type(module) if isinstance(module, LoraLayer) else wrapper_class(module)
+
+
 def _placement_refusal(parent, module) -> Optional[str]:
     """Why a layer cannot be adapted where it sits (not proven exact there), or None."""
-    layout = module.layout if isinstance(module, LoraLayer) else ParallelLayout(module)
-    if type(parent).__name__ == "MLASelfAttention" and layout.world_size > 1:
+    # heavy (megatron's transformer package): only apply_lora's checks need it
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    layout = _layout_of(module)
+    if isinstance(parent, MLASelfAttention) and layout.world_size > 1:
         # docs/layer_types.md, Multi-latent attention: at TP > 1 the gradients of the local-spec
         # MLA model did not match its TP=1 run in our checks, so nothing there is proven
         return ("multi-latent attention at tensor-parallel size "
@@ -344,9 +356,7 @@ def _check_layer_types_take(model: ModelLike, selected: list, config: LoraConfig
     ]
     reasons = tied_embeddings + sorted({
         f"{name}: {reason}" for name, parent, _, module in selected
-        for reason in [(type(module) if isinstance(module, LoraLayer)
-                        else wrapper_class(module)).refusal(config),
-                       _placement_refusal(parent, module)]
+        for reason in [_wrapper_type(module).refusal(config), _placement_refusal(parent, module)]
         if reason is not None
     })
     if sum_over_world([len(reasons)])[0]:

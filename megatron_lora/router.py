@@ -30,10 +30,6 @@ class LoraRouter(LoraLayer):
     ``mlp.router``; attributes the wrapper lacks are read from the base router.
     """
 
-    def __init__(self, base_layer, adapter_name="default", lora_config=None, *,
-                 module_name: str = "", **_unused):
-        super().__init__(base_layer, adapter_name, lora_config, module_name=module_name)
-
     @staticmethod
     def refusal(config: LoraConfig) -> Optional[str]:
         if config.lora_dropout > 0:
@@ -51,12 +47,10 @@ class LoraRouter(LoraLayer):
 
     def _delta(self, x: torch.Tensor, adapters: List[str], dtype) -> torch.Tensor:
         x = x.to(dtype)
-        delta = None
-        for adapter in adapters:
-            h = F.linear(x, self.lora_A[adapter].weight.to(dtype)) * self.scaling[adapter]
-            term = F.linear(h, self.lora_B[adapter].weight.to(dtype))
-            delta = term if delta is None else delta + term
-        return delta
+        return self._summed_deltas(
+            adapters,
+            lambda adapter: F.linear(x, self.lora_A[adapter].weight.to(dtype)) * self.scaling[adapter],
+            dtype)
 
     def forward(self, input_, *args, **kwargs):
         adapters = self._active()

@@ -88,13 +88,11 @@ VARIANT_TARGETS = {"moe-shared": TARGETS + ["router", "word_embeddings"],
                    "mla": MLA_TARGETS[1:], "mla-q-proj": [MLA_TARGETS[0]] + MLA_TARGETS[3:]}
 # variants also trained for TRAIN_STEPS steps at each layout (the curves must match world 1)
 TRAINED_VARIANTS = ("moe-shared", "mla")
-# (world, variant) -> the AdapterError apply_lora raises there (a layout not proven exact)
+# (world, variant) -> (TP, SP, targets) where apply_lora must refuse (not proven exact there)
 REFUSED_VARIANTS = {
-    (2, "mla"): (dict(tensor_model_parallel_size=2, sequence_parallel=True), VARIANT_TARGETS["mla"]),
-    (1, "tied"): (dict(tensor_model_parallel_size=1, sequence_parallel=False),
-                  TARGETS + ["word_embeddings"]),
+    (2, "mla"): (2, True, VARIANT_TARGETS["mla"]),
+    (1, "tied"): (1, False, TARGETS + ["word_embeddings"]),
 }
-
 
 def experiment(tp, pp, sp, **overrides):
     from megatron_lora.experiment import load_experiment
@@ -306,12 +304,10 @@ def run_variants(world, adapter_dir=None) -> Dict[str, VariantChecks]:
     from pathlib import Path
 
     results = {}
-    for (refused_world, name), (layout_settings, targets) in REFUSED_VARIANTS.items():
+    for (refused_world, name), (tp, sp, targets) in REFUSED_VARIANTS.items():
         if refused_world == world:
-            settings = dict(VARIANTS[name][0], **layout_settings)
-            tp, sp = settings.pop("tensor_model_parallel_size"), settings.pop("sequence_parallel")
             results[f"{name}-refused"] = VariantChecks(parity={}, refusal=_refusal(
-                experiment(tp, 1, sp, **settings), targets))
+                experiment(tp, 1, sp, **VARIANTS[name][0]), targets))
     for name, (model_settings, layouts) in VARIANTS.items():
         for layout_id, tp, pp, sp, layout_settings in layouts.get(world, []):
             exp = experiment(tp, pp, sp, **model_settings, **layout_settings)

@@ -7,6 +7,17 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 TP_SIZES = (1, 2, 4)
 
 
+def _assert_every_case_close(spawned, tp, check, cases_at_tp1, required):
+    """Every case of ``check`` on every rank: the required metrics present, all within tolerance;
+    SP on and off above TP=1 doubles the cases."""
+    for rank, result in enumerate(spawned(tp)):
+        cases = result.layer_types[check]
+        assert len(cases) == cases_at_tp1 * (2 if tp > 1 else 1)
+        for label, metrics in cases.items():
+            assert set(required) <= set(metrics)
+            _assert_close(rank, label, metrics)
+
+
 def _assert_close(rank, label, metrics):
     dtype = label.split("-")[0]
     for name, value in metrics.items():
@@ -18,13 +29,8 @@ def _assert_close(rank, label, metrics):
 
 @pytest.mark.parametrize("tp", TP_SIZES)
 def test_embedding_output_and_lora_grads_match_tp1(spawned, tp):
-    for rank, result in enumerate(spawned(tp)):
-        cases = result.layer_types["embedding"]
-        # 2 dtypes x 2 paths, x SP on/off above TP=1
-        assert len(cases) == (8 if tp > 1 else 4)
-        for label, metrics in cases.items():
-            assert {"out", "dA", "dB"} <= set(metrics)
-            _assert_close(rank, label, metrics)
+    # 2 dtypes x 2 paths
+    _assert_every_case_close(spawned, tp, "embedding", 4, {"out", "dA", "dB"})
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
@@ -43,12 +49,8 @@ def test_embedding_merges_exactly_and_adds_no_collective(spawned, tp):
 
 @pytest.mark.parametrize("tp", TP_SIZES)
 def test_router_probs_and_lora_grads_match_tp1(spawned, tp):
-    for rank, result in enumerate(spawned(tp)):
-        cases = result.layer_types["router"]
-        assert len(cases) == (4 if tp > 1 else 2)
-        for label, metrics in cases.items():
-            assert {"probs", "same_experts", "dx", "dA", "dB"} <= set(metrics)
-            _assert_close(rank, label, metrics)
+    # 2 dtypes
+    _assert_every_case_close(spawned, tp, "router", 2, {"probs", "same_experts", "dx", "dA", "dB"})
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
