@@ -10,7 +10,7 @@ tests/gpt_checks.py for what runs.
 import pytest
 import torch
 
-from gpt_checks import LAYOUTS, TRAIN_STEPS, TRAINED_VARIANTS, VARIANT_TARGETS, VARIANTS
+from gpt_checks import LAYOUTS, TRAIN_STEPS, TRAINED_LAYOUTS, VARIANT_TARGETS, VARIANTS
 from numerics import relative_error
 
 FP32 = 1e-5
@@ -248,7 +248,8 @@ def test_variants_adapt_what_they_should(gpt_spawned):
 
 
 # 20 Adam steps on a top-2 routed model amplify fp32 reduction-order noise more than a dense
-# one does (measured: <= 1.7e-6 for the first 12 steps, at most 1.0e-4 by step 20 at TP 4 + SP)
+# one does (measured on 0.16: <= 1.7e-6 for the first 12 steps; by step 20, 4.6e-5 at the
+# trained layout and 1.0e-4 at TP 4 + SP)
 MOE_CURVE = 3e-4
 def test_mla_projections_train_at_tp1(gpt_spawned):
     for name in ("mla", "mla-q-proj"):
@@ -279,13 +280,13 @@ def test_word_embeddings_tied_to_the_output_layer_are_refused(gpt_spawned):
     assert "embedding.word_embeddings" in message and "tied to the output layer" in message
 
 
-TRAINED_LAYOUTS = [pytest.param(name, world, entry[0], id=entry[0])
-                   for name in TRAINED_VARIANTS
-                   for world, entries in VARIANTS[name][1].items() if world > 1
-                   for entry in entries]
+PARALLEL_TRAINED_LAYOUTS = [pytest.param(name, world, entry[0], id=entry[0])
+                            for name, (_, layouts) in VARIANTS.items()
+                            for world, entries in layouts.items() if world > 1
+                            for entry in entries if entry[0] in TRAINED_LAYOUTS]
 
 
-@pytest.mark.parametrize("name, world, layout_id", TRAINED_LAYOUTS)
+@pytest.mark.parametrize("name, world, layout_id", PARALLEL_TRAINED_LAYOUTS)
 def test_variant_training_curve_matches_its_single_process_run(gpt_spawned, name, world,
                                                                layout_id):
     reference = variant_reference(gpt_spawned, name).training
