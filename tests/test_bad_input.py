@@ -5,6 +5,8 @@ changed or removed (sha256 of every file before and after)."""
 from __future__ import annotations
 
 import hashlib
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import bad_inputs_scripts
 from gpt_checks import TARGETS, TINY_GPT
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # script_setup: the scripts' warning filters
 ROWS = bad_inputs_cli.ROWS + bad_inputs_scripts.ROWS
 
 
@@ -60,9 +63,16 @@ def _run(program: str, argv) -> int:
             from megatron_lora.cli import main
 
             return main(argv)
-        from megatron_lora.training import main
+        # as the scripts run it: under their warning filters from the first import on (a
+        # fresh process's stderr, not one that depends on which row showed megatron's
+        # import-time notices first)
+        with warnings.catch_warnings():
+            from script_setup import filter_known_warnings
 
-        return main(argv, mode=program)
+            filter_known_warnings()
+            from megatron_lora.training import main
+
+            return main(argv, mode=program)
     except SystemExit as exit_:  # argparse's own errors
         return exit_.code
 
