@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 from .errors import MegatronLoraError
 
@@ -41,12 +42,29 @@ def _as_name_list(field_name: str, value) -> Optional[List[str]]:
     return list(value)
 
 
+def name_matches(pattern: str, name: str) -> bool:
+    """A target matches a global module name by one of four rules:
+
+    ``re:<regex>`` full regex match; a pattern with ``*``, ``?`` or ``[`` is a glob over the
+    whole name (``decoder.layers.*.mlp.linear_fc1``); otherwise the exact name or a dotted
+    suffix of it (``linear_fc1``, ``mlp.linear_fc1``).
+    """
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if any(char in pattern for char in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
 @dataclass
 class LoraConfig:
     """Settings of one LoRA adapter.
 
     r: rank (> 0); lora_alpha: scaling numerator (> 0); the delta is scaled by
     lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+    rank_pattern: {module pattern: rank} for modules whose rank is not r (PEFT's field of the
+    same name; patterns match as target_modules do, the first match wins); the scaling follows
+    each module's rank. A router of 8 experts, say, takes no rank above 8.
     init_lora_weights: True/"kaiming" (A kaiming-uniform), "gaussian" (A ~ N(0, 1/r)),
     "xavier" (A xavier-uniform), all with B = 0 so a new adapter changes nothing; False draws
     both A and B at random (for tests). Fans come from the full, unsharded shapes.
@@ -62,6 +80,7 @@ class LoraConfig:
     use_rslora: bool = False
     seed: int = 0
     lora_dtype: Optional[str] = None
+    rank_pattern: Optional[Dict[str, int]] = None
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -103,11 +122,39 @@ class LoraConfig:
                 "'float32', 'bfloat16', 'float16', 'float64'",
             )
 
+        self._check_rank_pattern()
+
+    def _check_rank_pattern(self) -> None:
+        if self.rank_pattern is None:
+            return
+        if not isinstance(self.rank_pattern, dict):
+            raise _invalid("rank_pattern", self.rank_pattern,
+                           "expected a mapping of module pattern to rank, e.g. {'router': 4}")
+        for pattern, rank in self.rank_pattern.items():
+            _as_name_list("rank_pattern", [pattern])  # a valid pattern, as in target_modules
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise _invalid(f"rank_pattern[{pattern!r}]", rank, "expected a positive integer rank")
+        self.rank_pattern = dict(self.rank_pattern) or None
+
+    def rank_for(self, module_name: str) -> int:
+        """The module's rank: the first rank_pattern entry that matches it, else r."""
+        for pattern, rank in (self.rank_pattern or {}).items():
+            if name_matches(pattern, module_name):
+                return rank
+        return self.r
+
+    def scaling_at(self, rank: int) -> float:
+        """lora_alpha / rank, or lora_alpha / sqrt(rank) with use_rslora."""
+        if self.use_rslora:
+            return self.lora_alpha / math.sqrt(rank)
+        return self.lora_alpha / rank
+
     @property
     def scaling(self) -> float:
-        if self.use_rslora:
-            return self.lora_alpha / math.sqrt(self.r)
-        return self.lora_alpha / self.r
+        return self.scaling_at(self.r)
+
+    def scaling_for(self, module_name: str) -> float:
+        return self.scaling_at(self.rank_for(module_name))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,7 +43,7 @@ def full_lora_factors(
     config: LoraConfig, module_name: str, adapter_name: str, in_features: int, out_features: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The full (unsharded) float32 factors A [r, in] and B [out, r] of one adapter."""
-    r = config.r
+    r = config.rank_for(module_name or "")
     seed_a = factor_seed(config.seed, module_name, adapter_name, "lora_A")
     seed_b = factor_seed(config.seed, module_name, adapter_name, "lora_B")
     mode = config.init_lora_weights

@@ -145,9 +145,10 @@ class LoraLayer(torch.nn.Module):
                 f"adapter_name={adapter_name!r} is invalid: expected a non-empty name without '.'"
             )
         layout = self.layout
-        if config.r > min(layout.in_features, layout.out_features):
+        rank = config.rank_for(self.module_name or "")
+        if rank > min(layout.in_features, layout.out_features):
             raise AdapterError(
-                f"LoRA r={config.r} is larger than {self.module_name or 'this layer'} allows: "
+                f"LoRA r={rank} is larger than {self.module_name or 'this layer'} allows: "
                 f"min(in_features, out_features) = "
                 f"{min(layout.in_features, layout.out_features)}; a larger rank adds parameters "
                 f"and no capacity"
@@ -170,7 +171,7 @@ class LoraLayer(torch.nn.Module):
             torch.nn.Dropout(p=config.lora_dropout)
             if config.lora_dropout > 0 and self._uses_dropout() else torch.nn.Identity()
         )
-        self.scaling[adapter_name] = config.scaling
+        self.scaling[adapter_name] = config.scaling_at(rank)
         self.lora_configs[adapter_name] = config
         if adapter_name not in self.active_adapters:
             self.active_adapters.append(adapter_name)

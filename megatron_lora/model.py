@@ -15,7 +15,6 @@ keyed by them, so an adapter is the same logical adapter whatever the layout.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -25,7 +24,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 
 from .agreement import sum_over_world
-from .config import LoraConfig
+from .config import LoraConfig, name_matches
 from .dispatch import SUPPORTED_LAYERS, dispatch_megatron, wrapper_class
 from .errors import AdapterError
 from .layer import LoraLayer
@@ -110,20 +109,6 @@ def adaptable_modules(model: ModelLike):
 
 
 # --- matching ------------------------------------------------------------------------------
-
-
-def name_matches(pattern: str, name: str) -> bool:
-    """A target matches a global module name by one of four rules:
-
-    ``re:<regex>`` full regex match; a pattern with ``*``, ``?`` or ``[`` is a glob over the
-    whole name (``decoder.layers.*.mlp.linear_fc1``); otherwise the exact name or a dotted
-    suffix of it (``linear_fc1``, ``mlp.linear_fc1``).
-    """
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    if any(char in pattern for char in "*?["):
-        return fnmatch.fnmatchcase(name, pattern)
-    return name == pattern or name.endswith("." + pattern)
 
 
 def name_shapes(names: Iterable[str]) -> List[str]:
@@ -248,7 +233,7 @@ def apply_lora(
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
     selected = _select_layers(model, config)
-    _check_rank_fits(selected, config.r)
+    _check_rank_fits(selected, config)
     _check_layer_types_take(model, selected, config)
     _check_name_is_free(selected, adapter_name)
     for name, parent, attribute, module in selected:
@@ -301,20 +286,25 @@ def _select_layers(model: ModelLike, config: LoraConfig) -> list:
     return selected
 
 
-def _check_rank_fits(selected: list, r: int) -> None:
-    """Refuse, on every rank, an r above min(in_features, out_features) of a selected layer:
+def _check_rank_fits(selected: list, config: LoraConfig) -> None:
+    """Refuse, on every rank, a rank above min(in_features, out_features) of a selected layer:
     such a rank adds parameters and no capacity."""
     too_small = [
-        (name, min(layout.in_features, layout.out_features))
+        (name, config.rank_for(name), min(layout.in_features, layout.out_features))
         for name, _, _, module in selected
         for layout in [_layout_of(module)]
-        if r > min(layout.in_features, layout.out_features)
+        if config.rank_for(name) > min(layout.in_features, layout.out_features)
     ]
     if sum_over_world([len(too_small)])[0]:  # every rank raises, not only the ones that saw it
-        example = f" ({too_small[0][0]} allows {too_small[0][1]})" if too_small else ""
+        if not too_small:  # another rank saw it and names it
+            raise AdapterError("a LoRA rank is larger than min(in_features, out_features) of a "
+                               "targeted layer on another rank")
+        name, rank, allowed = too_small[0]
         raise AdapterError(
-            f"LoRA r={r} is larger than min(in_features, out_features) of a targeted "
-            f"layer{example}: such a rank adds parameters and no capacity"
+            f"LoRA r={rank} is larger than min(in_features, out_features) of a targeted "
+            f"layer ({name} allows {allowed}): such a rank adds parameters and no capacity; "
+            f"give it a smaller rank with rank_pattern, e.g. "
+            f"{{'{name.rsplit('.', 1)[-1]}': {allowed}}}"
         )
 
 
