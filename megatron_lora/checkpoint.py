@@ -55,7 +55,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _BASE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                 "ffn_hidden_size", "kv_channels", "gated_linear_unit", "num_moe_experts",
-                "vocab_size")
+                "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "vocab_size")
 
 
 class AdapterCheckpointError(MegatronLoraError):
@@ -68,11 +68,14 @@ class AdapterCheckpointError(MegatronLoraError):
 def describe_base_model(model: ModelLike) -> Dict[str, object]:
     """The shape facts an adapter depends on, from the model's megatron config."""
     chunk = model_chunks(model)[0]
-    config = getattr(chunk, "config", None)
+    return describe_transformer_config(getattr(chunk, "config", None),
+                                       getattr(chunk, "vocab_size", None))
+
+
+def describe_transformer_config(config, vocab_size: Optional[int]) -> Dict[str, object]:
+    """describe_base_model's facts from a TransformerConfig and the vocabulary size."""
     description = {field: getattr(config, field, None) for field in _BASE_FIELDS}
-    description["vocab_size"] = getattr(chunk, "vocab_size", None)
-    if config is not None and config.num_layers is not None:
-        description["num_layers"] = config.num_layers
+    description["vocab_size"] = vocab_size
     return {k: v for k, v in description.items() if v is not None}
 
 
@@ -414,8 +417,10 @@ def _disagreement(config_path, field, claimed, actual, key, shape) -> AdapterChe
 
 def _check_rank_and_modules(config: dict, lora: LoraConfig, pairs, config_path: Path) -> None:
     for module, (shape_a, _) in sorted(pairs.items()):
-        if shape_a[0] != lora.r:
-            raise _disagreement(config_path, "lora_config.r", lora.r, shape_a[0],
+        rank = lora.rank_for(module)
+        if shape_a[0] != rank:
+            field = "lora_config.r" if rank == lora.r else "lora_config.rank_pattern"
+            raise _disagreement(config_path, field, rank, shape_a[0],
                                 module + FACTOR_SUFFIXES[0], shape_a)
     listed = config.get("modules")
     if not isinstance(listed, list) or not all(isinstance(m, str) for m in listed):
@@ -521,8 +526,8 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str):
         return hasattr(module, "lora_A") and adapter_name in module.lora_A
 
     found, not_wrapped = {}, []
-    r = adapter.lora_config.r
     for module_name, shapes in sorted(pairs.items()):
+        r = adapter.lora_config.rank_for(module_name)
         module = modules.get(module_name)
         if module is None:
             continue
@@ -531,9 +536,10 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str):
             continue
         layout = module.layout if hasattr(module, "layout") else ParallelLayout(
             module, packed_gate_up=is_packed_gate_up(module_name, module))
-        if wrapped(module) and module.lora_configs[adapter_name].r != r:
+        model_rank = wrapped(module) and module.lora_A[adapter_name].weight.shape[0]
+        if wrapped(module) and model_rank != r:
             problems.append(f"{module_name}: the model's adapter {adapter_name!r} has rank "
-                            f"{module.lora_configs[adapter_name].r}, the file has rank {r}")
+                            f"{model_rank}, the file has rank {r}")
         for factor, suffix, actual, expected in zip((LORA_A, LORA_B), FACTOR_SUFFIXES, shapes,
                                                     layout.full_factor_shapes(r)):
             split_dim, parts = layout.split_dim, layout.split_parts

@@ -1,7 +1,7 @@
 """``megatron-lora``: look into adapters and convert them, without a model or a GPU.
 
     megatron-lora inspect ADAPTER_DIR
-    megatron-lora export-peft ADAPTER_DIR OUT_DIR [--overwrite]
+    megatron-lora export-peft ADAPTER_DIR OUT_DIR [--overwrite] [--architecture NAME]
     megatron-lora import-peft PEFT_DIR OUT_DIR (--config EXPERIMENT.yaml | --like ADAPTER_DIR)
                               [--overwrite]
 
@@ -119,7 +119,7 @@ def check_output(out_dir: Path, source: Path, overwrite: bool) -> None:
                                      f"output directory or pass --overwrite to replace it")
 
 
-def export_peft_files(adapter_dir: Path, out_dir: Path) -> Path:
+def export_peft_files(adapter_dir: Path, out_dir: Path, architecture=None) -> Path:
     from safetensors.torch import load_file
 
     from .checkpoint import WEIGHTS_NAME, read_adapter, write_directory_atomically
@@ -129,9 +129,9 @@ def export_peft_files(adapter_dir: Path, out_dir: Path) -> Path:
     base = adapter.config["base_model"]
     files = peft_adapter_files(
         load_file(adapter_dir / WEIGHTS_NAME), adapter.lora_config, shape_from_description(base),
-        int(base.get("num_layers", 0)),
         provenance={"adapter_name": adapter.config.get("adapter_name"),
-                    "trained_layout": adapter.config.get("trained_layout")})
+                    "trained_layout": adapter.config.get("trained_layout")},
+        architecture=architecture)
     return write_directory_atomically(out_dir, files)
 
 
@@ -143,13 +143,12 @@ def _shape_source(args):
     from .experiment import load_experiment
 
     experiment = load_experiment(args.config)
-    settings = experiment.megatron_config
-    transformer = experiment.transformer_config()
-    return {"num_layers": settings["num_layers"], "hidden_size": settings["hidden_size"],
-            "num_attention_heads": settings["num_attention_heads"],
-            "num_query_groups": transformer.num_query_groups, "kv_channels": transformer.kv_channels,
-            "ffn_hidden_size": transformer.ffn_hidden_size,
-            "gated_linear_unit": transformer.gated_linear_unit, "vocab_size": settings["vocab_size"]}
+    from .checkpoint import describe_transformer_config
+
+    with warnings.catch_warnings():  # megatron's notices on its own defaults say nothing here
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
+        transformer = experiment.transformer_config()
+    return describe_transformer_config(transformer, experiment.megatron_config["vocab_size"])
 
 
 def import_peft_files(peft_dir: Path, out_dir: Path, base_model: dict, adapter_name: str,
@@ -176,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", type=Path, help="a new or empty directory")
     export.add_argument("--overwrite", action="store_true",
                         help="replace an existing adapter directory at OUT_DIR (atomically)")
+    export.add_argument("--architecture", choices=["llama", "mixtral", "qwen2_moe"],
+                        help="the Hugging Face module names to write (default: llama for a dense "
+                             "model, mixtral / qwen2_moe for experts without / with a shared "
+                             "expert)")
     imp = commands.add_parser("import-peft", help="Hugging Face PEFT adapter -> consolidated")
     imp.add_argument("peft_dir", type=Path)
     imp.add_argument("out_dir", type=Path, help="a new or empty directory")
@@ -193,7 +196,7 @@ def _run(args) -> None:
         inspect(args.adapter_dir)
     elif args.command == "export-peft":
         check_output(args.out_dir, args.adapter_dir, args.overwrite)
-        print(f"wrote {export_peft_files(args.adapter_dir, args.out_dir)}")
+        print(f"wrote {export_peft_files(args.adapter_dir, args.out_dir, args.architecture)}")
     else:
         check_output(args.out_dir, args.peft_dir, args.overwrite)
         written = import_peft_files(args.peft_dir, args.out_dir, _shape_source(args),

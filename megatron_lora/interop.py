@@ -1,21 +1,19 @@
-"""Hugging Face PEFT export and import for GPT / Llama-shaped megatron-core models.
+"""Hugging Face PEFT export and import for megatron-core GPT models: Llama-shaped dense ones,
+and MoE ones under Mixtral or Qwen2-MoE names (router, routed experts by global number, shared
+expert), word embeddings as PEFT's embedding LoRA.
 
-Megatron fuses what Llama keeps apart, so the adapter is re-laid out on the way (docs/design.md,
-Hugging Face PEFT re-layout):
+Megatron fuses what Hugging Face models keep apart, so the adapter is re-laid out on the way.
+``RULES`` is the one table of megatron module <-> HF module(s), per family (docs/design.md,
+Hugging Face PEFT re-layout): linear_qkv <-> q/k/v_proj (A copied to each; B de-interleaved per
+query group), linear_fc1 <-> gate/up projections (A copied; B split [gate_all; up_all]), the
+rest one to one.
 
-| megatron (global name)              | transformers Llama                       | factors            |
-|-------------------------------------|------------------------------------------|--------------------|
-| decoder.layers.i.self_attention.linear_qkv | model.layers.i.self_attn.{q,k,v}_proj | A copied to each; B de-interleaved per query group [q heads; k; v] |
-| decoder.layers.i.self_attention.linear_proj | model.layers.i.self_attn.o_proj | as is |
-| decoder.layers.i.mlp.linear_fc1     | model.layers.i.mlp.{gate,up}_proj         | A copied; B split [gate_all; up_all] |
-| decoder.layers.i.mlp.linear_fc2     | model.layers.i.mlp.down_proj              | as is |
-| output_layer                        | lm_head                                   | as is |
-
-Export works from any TP/PP layout (the consolidated adapter is gathered first). Import takes
-a PEFT adapter whose fused partners share A (as exported here) at the same rank, bit for bit;
-partners with different A's become one factor of rank r·k (A's stacked, B's block-placed and
-rescaled), which is still exact up to rounding. Base-model weights can be converted the same
-way with :func:`hf_llama_state_dict` (used by the tests against real transformers + peft).
+Export works from any TP/PP/EP/ETP layout (the consolidated adapter is gathered first). Import
+takes a PEFT adapter whose fused partners share A (as exported here) at the same rank, bit for
+bit; partners with different A's become one factor of rank r·k (A's stacked, B's block-placed
+and rescaled), still exact up to rounding, and each megatron module keeps the rank its group
+needs (LoraConfig.rank_pattern). Base weights convert the same way with :func:`hf_state_dict`
+(used by the tests against real transformers + peft).
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ import re
 import tempfile
 from collections import Counter
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -52,25 +51,135 @@ from .model import ModelLike, model_chunks
 from .parallel import split_gate_up
 
 PEFT_PREFIX = "base_model.model."
-_LAYER = r"decoder\.layers\.(\d+)\."
-_DIRECT = {  # megatron module -> HF module, factors unchanged
-    "self_attention.linear_proj": "self_attn.o_proj",
-    "mlp.linear_fc2": "mlp.down_proj",
-}
+HF_ARCHITECTURES = ("llama", "mixtral", "qwen2_moe")
 
 
 class InteropError(MegatronLoraError):
-    """The model or the adapter has a shape that the Llama mapping cannot express."""
+    """The model or the adapter has a shape that the Hugging Face mapping cannot express."""
+
+
+# --- the one table of megatron module <-> Hugging Face module(s) -----------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One megatron module and the Hugging Face module(s) it becomes (docs/design.md, Hugging
+    Face PEFT re-layout). ``{expert}`` is the global expert number; per-layer names are under
+    ``decoder.layers.{layer}.`` (megatron) and ``model.layers.{layer}.`` (HF). ``dims`` gives,
+    per HF part, the shape-fact names of (B's rows, A's columns)."""
+
+    megatron: str
+    hf: Tuple[str, ...]
+    dims: Tuple[Tuple[str, str], ...]
+    split: str = "whole"  # "qkv": B rows de-interleaved per query group; "gate_up": [gate; up]
+    per_layer: bool = True
+    embedding: bool = False  # PEFT keeps an embedding's factors as lora_embedding_A / _B
+    needs: Optional[str] = None  # the shape fact that must be set for the module to exist
+
+    @property
+    def expert(self) -> bool:
+        return "{expert}" in self.megatron
+
+    def megatron_name(self, layer=None, expert=None) -> str:
+        name = self.megatron.format(expert=expert)
+        return f"decoder.layers.{layer}.{name}" if self.per_layer else name
+
+    def hf_name(self, part: int, layer=None, expert=None) -> str:
+        name = self.hf[part].format(expert=expert)
+        return f"model.layers.{layer}.{name}" if self.per_layer else name
+
+    def _pattern(self, template: str, prefix: str) -> "re.Pattern":
+        body = re.escape(template).replace(re.escape("{expert}"), r"(?P<expert>\d+)")
+        return re.compile((prefix + r"(?P<layer>\d+)\." if self.per_layer else "") + body)
+
+    def match_megatron(self, module: str):
+        return self._pattern(self.megatron, r"decoder\.layers\.").fullmatch(module)
+
+    def match_hf(self, module: str):
+        """(part, match) when ``module`` is one of this rule's HF modules, else None."""
+        for part, template in enumerate(self.hf):
+            found = self._pattern(template, r"model\.layers\.").fullmatch(module)
+            if found:
+                return part, found
+        return None
+
+
+_ATTENTION = (
+    _Rule("self_attention.linear_qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          (("q_rows", "hidden"), ("kv_rows", "hidden"), ("kv_rows", "hidden")), split="qkv"),
+    _Rule("self_attention.linear_proj", ("self_attn.o_proj",), (("hidden", "q_rows"),)),
+)
+_ENDS = (
+    _Rule("embedding.word_embeddings", ("model.embed_tokens",), (("hidden", "vocab"),),
+          per_layer=False, embedding=True),
+    _Rule("output_layer", ("lm_head",), (("vocab", "hidden"),), per_layer=False),
+)
+_DENSE_MLP = (
+    _Rule("mlp.linear_fc1", ("mlp.gate_proj", "mlp.up_proj"), (("ffn", "hidden"),) * 2,
+          split="gate_up"),
+    _Rule("mlp.linear_fc2", ("mlp.down_proj",), (("hidden", "ffn"),)),
+)
+
+
+def _moe_rules(experts: str, gate: str, up: str, down: str, router: str):
+    return (
+        _Rule("mlp.experts.local_experts.{expert}.linear_fc1",
+              (f"{experts}.{{expert}}.{gate}", f"{experts}.{{expert}}.{up}"),
+              (("moe_ffn", "hidden"),) * 2, split="gate_up", needs="experts"),
+        _Rule("mlp.experts.local_experts.{expert}.linear_fc2", (f"{experts}.{{expert}}.{down}",),
+              (("hidden", "moe_ffn"),), needs="experts"),
+        _Rule("mlp.router", (router,), (("experts", "hidden"),), needs="experts"),
+    )
+
+
+RULES = {
+    "llama": _ATTENTION + _DENSE_MLP + _ENDS,
+    "mixtral": _ATTENTION + _DENSE_MLP + _ENDS + _moe_rules(
+        "block_sparse_moe.experts", "w1", "w3", "w2", "block_sparse_moe.gate"),
+    "qwen2_moe": _ATTENTION + _DENSE_MLP + _ENDS + _moe_rules(
+        "mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate") + (
+        _Rule("mlp.shared_experts.linear_fc1",
+              ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+              (("shared_ffn", "hidden"),) * 2, split="gate_up", needs="shared_ffn"),
+        _Rule("mlp.shared_experts.linear_fc2", ("mlp.shared_expert.down_proj",),
+              (("hidden", "shared_ffn"),), needs="shared_ffn")),
+}
+# what each shape fact is called in an error message
+_FACT_NAMES = {"q_rows": "heads × head_dim", "kv_rows": "query groups × head_dim",
+               "hidden": "hidden_size", "ffn": "ffn_hidden_size", "moe_ffn": "moe_ffn_hidden_size",
+               "shared_ffn": "moe_shared_expert_intermediate_size", "experts": "num_moe_experts",
+               "vocab": "vocab_size"}
+
+
+def default_architecture(shape) -> str:
+    """The Hugging Face family whose names fit the model: Llama for a dense GPT, Qwen2-MoE for
+    experts with a shared expert, Mixtral for experts without."""
+    if not shape.get("experts"):
+        return "llama"
+    return "qwen2_moe" if shape.get("shared_ffn") else "mixtral"
+
+
+def check_architecture(architecture: Optional[str], shape) -> str:
+    """``architecture`` (None: the default for the model) checked against the model."""
+    if architecture is None:
+        return default_architecture(shape)
+    if architecture not in HF_ARCHITECTURES:
+        raise InteropError(f"architecture {architecture!r} is not one of {list(HF_ARCHITECTURES)}")
+    if shape.get("shared_ffn") and architecture != "qwen2_moe":
+        raise InteropError(f"architecture {architecture!r} has no shared expert, but this model has "
+                           f"one (moe_shared_expert_intermediate_size "
+                           f"{shape['shared_ffn']}); use 'qwen2_moe'")
+    if shape.get("experts") and architecture == "llama":
+        raise InteropError("architecture 'llama' has no experts, but this model has "
+                           f"{shape['experts']}; use 'mixtral' or 'qwen2_moe'")
+    return architecture
 
 
 def _model_shape(model: ModelLike) -> Dict[str, int]:
     config = getattr(model_chunks(model)[0], "config", None)
     if config is None:
         raise InteropError("PEFT interop needs a megatron GPTModel (its .config gives the heads)")
-    heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
-    head_dim = config.kv_channels or config.hidden_size // heads
-    return {"heads": heads, "groups": groups, "head_dim": head_dim, "hidden": config.hidden_size,
-            "ffn": config.ffn_hidden_size, "glu": bool(config.gated_linear_unit)}
+    return shape_from_description(describe_base_model(model))
 
 
 def _split_qkv_rows(tensor: torch.Tensor, shape) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,51 +201,95 @@ def _join_qkv_rows(q, k, v, shape) -> torch.Tensor:
                       v.reshape(shape["groups"], d, *tail)], dim=1).reshape(-1, *tail)
 
 
-def megatron_to_hf_factors(tensors: Dict[str, torch.Tensor], shape) -> Dict[str, torch.Tensor]:
-    """Canonical megatron adapter tensors → HF Llama module names (without the PEFT prefix)."""
+def _factor_keys(rule: _Rule, hf_module: str) -> Tuple[str, str]:
+    if rule.embedding:
+        return f"{hf_module}.lora_embedding_A", f"{hf_module}.lora_embedding_B"
+    return f"{hf_module}.lora_A.weight", f"{hf_module}.lora_B.weight"
+
+
+def _find_megatron_rule(module: str, architecture: str):
+    for rule in RULES[architecture]:
+        found = rule.match_megatron(module)
+        if found:
+            return rule, found
+    raise InteropError(
+        f"{module} has no counterpart in Hugging Face {architecture!r} models (supported: "
+        f"{sorted({r.megatron.rsplit('.', 1)[-1] for r in RULES[architecture]})})")
+
+
+def megatron_to_hf_factors(tensors: Dict[str, torch.Tensor], shape,
+                           architecture: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Canonical megatron adapter tensors → PEFT keys of the HF ``architecture`` (without the
+    PEFT prefix). A fused megatron module's A goes to each HF part; its B is split."""
+    architecture = check_architecture(architecture, shape)
     out: Dict[str, torch.Tensor] = {}
-    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-    for module in modules:
+    for module in sorted({k.rsplit(".lora_", 1)[0] for k in tensors}):
         weight_a, weight_b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
-        if module == "output_layer":
-            targets = {"lm_head": weight_b}
+        rule, found = _find_megatron_rule(module, architecture)
+        if rule.split == "qkv":
+            _check_qkv_rows(module, weight_b.shape[0], shape)
+            parts = dict(enumerate(_split_qkv_rows(weight_b, shape)))
+        elif rule.split == "gate_up":  # without a gate the whole B is the up projection
+            parts = dict(enumerate(split_gate_up(weight_b))) if shape["glu"] else {1: weight_b}
         else:
-            match = re.fullmatch(_LAYER + r"(.+)", module)
-            if match is None:
-                raise InteropError(f"{module} has no Llama counterpart (supported: linear_qkv, "
-                                   f"linear_proj, linear_fc1, linear_fc2, output_layer)")
-            layer, rest = match.group(1), match.group(2)
-            prefix = f"model.layers.{layer}."
-            if rest == "self_attention.linear_qkv":
-                _check_qkv_rows(module, weight_b.shape[0], shape)
-                q, k, v = _split_qkv_rows(weight_b, shape)
-                targets = {prefix + "self_attn.q_proj": q, prefix + "self_attn.k_proj": k,
-                           prefix + "self_attn.v_proj": v}
-            elif rest == "mlp.linear_fc1":
-                if not shape["glu"]:
-                    targets = {prefix + "mlp.up_proj": weight_b}
-                else:
-                    gate, up = split_gate_up(weight_b)
-                    targets = {prefix + "mlp.gate_proj": gate, prefix + "mlp.up_proj": up}
-            elif rest in _DIRECT:
-                targets = {prefix + _DIRECT[rest]: weight_b}
-            else:
-                raise InteropError(f"{module} has no Llama counterpart")
-        for name, b in targets.items():
-            out[f"{name}.lora_A.weight"] = weight_a.clone()
-            out[f"{name}.lora_B.weight"] = b.contiguous().clone()
+            parts = {0: weight_b}
+        for part, b in parts.items():
+            key_a, key_b = _factor_keys(rule, rule.hf_name(part, **found.groupdict()))
+            out[key_a] = weight_a.clone()
+            out[key_b] = b.contiguous().clone()
     return out
 
 
-def _peft_target_modules(hf_modules: List[str], num_layers: int) -> List[str]:
-    """Leaf names when every layer has them (PEFT's usual form), else exact module names."""
-    leaves = Counter(name.rsplit(".", 1)[-1] for name in hf_modules)
-    complete = all(count == (1 if leaf == "lm_head" else num_layers) for leaf, count in leaves.items())
-    return sorted(leaves) if complete else sorted(hf_modules)
+def _applies(rule: _Rule, shape) -> bool:
+    """Whether the model has this rule's module (dense MLPs only in a model without experts)."""
+    if rule.needs is not None:
+        return bool(shape.get(rule.needs))
+    return not (rule.megatron.startswith("mlp.") and shape.get("experts"))
+
+
+def _parts(rule: _Rule, shape) -> Tuple[int, ...]:
+    """The HF parts a megatron module has: a gate_up module without a gate has only up."""
+    if rule.split == "gate_up" and not shape["glu"]:
+        return (1,)
+    return tuple(range(len(rule.hf)))
+
+
+def _every_hf_module(rule: _Rule, part: int, shape) -> Optional[List[str]]:
+    """Every HF module of this rule's part in the model (None when the counts are unknown)."""
+    layers = [None]
+    if rule.per_layer:
+        if not shape.get("num_layers"):
+            return None
+        layers = range(shape["num_layers"])
+    experts = [None]
+    if rule.expert:
+        if not shape.get("experts"):
+            return None
+        experts = range(shape["experts"])
+    return [rule.hf_name(part, layer, expert) for layer in layers for expert in experts]
+
+
+def _peft_target_modules(hf_modules: List[str], shape, architecture: str) -> List[str]:
+    """Leaf names when each leaf covers every module of that name in the HF model (PEFT's usual
+    form), else exact module names (a leaf would also adapt modules the file has no factors for)."""
+    everywhere: Dict[str, set] = {}
+    for rule in RULES[architecture]:
+        if _applies(rule, shape):
+            for part in _parts(rule, shape):
+                leaf = rule.hf[part].rsplit(".", 1)[-1]
+                names = _every_hf_module(rule, part, shape)
+                everywhere.setdefault(leaf, set()).update(names if names is not None else {None})
+    leaves: Dict[str, set] = {}
+    for name in hf_modules:
+        leaves.setdefault(name.rsplit(".", 1)[-1], set()).add(name)
+    if all(everywhere.get(leaf) == names for leaf, names in leaves.items()):
+        return sorted(leaves)
+    return sorted(hf_modules)
 
 
 def shape_from_description(base_model: Dict[str, object]) -> Dict[str, int]:
-    """The head layout from an adapter_config.json's base_model description."""
+    """The shape facts the mapping needs (heads, sizes, experts), from a base-model description
+    (adapter_config.json's base_model, or describe_base_model of a live model)."""
     try:
         heads = int(base_model["num_attention_heads"])
         groups = int(base_model.get("num_query_groups") or heads)
@@ -156,9 +309,15 @@ def shape_from_description(base_model: Dict[str, object]) -> Dict[str, int]:
             raise InteropError(f"hidden_size {hidden} is not a multiple of num_attention_heads "
                                f"{heads} (and kv_channels is not given)")
         shape["head_dim"] = hidden // heads
-    for field in ("num_layers", "vocab_size"):
+    shape["q_rows"] = heads * shape["head_dim"]
+    shape["kv_rows"] = groups * shape["head_dim"]
+    for field, fact in (("num_layers", "num_layers"), ("vocab_size", "vocab"),
+                        ("num_moe_experts", "experts"), ("moe_ffn_hidden_size", "moe_ffn"),
+                        ("moe_shared_expert_intermediate_size", "shared_ffn")):
         if base_model.get(field) is not None:
-            shape[field] = int(base_model[field])
+            shape[fact] = int(base_model[field])
+    if shape.get("experts") and "moe_ffn" not in shape:
+        shape["moe_ffn"] = shape["ffn"]  # megatron's default for the experts' size
     return shape
 
 
@@ -173,17 +332,21 @@ def _check_qkv_rows(module: str, rows: int, shape) -> None:
 
 
 def peft_adapter_files(tensors: Dict[str, torch.Tensor], lora: LoraConfig, shape,
-                       num_layers: int, provenance: Optional[dict] = None) -> Dict[str, bytes]:
+                       provenance: Optional[dict] = None,
+                       architecture: Optional[str] = None) -> Dict[str, bytes]:
     """adapter_config.json and adapter_model.safetensors, as PEFT writes them, from the
-    canonical megatron tensors."""
-    hf = megatron_to_hf_factors({k: v.detach().cpu() for k, v in tensors.items()}, shape)
+    canonical megatron tensors, with the module names of the HF ``architecture``."""
+    architecture = check_architecture(architecture, shape)
+    hf = megatron_to_hf_factors({k: v.detach().cpu() for k, v in tensors.items()}, shape,
+                                architecture)
     hf_modules = sorted({k.rsplit(".lora_", 1)[0] for k in hf})
-    ranks = {m: hf[f"{m}.lora_A.weight"].shape[0] for m in hf_modules}
+    ranks = {m: hf[f"{m}.lora_A.weight" if f"{m}.lora_A.weight" in hf
+                   else f"{m}.lora_embedding_A"].shape[0] for m in hf_modules}
     default_rank = Counter(ranks.values()).most_common(1)[0][0]
     differing = {m: r for m, r in ranks.items() if r != default_rank}
 
     def same_scaling_alpha(rank):  # keeps PEFT's per-module scaling equal to megatron's
-        return lora.scaling * (rank ** 0.5 if lora.use_rslora else rank)
+        return lora.scaling_at(rank) * (rank ** 0.5 if lora.use_rslora else rank)
 
     config = {
         "peft_type": "LORA",
@@ -193,14 +356,14 @@ def peft_adapter_files(tensors: Dict[str, torch.Tensor], lora: LoraConfig, shape
         "lora_alpha": same_scaling_alpha(default_rank),
         "lora_dropout": lora.lora_dropout,
         "use_rslora": lora.use_rslora,
-        "target_modules": _peft_target_modules(hf_modules, num_layers),
+        "target_modules": _peft_target_modules(hf_modules, shape, architecture),
         "rank_pattern": differing,
         "alpha_pattern": {m: same_scaling_alpha(r) for m, r in differing.items()},
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        **({"megatron_lora": provenance} if provenance else {}),
+        "megatron_lora": dict(provenance or {}, hf_architecture=architecture),
     }
     weights = safetensors_bytes({PEFT_PREFIX + k: v.contiguous() for k, v in sorted(hf.items())},
                                 metadata={"format": "pt"})
@@ -208,12 +371,16 @@ def peft_adapter_files(tensors: Dict[str, torch.Tensor], lora: LoraConfig, shape
             CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
 
 
-def export_peft(model: ModelLike, path, adapter_name: str = "default") -> Optional[Path]:
+def export_peft(model: ModelLike, path, adapter_name: str = "default",
+                architecture: Optional[str] = None) -> Optional[Path]:
     """Write ``adapter_name`` as a Hugging Face PEFT LoRA adapter for the equivalent
-    transformers Llama model (any TP/PP layout; collective; rank 0 writes). Like save_adapter,
-    it replaces an adapter directory already at ``path`` atomically and refuses one holding
-    other files (a PEFT model card, say); the CLI asks for --overwrite first."""
+    transformers model (any TP/PP/EP/ETP layout; collective; rank 0 writes). ``architecture``
+    picks the HF module names (HF_ARCHITECTURES; None: Llama for a dense model, Mixtral or
+    Qwen2-MoE for experts without or with a shared expert). Like save_adapter, it replaces an
+    adapter directory already at ``path`` atomically and refuses one holding other files (a
+    PEFT model card, say); the CLI asks for --overwrite first."""
     shape = _model_shape(model)
+    architecture = check_architecture(architecture, shape)  # on every rank, before any collective
     lora = LoraConfig(**shared_lora_config(model, adapter_name))
     tensors = collect_on_rank0(adapter_tensors(model, adapter_name))
     if is_distributed() and torch.distributed.get_rank() != 0:
@@ -221,7 +388,7 @@ def export_peft(model: ModelLike, path, adapter_name: str = "default") -> Option
         return None
     try:
         files = peft_adapter_files(
-            tensors, lora, shape, describe_base_model(model)["num_layers"],
+            tensors, lora, shape, architecture=architecture,
             provenance={"adapter_name": adapter_name, "trained_layout": describe_layout(model)})
         return write_directory_atomically(path, files)
     finally:
@@ -250,25 +417,38 @@ def _read_peft(path: Path):
     return config, tensors
 
 
+def _peft_key(module: str, side: str, embedding: bool) -> str:
+    return (f"{PEFT_PREFIX}{module}.lora_embedding_{side}" if embedding
+            else f"{PEFT_PREFIX}{module}.lora_{side}.weight")
+
+
 def peft_modules(tensors: Dict[str, torch.Tensor], weights_path) -> Dict[str, Dict[str, torch.Tensor]]:
-    """{HF module name: {"A": tensor, "B": tensor}} of PEFT tensors; every key a LoRA factor
-    with its partner, else an error naming the key."""
-    factors: Dict[str, Dict[str, torch.Tensor]] = {}
+    """{HF module name: {"A": tensor, "B": tensor, "embedding": bool}} of PEFT tensors (an
+    embedding's factors are lora_embedding_A / _B); every key a LoRA factor with its partner,
+    else an error naming the key."""
+    factors: Dict[str, dict] = {}
     for key, tensor in sorted(tensors.items()):
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        match = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
+        linear = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
+        embedding = re.fullmatch(r"(.+)\.lora_embedding_([AB])(?:\.[^.]+)?", name)
+        match = linear or embedding
         if match is None:
             raise AdapterCheckpointError(f"{weights_path}: unexpected PEFT key {key!r}; LoRA keys "
-                                         f"end in .lora_A.weight or .lora_B.weight")
+                                         f"end in .lora_A.weight / .lora_B.weight (or "
+                                         f".lora_embedding_A / _B for an embedding)")
         if tensor.dim() != 2 or not tensor.is_floating_point():
             raise AdapterCheckpointError(f"{weights_path}: {key} is a {tensor.dim()}-D "
                                          f"{tensor.dtype} tensor; a factor is a float matrix")
-        factors.setdefault(match.group(1), {})[match.group(2)] = tensor
+        pair = factors.setdefault(match.group(1), {"embedding": match is embedding})
+        if pair["embedding"] != (match is embedding):
+            raise AdapterCheckpointError(f"{weights_path}: {match.group(1)} has both lora_A/B and "
+                                         f"lora_embedding_A/B factors")
+        pair[match.group(2)] = tensor
     for module, pair in factors.items():
         for side in "AB":
             if side not in pair:
                 raise AdapterCheckpointError(
-                    f"{weights_path}: missing key {PEFT_PREFIX + module}.lora_{side}.weight "
+                    f"{weights_path}: missing key {_peft_key(module, side, pair['embedding'])} "
                     f"(its partner factor is in the file)")
     return factors
 
@@ -324,67 +504,91 @@ def check_peft_config_against_tensors(config: dict, factors, config_path) -> Non
             if actual != rank:
                 raise AdapterCheckpointError(
                     f"{config_path}: {field} gives {module} rank {rank}, but "
-                    f"{PEFT_PREFIX}{module}.lora_{side}.weight has shape {list(pair[side].shape)}")
+                    f"{_peft_key(module, side, pair['embedding'])} has shape "
+                    f"{list(pair[side].shape)}")
         if not _targeted(targets, module):
             raise AdapterCheckpointError(f"{config_path}: target_modules {targets} does not select "
                                          f"{module}, which has factors in the file")
 
 
-_HF_HIDDEN_IN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
-_HF_BLOCKS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-              "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+def _match_hf(module: str):
+    """(architecture, rule, part, match) of an HF module name, or None."""
+    for architecture in HF_ARCHITECTURES:
+        for rule in RULES[architecture]:
+            found = rule.match_hf(module)
+            if found:
+                return architecture, rule, found[0], found[1]
+    return None
+
+
+def _file_architecture(factors, shape) -> str:
+    """The HF family the file's module names belong to (its expert / router names tell)."""
+    families = set()
+    for module in factors:
+        matched = _match_hf(module)
+        if matched and matched[1].needs:
+            families.add(next(a for a in HF_ARCHITECTURES[1:] if matched[1] in RULES[a]))
+    if len(families) > 1:
+        raise InteropError(f"the adapter mixes module names of {sorted(families)}; one HF "
+                           f"model has one family's names")
+    return families.pop() if families else default_architecture(shape)
 
 
 def check_peft_against_model(config: dict, factors, shape, path, described_by: str) -> None:
     """The PEFT tensors against the megatron model's description (``shape`` from
-    shape_from_description or the model): InteropError naming what differs, and a missing
-    tensor of a targeted module by its key."""
-    heads_rows = shape["heads"] * shape["head_dim"]
-    group_rows = shape["groups"] * shape["head_dim"]
-    hidden = shape.get("hidden")
-    expected_rows = {"q_proj": heads_rows, "k_proj": group_rows, "v_proj": group_rows,
-                     "gate_proj": shape["ffn"], "up_proj": shape["ffn"] if shape["glu"] else None,
-                     "o_proj": hidden, "down_proj": hidden, "lm_head": shape.get("vocab_size")}
-    expected_cols = {"o_proj": heads_rows, "down_proj": shape["ffn"],
-                     **{leaf: hidden for leaf in _HF_HIDDEN_IN}}
-    if not shape["glu"]:
-        expected_rows["up_proj"] = shape["ffn"]
-
-    def differs(what, expected, module, side, tensor):
-        return InteropError(
-            f"{path} does not fit the model described by {described_by}: {what} is {expected} "
-            f"there, but {PEFT_PREFIX}{module}.lora_{side}.weight has shape {list(tensor.shape)}")
-
-    layers = set()
+    shape_from_description): InteropError naming what differs, and a missing tensor of a
+    targeted module by its key."""
+    layers, experts = set(), set()
     for module, pair in sorted(factors.items()):
-        leaf = module.rsplit(".", 1)[-1]
-        match = re.match(r"model\.layers\.(\d+)\.", module)
-        if match:
-            layers.add(int(match.group(1)))
-        rows, cols = expected_rows.get(leaf), expected_cols.get(leaf)
-        if rows is not None and pair["B"].shape[0] != rows:
-            field = {"q_proj": "heads × head_dim", "k_proj": "query groups × head_dim",
-                     "v_proj": "query groups × head_dim", "gate_proj": "ffn_hidden_size",
-                     "up_proj": "ffn_hidden_size", "lm_head": "vocab_size"}.get(leaf, "hidden_size")
-            raise differs(field, rows, module, "B", pair["B"])
-        if cols is not None and pair["A"].shape[1] != cols:
-            field = {"o_proj": "heads × head_dim", "down_proj": "ffn_hidden_size"}.get(
-                leaf, "hidden_size")
-            raise differs(field, cols, module, "A", pair["A"])
-    num_layers = shape.get("num_layers")
-    if num_layers and layers and max(layers) >= num_layers:
-        raise InteropError(f"{path} does not fit the model described by {described_by}: "
-                           f"num_layers is {num_layers} there, but the adapter has layer "
-                           f"{max(layers)}")
+        matched = _match_hf(module)
+        if matched is None:
+            raise InteropError(f"PEFT module {module} has no megatron counterpart")
+        _, rule, part, found = matched
+        if rule.embedding != pair["embedding"]:
+            raise InteropError(
+                f"{path}: {module} has {'lora_embedding_A/B' if pair['embedding'] else 'lora_A/B'} "
+                f"factors, but it is {'an embedding' if rule.embedding else 'a linear layer'} "
+                f"({'lora_embedding_A/B' if rule.embedding else 'lora_A/B'} expected)")
+        if rule.needs and not shape.get(rule.needs):
+            raise InteropError(f"{path} does not fit the model described by {described_by}: "
+                               f"{module} needs {_FACT_NAMES[rule.needs]}, which that model "
+                               f"does not set")
+        if part not in _parts(rule, shape):
+            raise InteropError(f"{path}: {module} is a gate projection, but the model described "
+                               f"by {described_by} has gated_linear_unit false")
+        for side, dim, fact in (("B", 0, rule.dims[part][0]), ("A", 1, rule.dims[part][1])):
+            expected = shape.get(fact)
+            if expected is not None and pair[side].shape[dim] != expected:
+                raise InteropError(
+                    f"{path} does not fit the model described by {described_by}: "
+                    f"{_FACT_NAMES[fact]} is {expected} there, but "
+                    f"{_peft_key(module, side, pair['embedding'])} has shape "
+                    f"{list(pair[side].shape)}")
+        if found.groupdict().get("layer") is not None:
+            layers.add(int(found.group("layer")))
+        if found.groupdict().get("expert") is not None:
+            experts.add(int(found.group("expert")))
+    for count, indices, what in ((shape.get("num_layers"), layers, "layer"),
+                                 (shape.get("experts"), experts, "expert")):
+        if count and indices and max(indices) >= count:
+            raise InteropError(f"{path} does not fit the model described by {described_by}: "
+                               f"{'num_layers' if what == 'layer' else 'num_moe_experts'} is "
+                               f"{count} there, but the adapter has {what} {max(indices)}")
     targets = config.get("target_modules")
-    if num_layers and isinstance(targets, list) and config.get("layers_to_transform") is None:
-        for leaf in sorted(set(targets) & set(_HF_BLOCKS)):
-            for layer in range(num_layers):
-                module = f"model.layers.{layer}.{_HF_BLOCKS[leaf]}.{leaf}"
+    if not isinstance(targets, list) or config.get("layers_to_transform") is not None:
+        return
+    architecture = _file_architecture(factors, shape)
+    for rule in RULES[architecture]:
+        if not _applies(rule, shape):
+            continue
+        for part in _parts(rule, shape):
+            leaf = rule.hf[part].rsplit(".", 1)[-1]
+            for module in (_every_hf_module(rule, part, shape) or []) if leaf in targets else []:
                 if module not in factors:
-                    raise InteropError(f"{path}: missing key {PEFT_PREFIX}{module}.lora_A.weight: "
-                                       f"target_modules select {leaf} in each of the "
-                                       f"{num_layers} layers")
+                    raise InteropError(
+                        f"{path}: missing key {_peft_key(module, 'A', rule.embedding)}: "
+                        f"target_modules select {leaf}, and the model described by "
+                        f"{described_by} has {module}")
 
 
 def _peft_scaling(config, module: str, rank: int) -> float:
@@ -416,56 +620,51 @@ def _fuse(parts, config, target_rank: int, target_scaling: float):
 
 
 def hf_to_megatron_factors(config, tensors: Dict[str, torch.Tensor], shape):
-    """PEFT tensors (prefix stripped) → (canonical megatron tensors, rank, LoraConfig kwargs)."""
+    """PEFT tensors (prefix stripped) → (canonical megatron tensors, LoraConfig kwargs)."""
     factors = peft_modules(tensors, "the PEFT adapter")
-    groups: Dict[str, List[str]] = {}
+    groups: Dict[str, dict] = {}  # megatron module -> {"rule": rule, "parts": {part: HF module}}
     for module in factors:
-        if module == "lm_head":
-            groups.setdefault("output_layer", []).append(module)
-            continue
-        match = re.fullmatch(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)", module)
-        if match is None:
+        matched = _match_hf(module)
+        if matched is None:
             raise InteropError(f"PEFT module {module} has no megatron counterpart")
-        layer, block, leaf = match.groups()
-        target = {"q_proj": "self_attention.linear_qkv", "k_proj": "self_attention.linear_qkv",
-                  "v_proj": "self_attention.linear_qkv", "o_proj": "self_attention.linear_proj",
-                  "gate_proj": "mlp.linear_fc1", "up_proj": "mlp.linear_fc1",
-                  "down_proj": "mlp.linear_fc2"}.get(leaf)
-        if target is None:
-            raise InteropError(f"PEFT module {module} has no megatron counterpart")
-        groups.setdefault(f"decoder.layers.{layer}.{target}", []).append(module)
+        _, rule, part, found = matched
+        target = rule.megatron_name(**found.groupdict())
+        groups.setdefault(target, {"rule": rule, "parts": {}})["parts"][part] = module
 
-    # one megatron rank for all modules: the largest any fused group needs
+    for target, group in groups.items():
+        rule, present = group["rule"], sorted(group["parts"])
+        needed = list(_parts(rule, shape))
+        if present != needed:
+            raise InteropError(
+                f"{target}: PEFT adapts {[rule.hf[p].rsplit('.', 1)[-1] for p in present]}; "
+                f"megatron's fused {target.rsplit('.', 1)[-1]} needs "
+                f"{[rule.hf[p].rsplit('.', 1)[-1] for p in needed]} together")
+
+    # each megatron module at the rank its group needs: r for the most, rank_pattern for the rest
     def needed_rank(members):
         a_list = [factors[m]["A"] for m in members]
         shared = all(torch.equal(a, a_list[0]) for a in a_list)
         return a_list[0].shape[0] if shared else sum(a.shape[0] for a in a_list)
 
-    rank = max(needed_rank(members) for members in groups.values())
-    alpha = config["lora_alpha"]
-    scaling = alpha / (rank ** 0.5) if config.get("use_rslora") else alpha / rank
+    ordered = {t: [g["parts"][p] for p in sorted(g["parts"])] for t, g in groups.items()}
+    ranks = {target: needed_rank(members) for target, members in ordered.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha, rslora = config["lora_alpha"], bool(config.get("use_rslora"))
     out = {}
-    for target, members in sorted(groups.items()):
-        leaf_order = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1}
-        members = sorted(members, key=lambda m: leaf_order.get(m.rsplit(".", 1)[-1], 0))
-        leaves = [m.rsplit(".", 1)[-1] for m in members]
-        if target.endswith("linear_qkv") and leaves != ["q_proj", "k_proj", "v_proj"]:
-            raise InteropError(f"{target}: PEFT adapts {leaves}; megatron's fused linear_qkv needs "
-                               f"q_proj, k_proj and v_proj together")
-        if target.endswith("linear_fc1") and shape["glu"] and leaves != ["gate_proj", "up_proj"]:
-            raise InteropError(f"{target}: PEFT adapts {leaves}; megatron's fused linear_fc1 needs "
-                               f"gate_proj and up_proj together")
+    for target, members in sorted(ordered.items()):
+        scaling = alpha / (ranks[target] ** 0.5) if rslora else alpha / ranks[target]
         parts_a, parts_b = _fuse([(m, factors[m]["A"], factors[m]["B"]) for m in members],
-                                 config, rank, scaling)
-        if target.endswith("linear_qkv"):
+                                 config, ranks[target], scaling)
+        if groups[target]["rule"].split == "qkv":
             weight_b = _join_qkv_rows(*parts_b, shape)
         else:
             weight_b = torch.cat(parts_b, dim=0) if len(parts_b) > 1 else parts_b[0]
         out[f"{target}.lora_A.weight"] = parts_a.contiguous()
         out[f"{target}.lora_B.weight"] = weight_b.contiguous()
-    lora_kwargs = {"r": rank, "lora_alpha": float(alpha), "use_rslora": bool(config.get("use_rslora")),
+    lora_kwargs = {"r": rank, "lora_alpha": float(alpha), "use_rslora": rslora,
                    "lora_dropout": float(config.get("lora_dropout") or 0.0),
-                   "target_modules": sorted(groups)}
+                   "target_modules": sorted(groups),
+                   "rank_pattern": {t: r for t, r in sorted(ranks.items()) if r != rank} or None}
     return out, lora_kwargs
 
 
@@ -488,8 +687,7 @@ def import_peft(model: ModelLike, path, adapter_name: str = "default", *, verbos
     current layout. Collective. Goes through load_adapter, so everything is validated before
     any parameter changes."""
     config, tensors = read_peft(path)
-    shape = dict(_model_shape(model), **{k: v for k, v in describe_base_model(model).items()
-                                         if k in ("num_layers", "vocab_size")})
+    shape = _model_shape(model)
     check_peft_against_model(config, peft_modules(tensors, path), shape, path, "this model")
     files = megatron_adapter_files(config, tensors, shape, adapter_name)
     with tempfile.TemporaryDirectory(prefix="megatron_lora_import_") as scratch:
@@ -500,22 +698,41 @@ def import_peft(model: ModelLike, path, adapter_name: str = "default", *, verbos
 # --- base weights, for checking against transformers -----------------------------------------
 
 
-def hf_llama_state_dict(full_state: Dict[str, torch.Tensor], shape, num_layers: int):
-    """A TP=1 megatron GPT state dict (plain keys) → transformers LlamaForCausalLM keys."""
+def hf_state_dict(full_state: Dict[str, torch.Tensor], shape, architecture: str = "llama"):
+    """A TP=1 megatron GPT state dict (plain keys) → the transformers (5.x) state dict of the
+    LlamaForCausalLM / MixtralForCausalLM / Qwen2MoeForCausalLM with the same weights. Experts
+    are stacked as transformers 5 keeps them: gate_up_proj [experts, 2·ffn, hidden] (megatron's
+    fc1 is [gate; up] already) and down_proj [experts, hidden, ffn]."""
+    architecture = check_architecture(architecture, shape)
     hf = {"model.embed_tokens.weight": full_state["embedding.word_embeddings.weight"],
           "model.norm.weight": full_state["decoder.final_layernorm.weight"],
           "lm_head.weight": full_state["output_layer.weight"]}
-    for i in range(num_layers):
+    for i in range(shape["num_layers"]):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         q, k, v = _split_qkv_rows(full_state[src + "self_attention.linear_qkv.weight"], shape)
-        gate, up = split_gate_up(full_state[src + "mlp.linear_fc1.weight"])
         hf.update({
             dst + "input_layernorm.weight": full_state[src + "input_layernorm.weight"],
             dst + "post_attention_layernorm.weight": full_state[src + "pre_mlp_layernorm.weight"],
             dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
             dst + "self_attn.v_proj.weight": v,
             dst + "self_attn.o_proj.weight": full_state[src + "self_attention.linear_proj.weight"],
-            dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": full_state[src + "mlp.linear_fc2.weight"],
         })
+        if not shape.get("experts"):
+            gate, up = split_gate_up(full_state[src + "mlp.linear_fc1.weight"])
+            hf.update({dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
+                       dst + "mlp.down_proj.weight": full_state[src + "mlp.linear_fc2.weight"]})
+            continue
+        experts = src + "mlp.experts.local_experts."
+        hf[dst + "mlp.gate.weight"] = full_state[src + "mlp.router.weight"]
+        for name, megatron in (("gate_up_proj", "linear_fc1"), ("down_proj", "linear_fc2")):
+            hf[dst + f"mlp.experts.{name}"] = torch.stack(
+                [full_state[f"{experts}{e}.{megatron}.weight"] for e in range(shape["experts"])])
+        if shape.get("shared_ffn"):
+            shared = src + "mlp.shared_experts."
+            gate, up = split_gate_up(full_state[shared + "linear_fc1.weight"])
+            hf.update({dst + "mlp.shared_expert.gate_proj.weight": gate,
+                       dst + "mlp.shared_expert.up_proj.weight": up,
+                       dst + "mlp.shared_expert.down_proj.weight":
+                           full_state[shared + "linear_fc2.weight"],
+                       dst + "mlp.shared_expert_gate.weight": full_state[shared + "gate_weight"]})
     return {k: v.contiguous() for k, v in hf.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -464,7 +465,7 @@ def hf_llama_from(model):
     """The transformers LlamaForCausalLM with this TP=1 megatron GPT's base weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_lora.interop import _model_shape, hf_llama_state_dict
+    from megatron_lora.interop import _model_shape, hf_state_dict
 
     config = LlamaConfig(
         vocab_size=TINY_GPT["vocab_size"], hidden_size=TINY_GPT["hidden_size"],
@@ -475,7 +476,7 @@ def hf_llama_from(model):
         mlp_bias=False, hidden_act="silu")
     hf = LlamaForCausalLM(config)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    hf.load_state_dict(hf_llama_state_dict(state, _model_shape(model), TINY_GPT["num_layers"]))
+    hf.load_state_dict(hf_state_dict(state, _model_shape(model)))
     return hf.eval()
 
 
@@ -507,4 +508,179 @@ def transformers_checks(exp, directory: Path, tokens):
     imported = build(exp)
     import_peft(imported, directory / "peft_native")
     out["native_imported_logits"] = logits_of(imported, tokens)
+    return out
+
+
+# --- expert, router and embedding adapters to and from Hugging Face -------------------------
+
+# megatron variant layouts whose adapters go to Hugging Face names: {layout id: architecture}
+HF_MOE_LAYOUTS = {"alltoall-ep1": "mixtral", "alltoall-ep2": "mixtral",
+                  "moe-shared-ep1": "qwen2_moe", "moe-shared-tp2-sp-ep2-etp2": "qwen2_moe"}
+HF_MOE_TARGETS = TARGETS + ["router", "word_embeddings"]
+NUM_EXPERTS, HF_RANK, HF_ALPHA = 4, 4, 8.0
+
+
+def hf_module_sizes(architecture, shared_ffn=None):
+    """{HF module: (out, in)} of the tiny MoE GPT in that family's PEFT names, written out by
+    hand here (not from the package's table) so that a wrong name in the table is caught."""
+    hidden, vocab = TINY_GPT["hidden_size"], TINY_GPT["vocab_size"]
+    head_dim = hidden // TINY_GPT["num_attention_heads"]
+    q_rows, kv_rows, ffn = hidden, TINY_GPT["num_query_groups"] * head_dim, TINY_GPT["ffn_hidden_size"]
+    sizes = {"model.embed_tokens": (hidden, vocab), "lm_head": (vocab, hidden)}
+    for layer in range(TINY_GPT["num_layers"]):
+        p = f"model.layers.{layer}."
+        sizes.update({p + "self_attn.q_proj": (q_rows, hidden), p + "self_attn.k_proj": (kv_rows, hidden),
+                      p + "self_attn.v_proj": (kv_rows, hidden), p + "self_attn.o_proj": (hidden, q_rows)})
+        if architecture == "mixtral":
+            sizes[p + "block_sparse_moe.gate"] = (NUM_EXPERTS, hidden)
+            experts, names = p + "block_sparse_moe.experts.", ("w1", "w3", "w2")
+        else:
+            sizes[p + "mlp.gate"] = (NUM_EXPERTS, hidden)
+            experts, names = p + "mlp.experts.", ("gate_proj", "up_proj", "down_proj")
+            shared = p + "mlp.shared_expert."
+            sizes.update({shared + "gate_proj": (shared_ffn, hidden), shared + "up_proj": (shared_ffn, hidden),
+                          shared + "down_proj": (hidden, shared_ffn)})
+        for e in range(NUM_EXPERTS):
+            sizes.update({f"{experts}{e}.{names[0]}": (ffn, hidden), f"{experts}{e}.{names[1]}": (ffn, hidden),
+                          f"{experts}{e}.{names[2]}": (hidden, ffn)})
+    return sizes
+
+
+def write_hf_made_adapter(directory: Path, architecture, shared_ffn=None, seed=7):
+    """A PEFT adapter as PEFT itself would save one trained on the HF model (each module its own
+    A, so fused partners differ), from a seed: the same file on every rank and in every spawn."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (out, inp) in hf_module_sizes(architecture, shared_ffn).items():
+        a = torch.randn(HF_RANK, inp, generator=generator) * 0.2
+        b = torch.randn(out, HF_RANK, generator=generator) * 0.2
+        kind = ("lora_embedding_A", "lora_embedding_B") if module.endswith("embed_tokens") else \
+            ("lora_A.weight", "lora_B.weight")
+        tensors[f"base_model.model.{module}.{kind[0]}"] = a
+        tensors[f"base_model.model.{module}.{kind[1]}"] = b
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in hf_module_sizes(architecture, shared_ffn)})
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+        "r": HF_RANK, "lora_alpha": HF_ALPHA, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": leaves, "fan_in_fan_out": False}))
+    return directory
+
+
+def merged_hf_state(base_state, peft_dir: Path, architecture):
+    """transformers 5 state dict with a PEFT file's deltas merged in by hand (s·B A per module
+    name; experts stacked as gate_up_proj / down_proj; the embedding's delta (B A)ᵀ): the
+    reference for the Qwen2-MoE family, which peft 0.21 cannot load with routed and shared
+    experts both adapted (huggingface/peft#3711)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    tensors = {k[len("base_model.model."):]: v for k, v in load_file(peft_dir / "adapter_model.safetensors").items()}
+    state = {k: v.clone() for k, v in base_state.items()}
+    ffn = TINY_GPT["ffn_hidden_size"]
+    for key in [k for k in tensors if k.endswith("lora_A.weight") or k.endswith("lora_embedding_A")]:
+        embedding = key.endswith("lora_embedding_A")
+        module = key.rsplit(".lora_", 1)[0]
+        a = tensors[key]
+        b = tensors[module + (".lora_embedding_B" if embedding else ".lora_B.weight")]
+        delta = scaling * (b @ a)
+        if embedding:
+            state[module + ".weight"] += delta.t()
+            continue
+        name = module.replace("block_sparse_moe.", "mlp.")
+        expert = re.fullmatch(r"(.+\.mlp\.experts)\.(\d+)\.(\w+)", name)
+        if expert is None:
+            state[name + ".weight"] += delta
+            continue
+        stacked, e, leaf = expert.group(1), int(expert.group(2)), expert.group(3)
+        if leaf in ("w1", "gate_proj"):
+            state[stacked + ".gate_up_proj"][e, :ffn] += delta
+        elif leaf in ("w3", "up_proj"):
+            state[stacked + ".gate_up_proj"][e, ffn:] += delta
+        else:
+            state[stacked + ".down_proj"][e] += delta
+    return state
+
+
+def hf_moe_model(architecture, state, shared_ffn=None):
+    """The transformers Mixtral / Qwen2-MoE model of the tiny MoE GPT, holding ``state``."""
+    common = dict(
+        vocab_size=TINY_GPT["vocab_size"], hidden_size=TINY_GPT["hidden_size"],
+        num_hidden_layers=TINY_GPT["num_layers"], num_attention_heads=TINY_GPT["num_attention_heads"],
+        num_key_value_heads=TINY_GPT["num_query_groups"], max_position_embeddings=64,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, num_experts_per_tok=2, hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if architecture == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        hf = MixtralForCausalLM(MixtralConfig(**common, intermediate_size=TINY_GPT["ffn_hidden_size"],
+                                              num_local_experts=NUM_EXPERTS))
+    else:
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+        # norm_topk_prob: megatron's top-k then softmax is Qwen's softmax, top-k, renormalise
+        hf = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+            **common, intermediate_size=TINY_GPT["ffn_hidden_size"],
+            moe_intermediate_size=TINY_GPT["ffn_hidden_size"], shared_expert_intermediate_size=shared_ffn,
+            num_experts=NUM_EXPERTS, norm_topk_prob=True, qkv_bias=False, decoder_sparse_step=1,
+            mlp_only_layers=[]))
+    hf.load_state_dict(state)
+    return hf.eval()
+
+
+def hf_moe_checks(exp, directory: Path, architecture):
+    """At this layout: the random expert/router/embedding adapter exported with HF names (the
+    file's tensors), megatron -> PEFT -> megatron bit for bit, and a PEFT-made adapter imported
+    (logits). At TP = EP = 1 also the transformers side: base logits, and the exported and the
+    PEFT-made adapter applied by real peft (Mixtral) or merged by hand (Qwen2-MoE)."""
+    from safetensors.torch import load_file
+
+    from megatron_lora import disable_adapters
+    from megatron_lora.checkpoint import WEIGHTS_NAME, save_adapter
+    from megatron_lora.interop import _model_shape, export_peft, hf_state_dict, import_peft
+    from megatron_lora.model import lora_layers
+
+    tokens = batches(0)[0][:, :-1]
+    shared_ffn = exp.megatron_config.get("moe_shared_expert_intermediate_size")
+    model = build(exp, random_lora(target_modules=HF_MOE_TARGETS))
+    out = {"logits": logits_of(model, tokens)}
+    export_peft(model, directory / "export", architecture=architecture)
+    save_adapter(model, directory / "original")
+    round_trip = build(exp)
+    import_peft(round_trip, directory / "export")
+    save_adapter(round_trip, directory / "round-trip")
+    if torch.distributed.get_rank() == 0:
+        write_hf_made_adapter(directory / "hf-made", architecture, shared_ffn)
+    torch.distributed.barrier()
+    out["exported"] = load_file(directory / "export" / WEIGHTS_NAME)
+    out["export_config"] = json.loads((directory / "export" / "adapter_config.json").read_text())
+    out["round_trip_identical"] = _same_tensors(directory / "round-trip", directory / "original")
+    imported = build(exp)
+    import_peft(imported, directory / "hf-made")
+    out["hf_made_logits"] = logits_of(imported, tokens)
+    out["hf_made_names"] = sorted(name for name, _ in lora_layers(imported))
+
+    layout = exp.megatron_config
+    if layout["tensor_model_parallel_size"] == 1 and layout.get("expert_model_parallel_size", 1) == 1:
+        from peft import PeftModel
+
+        with disable_adapters(model):
+            out["base_logits"] = logits_of(model, tokens)
+        base = build(exp)
+        state = {k: v for k, v in base.state_dict().items() if not k.endswith("_extra_state")}
+        base_state = hf_state_dict(state, _model_shape(base), architecture)
+        with torch.no_grad():
+            out["hf_base_logits"] = hf_moe_model(architecture, base_state, shared_ffn)(tokens).logits
+            for name in ("export", "hf-made"):
+                merged = hf_moe_model(architecture, merged_hf_state(base_state, directory / name,
+                                                                    architecture), shared_ffn)
+                out[f"hf_merged_{name}_logits"] = merged(tokens).logits
+                if architecture == "mixtral":
+                    peft_model = PeftModel.from_pretrained(
+                        hf_moe_model(architecture, base_state), str(directory / name))
+                    out[f"peft_{name}_logits"] = peft_model(tokens).logits
     return out

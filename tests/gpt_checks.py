@@ -59,9 +59,10 @@ VARIANTS = {
         2: [("alltoall-ep2", 1, 1, False, dict(expert_model_parallel_size=2))],
     }),
     # shared experts (TP-split like a dense MLP, outside the expert dispatch) next to routed
-    # ones, with LoRA on the router and the word embeddings as well
+    # ones (with Qwen2-MoE's sigmoid gate on the shared expert), with LoRA on the router and the
+    # word embeddings as well
     "moe-shared": (dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
-                        moe_shared_expert_intermediate_size=64), {
+                        moe_shared_expert_intermediate_size=64, moe_shared_expert_gate=True), {
         1: [("moe-shared-ep1", 1, 1, False, {})],
         2: [("moe-shared-tp2-sp-ep2", 2, 1, True,
              dict(expert_model_parallel_size=2, expert_tensor_parallel_size=1)),
@@ -287,6 +288,7 @@ class VariantChecks:
     refusal: Optional[str] = None  # REFUSED_VARIANTS: apply_lora's message
     tied_weights: Optional[dict] = None  # the tied-embedding variant
     checkpoints: Optional[dict] = None  # the tied-embedding variant, with an adapter directory
+    hf: Optional[dict] = None  # HF_MOE_LAYOUTS, with an adapter directory: Hugging Face names
 
 
 def _refusal(exp, targets):
@@ -302,6 +304,8 @@ def _refusal(exp, targets):
 def run_variants(world, adapter_dir=None) -> Dict[str, VariantChecks]:
     """Every variant layout of this world size, by layout id."""
     from pathlib import Path
+
+    import checkpoint_checks
 
     results = {}
     for (refused_world, name), (tp, sp, targets) in REFUSED_VARIANTS.items():
@@ -320,6 +324,9 @@ def run_variants(world, adapter_dir=None) -> Dict[str, VariantChecks]:
                 layout.tied_weights = tied_weights(exp)
                 if adapter_dir is not None:
                     layout.checkpoints = tied_checkpoints(exp, Path(adapter_dir) / layout_id)
+            if adapter_dir is not None and layout_id in checkpoint_checks.HF_MOE_LAYOUTS:
+                layout.hf = checkpoint_checks.hf_moe_checks(
+                    exp, Path(adapter_dir) / layout_id, checkpoint_checks.HF_MOE_LAYOUTS[layout_id])
             results[layout_id] = layout
     return results
 
