@@ -517,6 +517,9 @@ def transformers_checks(exp, directory: Path, tokens):
 HF_MOE_LAYOUTS = {"alltoall-ep1": "mixtral", "alltoall-ep2": "mixtral",
                   "moe-shared-ep1": "qwen2_moe", "moe-shared-tp2-sp-ep2-etp2": "qwen2_moe"}
 HF_MOE_TARGETS = TARGETS + ["router", "word_embeddings"]
+# {loading layout: saving layout} in the same spawn (the saver runs first): the adapters
+# hf_moe_checks saved (consolidated and megatron dist-checkpoint) loaded at another TP/EP/ETP
+MOE_CHECKPOINT_PAIRS = {"moe-shared-tp4-sp": "moe-shared-tp2-sp-ep2-etp2"}
 NUM_EXPERTS, HF_RANK, HF_ALPHA = 4, 4, 8.0
 
 
@@ -640,7 +643,7 @@ def hf_moe_checks(exp, directory: Path, architecture):
     from safetensors.torch import load_file
 
     from megatron_lora import disable_adapters
-    from megatron_lora.checkpoint import WEIGHTS_NAME, save_adapter
+    from megatron_lora.checkpoint import WEIGHTS_NAME, save_adapter, save_adapter_distributed
     from megatron_lora.interop import _model_shape, export_peft, hf_state_dict, import_peft
     from megatron_lora.model import lora_layers
 
@@ -650,6 +653,7 @@ def hf_moe_checks(exp, directory: Path, architecture):
     out = {"logits": logits_of(model, tokens)}
     export_peft(model, directory / "export", architecture=architecture)
     save_adapter(model, directory / "original")
+    save_adapter_distributed(model, directory / "dist")
     round_trip = build(exp)
     import_peft(round_trip, directory / "export")
     save_adapter(round_trip, directory / "round-trip")
@@ -683,4 +687,21 @@ def hf_moe_checks(exp, directory: Path, architecture):
                     peft_model = PeftModel.from_pretrained(
                         hf_moe_model(architecture, base_state), str(directory / name))
                     out[f"peft_{name}_logits"] = peft_model(tokens).logits
+    return out
+
+
+def moe_checkpoint_checks(exp, source: Path):
+    """The router / embedding / expert / shared-expert adapter saved at another layout, loaded
+    here: consolidated into a bare model, dist-checkpoint into one with other values."""
+    from megatron_lora.checkpoint import load_adapter, load_adapter_distributed
+
+    tokens = batches(0)[0][:, :-1]
+    model = build(exp)
+    load_adapter(model, source / "original")
+    out = {"consolidated_logits": logits_of(model, tokens)}
+    model = build(exp, random_lora(seed=99, target_modules=HF_MOE_TARGETS))
+    before = logits_of(model, tokens)
+    load_adapter_distributed(model, source / "dist")
+    out["dist_logits"] = logits_of(model, tokens)
+    out["dist_changed"] = before is None or not torch.equal(before, out["dist_logits"])
     return out

@@ -287,7 +287,7 @@ class VariantChecks:
     training: Optional[dict] = None  # TRAINED_LAYOUTS: check_training's curve
     refusal: Optional[str] = None  # REFUSED_VARIANTS: apply_lora's message
     tied_weights: Optional[dict] = None  # the tied-embedding variant
-    checkpoints: Optional[dict] = None  # the tied-embedding variant, with an adapter directory
+    checkpoints: Optional[dict] = None  # tied / MOE_CHECKPOINT_PAIRS, with an adapter directory
     hf: Optional[dict] = None  # HF_MOE_LAYOUTS, with an adapter directory: Hugging Face names
 
 
@@ -327,6 +327,9 @@ def run_variants(world, adapter_dir=None) -> Dict[str, VariantChecks]:
             if adapter_dir is not None and layout_id in checkpoint_checks.HF_MOE_LAYOUTS:
                 layout.hf = checkpoint_checks.hf_moe_checks(
                     exp, Path(adapter_dir) / layout_id, checkpoint_checks.HF_MOE_LAYOUTS[layout_id])
+            if adapter_dir is not None and layout_id in checkpoint_checks.MOE_CHECKPOINT_PAIRS:
+                layout.checkpoints = checkpoint_checks.moe_checkpoint_checks(
+                    exp, Path(adapter_dir) / checkpoint_checks.MOE_CHECKPOINT_PAIRS[layout_id])
             results[layout_id] = layout
     return results
 

@@ -9,13 +9,14 @@ own A) is imported. At TP = EP = 1 the real transformers MixtralForCausalLM /
 Qwen2MoeForCausalLM hold the same base weights and must give our logits: with the exported
 adapter and with the PEFT-made one, loaded by real peft (Mixtral) or merged into the weights
 by hand (Qwen2-MoE, which peft 0.21 cannot load with routed and shared experts both adapted:
-huggingface/peft#3711). See tests/checkpoint_checks.py.
+huggingface/peft#3711). The same adapters, saved consolidated and as a megatron dist-checkpoint
+at TP2+SP+EP2+ETP2, load at TP4+SP. See tests/checkpoint_checks.py.
 """
 
 import pytest
 import torch
 
-from checkpoint_checks import HF_MOE_LAYOUTS, NUM_EXPERTS
+from checkpoint_checks import HF_MOE_LAYOUTS, MOE_CHECKPOINT_PAIRS, NUM_EXPERTS
 from gpt_checks import TINY_GPT, VARIANTS
 from numerics import relative_error
 
@@ -87,3 +88,16 @@ def test_exported_names_are_the_families_own(gpt_spawned, architecture):
     config = checks["export_config"]
     assert config["megatron_lora"]["hf_architecture"] == architecture
     assert "embed_tokens" in config["target_modules"] and "gate" in config["target_modules"]
+
+
+@pytest.mark.parametrize("loading, saving", [pytest.param(k, v, id=f"{v}-to-{k}")
+                                             for k, v in MOE_CHECKPOINT_PAIRS.items()])
+def test_router_embedding_and_expert_adapters_load_at_another_layout(gpt_spawned, loading, saving):
+    """Consolidated and megatron dist-checkpoint: saved at TP2+SP+EP2+ETP2, loaded at TP4+SP."""
+    expected = reference(gpt_spawned, saving)["logits"]
+    for rank_result in gpt_spawned(WORLD_OF[loading]):
+        checks = rank_result.variants[loading].checkpoints
+        assert checks["dist_changed"]  # the dist-checkpoint replaced other values
+        for kind in ("consolidated_logits", "dist_logits"):
+            if checks[kind] is not None:
+                assert relative_error(checks[kind], expected) < FP32, kind
