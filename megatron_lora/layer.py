@@ -25,7 +25,7 @@ partial gradient; finalize_lora_grads sums them over the layer's TP group once p
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,7 @@ class LoraLayer(torch.nn.Module):
     def __init__(
         self,
         base_layer: torch.nn.Module,
-        adapter_name: str = "default",
+        adapter_name: Optional[str] = "default",
         lora_config: Optional[LoraConfig] = None,
         *,
         module_name: str = "",
@@ -110,7 +110,8 @@ class LoraLayer(torch.nn.Module):
         self.active_adapters: List[str] = []
         self.merged_adapters: List[str] = []  # their deltas live in the base weight now
         self.disabled = False  # set by model.disable_adapters(): base output only
-        self.update_layer(adapter_name, lora_config if lora_config is not None else LoraConfig())
+        if adapter_name is not None:  # None: a wrapper without adapters of its own (tied output)
+            self.update_layer(adapter_name, lora_config if lora_config is not None else LoraConfig())
 
     @staticmethod
     def refusal(config: LoraConfig) -> Optional[str]:
@@ -267,7 +268,9 @@ class LoraLayer(torch.nn.Module):
     def _merge_target(self) -> torch.Tensor:
         weight = self._base_weight_or_none()
         if weight is None:
-            raise ValueError(f"{self.module_name or 'this layer'}: the base layer has no weight to merge into")
+            raise ValueError(f"{self.module_name or 'this layer'}: the base layer has no weight to "
+                             f"merge into (its weight comes in with each call, as tied word "
+                             f"embeddings do); keep this adapter unmerged")
         return weight
 
     @torch.no_grad()
@@ -280,6 +283,8 @@ class LoraLayer(torch.nn.Module):
         names = self.active_adapters if adapter_names is None else [
             n for n in adapter_names if n in self.lora_A
         ]
+        if not names:  # e.g. a tied output layer without adapters of its own
+            return
         weight = self._merge_target()
         for name in names:
             if name in self.merged_adapters:
@@ -295,6 +300,8 @@ class LoraLayer(torch.nn.Module):
         of max(|w|, |w_merged|) in the base dtype); it is bit-exact wherever merging did not
         move the element into a higher binade, which is almost every element.
         """
+        if not self.merged_adapters:
+            return
         weight = self._merge_target()
         for name in reversed(self.merged_adapters):
             weight.copy_((weight.to(torch.float64) - self._delta_float64(name)).to(weight.dtype))
@@ -369,12 +376,42 @@ class LoraLayer(torch.nn.Module):
 
 
 
+class _Tied(NamedTuple):
+    """An adapter of the tied word embeddings, as the output layer adds it (a key of its own,
+    so that it never mixes with an adapter of the output layer of the same name)."""
+
+    name: str
+
+
 class LoraParallelLinear(LoraLayer):
     """Wraps a megatron-core parallel linear; returns exactly what the base returns.
 
     Column layers keep A replicated and B split by output rows like the base weight; row
     layers keep A split by input columns and B replicated.
+
+    The output layer of a model whose word embeddings are tied to it also adds the embedding
+    adapters' delta on the shared weight (docs/layer_types.md, tied embeddings): W + s(B A)ᵀ
+    gives logits x Wᵀ + s (x B) A, a column LoRA with A_out = Bᵀ and B_out = Aᵀ (this rank's
+    vocabulary rows, as the embedding holds them). The factors stay the embedding's own.
     """
+
+    tied_embedding = None  # the LoraVocabParallelEmbedding whose adapters this layer also adds
+
+    def tie_to_embedding(self, embedding) -> None:
+        # a plain reference, not a submodule: the factors are saved, synced and counted once,
+        # with the embedding
+        self.__dict__["tied_embedding"] = embedding
+
+    def _adapters_to_add(self) -> list:
+        own = self._active()
+        if self.tied_embedding is None or self.disabled:
+            return own
+        return own + [_Tied(name) for name in self.tied_embedding._active()]
+
+    def _scaling(self, adapter) -> float:
+        if isinstance(adapter, _Tied):
+            return self.tied_embedding.scaling[adapter.name]
+        return self.scaling[adapter]
 
     def _dropout_rng(self, sharded: bool):
         """Replicated inputs draw from the default stream (the same on every TP rank, as
@@ -383,27 +420,33 @@ class LoraParallelLinear(LoraLayer):
             return contextlib.nullcontext()
         return get_cuda_rng_tracker().fork(self.layout.rng_tracker_name)
 
-    def _dropout_active(self, adapter: str) -> bool:
+    def _dropout_active(self, adapter) -> bool:
+        if isinstance(adapter, _Tied):
+            return False  # an embedding adapter has no dropout, on either side
         return self.training and not isinstance(self.lora_dropout[adapter], torch.nn.Identity)
 
-    def _dropped(self, adapter: str, x: torch.Tensor, sharded: bool) -> torch.Tensor:
-        dropout = self.lora_dropout[adapter]
+    def _dropped(self, adapter, x: torch.Tensor, sharded: bool) -> torch.Tensor:
         if not self._dropout_active(adapter):
             return x
+        dropout = self.lora_dropout[adapter]
         with self._dropout_rng(sharded):
             return dropout(x)
 
-    def _weight_a(self, adapter: str, dtype) -> torch.Tensor:
+    def _weight_a(self, adapter, dtype) -> torch.Tensor:
         # factors are cast to the activation dtype, never the activations to fp32
+        if isinstance(adapter, _Tied):  # A_out = B_embᵀ [r, hidden]
+            return self.tied_embedding.lora_B[adapter.name].weight.to(dtype).t()
         return self.lora_A[adapter].weight.to(dtype)
 
-    def _weight_b(self, adapter: str, dtype) -> torch.Tensor:
+    def _weight_b(self, adapter, dtype) -> torch.Tensor:
+        if isinstance(adapter, _Tied):  # B_out = A_embᵀ [vocab/t, r], this rank's rows
+            return self.tied_embedding.lora_A[adapter.name].weight.to(dtype).t()
         return self.lora_B[adapter].weight.to(dtype)
 
     def _down(self, adapter: str, x: torch.Tensor, sharded: bool) -> torch.Tensor:
         """s · dropout(x) Aᵀ (scaling applied on the r-wide side, where it is cheapest)."""
         h = F.linear(self._dropped(adapter, x, sharded), self._weight_a(adapter, x.dtype))
-        return h * self.scaling[adapter]
+        return h * self._scaling(adapter)
 
     def _uses_fast_path(self, weight: Optional[torch.Tensor]) -> bool:
         base = self.base_layer
@@ -423,8 +466,8 @@ class LoraParallelLinear(LoraLayer):
 
     # --- forward -----------------------------------------------------------------------
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        adapters = self._active()
         if self.layout.kind == COLUMN:
+            adapters = self._adapters_to_add()
             if not adapters:
                 return self.base_layer(
                     input_, weight=weight, runtime_gather_output=runtime_gather_output
@@ -447,6 +490,7 @@ class LoraParallelLinear(LoraLayer):
 
         if weight is not None or runtime_gather_output is not None:
             raise TypeError("RowParallelLinear.forward takes only the input tensor")
+        adapters = self._active()
         if not adapters:
             return self.base_layer(input_)
         if self._uses_fast_path(self.base_layer.weight):
@@ -463,7 +507,7 @@ class LoraParallelLinear(LoraLayer):
         if len(adapters) == 1 and not self._dropout_active(adapters[0]):
             adapter = adapters[0]
             return linear_with_lora(x, weight, bias, self._weight_a(adapter, x.dtype),
-                                    self._weight_b(adapter, x.dtype), self.scaling[adapter])
+                                    self._weight_b(adapter, x.dtype), self._scaling(adapter))
         h = self._stacked_down(adapters, x, sharded=self.layout.input_is_sharded)
         return linear_with_low_rank_up(x, weight, bias, h, self._stacked_weight_b(adapters, x.dtype))
 
@@ -503,7 +547,7 @@ class LoraParallelLinear(LoraLayer):
                     self._dropped(adapter, x, sharded=False),
                     self._weight_a(adapter, x.dtype),
                     layout.group,
-                ) * self.scaling[adapter]
+                ) * self._scaling(adapter)
             else:
                 h = self._down(adapter, x, sharded=False)
             output = output + F.linear(h, self._weight_b(adapter, h.dtype))

@@ -27,7 +27,7 @@ from .agreement import sum_over_world
 from .config import LoraConfig, name_matches
 from .dispatch import SUPPORTED_LAYERS, dispatch_megatron, wrapper_class
 from .errors import AdapterError
-from .layer import LoraLayer
+from .layer import LoraLayer, LoraParallelLinear
 from .parallel import ParallelLayout, is_packed_gate_up
 from .recompute import connect_recomputed_regions, disconnect_recomputed_regions
 from .topology import Topology
@@ -246,6 +246,7 @@ def apply_lora(
                 fused_collectives=fused_collectives,
             )
             setattr(parent, attribute, wrapped)
+    _tie_output_layers(model, fused_collectives)
     _freeze_base_and_activate(model, adapter_name)
     report = lora_report(model, adapter_name)
     if verbose and report.rank == 0:
@@ -253,6 +254,23 @@ def apply_lora(
     for chunk in model_chunks(model):
         chunk.lora_report = report
     return model
+
+
+def _tie_output_layers(model: ModelLike, fused_collectives: bool) -> None:
+    """With tied word embeddings (pipeline size 1: the refusal above covers the rest), the
+    output layer adds the embedding adapters' delta on the shared weight too (see
+    LoraParallelLinear), so that a merged and an unmerged model give the same logits."""
+    for chunk in model_chunks(model):
+        embedding = getattr(getattr(chunk, "embedding", None), "word_embeddings", None)
+        output = getattr(chunk, "output_layer", None)
+        if not (getattr(chunk, "share_embeddings_and_output_weights", False)
+                and isinstance(embedding, LoraLayer) and output is not None):
+            continue
+        if not isinstance(output, LoraLayer):
+            output = LoraParallelLinear(output, None, module_name="output_layer",
+                                        fused_collectives=fused_collectives)
+            chunk.output_layer = output
+        output.tie_to_embedding(embedding)
 
 
 def _select_layers(model: ModelLike, config: LoraConfig) -> list:
@@ -337,12 +355,16 @@ def _check_layer_types_take(model: ModelLike, selected: list, config: LoraConfig
     and a layer where its placement is not."""
     tied = any(getattr(chunk, "share_embeddings_and_output_weights", False)
                for chunk in model_chunks(model))
+    split_over_stages = any(not (getattr(chunk, "pre_process", True) and
+                                 getattr(chunk, "post_process", True))
+                            for chunk in model_chunks(model))
     tied_embeddings = [
-        f"{name}: the word embeddings are tied to the output layer; an adapter on the shared "
-        "weight is not yet defined for the output side here (untie them, or target "
-        "'output_layer' alone)"
+        f"{name}: the word embeddings are tied to the output layer, whose copy of them is on "
+        "the last pipeline stage; an adapter on the shared weight is proven at pipeline size 1 "
+        "only (untie them, or target 'output_layer' alone)"
         for name, _, _, module in selected
-        if tied and isinstance(getattr(module, "base_layer", module), VocabParallelEmbedding)
+        if tied and split_over_stages
+        and isinstance(getattr(module, "base_layer", module), VocabParallelEmbedding)
     ]
     reasons = tied_embeddings + sorted({
         f"{name}: {reason}" for name, parent, _, module in selected

@@ -51,6 +51,13 @@ VARIANTS = {
         2: [("tied-pp2", 1, 2, False, {})],
         4: [("tied-tp2-sp-pp2", 2, 2, True, {})],
     }),
+    # an adapter on tied word embeddings: the output layer adds its delta on the shared weight
+    # too (next to its own adapter); pipeline size 1 only (refused above that)
+    "tied-embedding": (dict(untie_embeddings_and_output_weights=False), {
+        1: [("tied-embedding-tp1", 1, 1, False, {})],
+        2: [("tied-embedding-tp2-sp", 2, 1, True, {})],
+        4: [("tied-embedding-tp4", 4, 1, False, {})],
+    }),
     # 4 experts, top-2, the alltoall dispatcher (split sizes, uneven expert-TP gathers). Its
     # TP + SP + EP layouts are run by "moe-shared" below: the same layouts, on the same model
     # plus shared experts, with more adapted layers.
@@ -85,14 +92,15 @@ MLA_TARGETS = ["linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linea
                "linear_kv_up_proj", "linear_proj", "linear_fc1", "linear_fc2"]
 # variants whose adapter targets more than TARGETS
 VARIANT_TARGETS = {"moe-shared": TARGETS + ["router", "word_embeddings"],
+                   "tied-embedding": TARGETS + ["word_embeddings"],
                    "mla": MLA_TARGETS[1:], "mla-q-proj": [MLA_TARGETS[0]] + MLA_TARGETS[3:]}
 # variant layouts also trained for TRAIN_STEPS steps: the parallel ones' curves must match
 # their world-1 run (one MoE layout with every kind of parallelism at once, to keep CI short)
 TRAINED_LAYOUTS = ("moe-shared-ep1", "moe-shared-tp2-sp-ep2-etp2", "mla-tp1")
-# (world, variant) -> (TP, SP, targets) where apply_lora must refuse (not proven exact there)
+# (world, variant) -> (TP, PP, SP, targets) where apply_lora must refuse (not proven exact there)
 REFUSED_VARIANTS = {
-    (2, "mla"): (2, True, VARIANT_TARGETS["mla"]),
-    (1, "tied"): (1, False, TARGETS + ["word_embeddings"]),
+    (2, "mla"): (2, 1, True, VARIANT_TARGETS["mla"]),
+    (2, "tied"): (1, 2, False, TARGETS + ["word_embeddings"]),
 }
 
 def experiment(tp, pp, sp, **overrides):
@@ -250,6 +258,24 @@ def tied_weights(exp):
     return out
 
 
+def tied_embedding_merge(exp):
+    """An adapter on tied word embeddings: logits unmerged, merged into the shared weight (the
+    output layer reads the merged table), and unmerged again. (The output layer's own adapter
+    has no weight of its own to merge into, so it is left out here.)"""
+    from megatron_lora import disable_adapters, merge_adapter, unmerge_adapter
+
+    model = build(exp, random_lora(target_modules=["linear_qkv", "word_embeddings"]))
+    tokens = batches(0)[0][:, :-1]
+    out = {"unmerged": logits_of(model, tokens)}
+    with disable_adapters(model):
+        out["base"] = logits_of(model, tokens)
+    merge_adapter(model)
+    out["merged"] = logits_of(model, tokens)
+    unmerge_adapter(model)
+    out["unmerged_again"] = logits_of(model, tokens)
+    return out
+
+
 def tied_checkpoints(exp, directory):
     """An adapter saved and loaded at this layout, and a megatron dist-checkpoint of base +
     adapter (the last stage's copy keyed as the embedding) loaded into a model built from
@@ -308,10 +334,10 @@ def run_variants(world, adapter_dir=None) -> Dict[str, VariantChecks]:
     import checkpoint_checks
 
     results = {}
-    for (refused_world, name), (tp, sp, targets) in REFUSED_VARIANTS.items():
+    for (refused_world, name), (tp, pp, sp, targets) in REFUSED_VARIANTS.items():
         if refused_world == world:
             results[f"{name}-refused"] = VariantChecks(parity={}, refusal=_refusal(
-                experiment(tp, 1, sp, **VARIANTS[name][0]), targets))
+                experiment(tp, pp, sp, **VARIANTS[name][0]), targets))
     for name, (model_settings, layouts) in VARIANTS.items():
         for layout_id, tp, pp, sp, layout_settings in layouts.get(world, []):
             exp = experiment(tp, pp, sp, **model_settings, **layout_settings)
@@ -320,6 +346,8 @@ def run_variants(world, adapter_dir=None) -> Dict[str, VariantChecks]:
                                                        targets=targets))
             if layout_id in TRAINED_LAYOUTS:
                 layout.training = check_training(exp, targets)
+            if name == "tied-embedding":
+                layout.tied_weights = tied_embedding_merge(exp)
             if name == "tied":
                 layout.tied_weights = tied_weights(exp)
                 if adapter_dir is not None:

@@ -241,6 +241,9 @@ def test_variants_adapt_what_they_should(gpt_spawned):
     alltoall = variant_reference(gpt_spawned, "alltoall").parity["report"]
     shared = variant_reference(gpt_spawned, "moe-shared").parity["report"]
     assert tied[0] == 17  # output_layer adapted although its weight is the embedding's
+    tied_embedding = variant_reference(gpt_spawned, "tied-embedding").parity
+    assert tied_embedding["report"][0] == 18  # the word embeddings too, counted once
+    assert "embedding.word_embeddings" in tied_embedding["grads"]
     assert alltoall[0] == 4 * (2 + 4 * 2) + 1  # qkv, proj and 4 experts' fc1 / fc2 per layer
     # per layer: qkv, proj, the shared expert's fc1 / fc2, the router, 4 experts' fc1 / fc2;
     # then the output layer and the word embeddings
@@ -274,10 +277,26 @@ def test_mla_at_tp2_is_refused_with_the_reason(gpt_spawned):
         assert "use TP=1" in message
 
 
-def test_word_embeddings_tied_to_the_output_layer_are_refused(gpt_spawned):
-    message = gpt_spawned(1)[0].variants["tied-refused"].refusal
-    assert message is not None
-    assert "embedding.word_embeddings" in message and "tied to the output layer" in message
+def test_word_embeddings_tied_to_the_output_layer_are_refused_over_pipeline_stages(gpt_spawned):
+    for checks in gpt_spawned(2):
+        message = checks.variants["tied-refused"].refusal
+        assert message is not None
+        assert "embedding.word_embeddings" in message and "tied to the output layer" in message
+        assert "pipeline size 1 only" in message
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_an_adapter_on_tied_embeddings_changes_both_sides_and_merges_exactly(gpt_spawned, world):
+    """The output layer adds the embedding adapter's delta on the shared weight, so merging
+    it into the table (which both sides read) changes nothing."""
+    (layout_id, *_), = VARIANTS["tied-embedding"][1][world]
+    for checks in variant_results(gpt_spawned, world, layout_id):
+        merge = checks.tied_weights
+        if merge["unmerged"] is None:
+            continue
+        assert relative_error(merge["merged"], merge["unmerged"]) < FP32
+        assert relative_error(merge["unmerged_again"], merge["unmerged"]) < FP32
+        assert relative_error(merge["base"], merge["unmerged"]) > 1e-3  # the adapter matters
 
 
 PARALLEL_TRAINED_LAYOUTS = [pytest.param(name, world, entry[0], id=entry[0])
