@@ -68,8 +68,11 @@ class AdapterCheckpointError(MegatronLoraError):
 def describe_base_model(model: ModelLike) -> Dict[str, object]:
     """The shape facts an adapter depends on, from the model's megatron config."""
     chunk = model_chunks(model)[0]
-    return describe_transformer_config(getattr(chunk, "config", None),
-                                       getattr(chunk, "vocab_size", None))
+    description = describe_transformer_config(getattr(chunk, "config", None),
+                                              getattr(chunk, "vocab_size", None))
+    if getattr(chunk, "share_embeddings_and_output_weights", False):
+        description["share_embeddings_and_output_weights"] = True
+    return description
 
 
 def describe_transformer_config(config, vocab_size: Optional[int]) -> Dict[str, object]:

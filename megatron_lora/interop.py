@@ -226,6 +226,11 @@ def megatron_to_hf_factors(tensors: Dict[str, torch.Tensor], shape,
     for module in sorted({k.rsplit(".lora_", 1)[0] for k in tensors}):
         weight_a, weight_b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
         rule, found = _find_megatron_rule(module, architecture)
+        if rule.embedding and shape.get("tied"):
+            raise InteropError(
+                f"{module}: the word embeddings are tied to the output layer, where this adapter "
+                f"acts too (docs/layer_types.md); PEFT's embedding LoRA on embed_tokens does not "
+                f"reach lm_head, so the exported adapter would give other logits")
         if rule.split == "qkv":
             _check_qkv_rows(module, weight_b.shape[0], shape)
             parts = dict(enumerate(_split_qkv_rows(weight_b, shape)))
@@ -316,6 +321,7 @@ def shape_from_description(base_model: Dict[str, object]) -> Dict[str, int]:
                         ("moe_shared_expert_intermediate_size", "shared_ffn")):
         if base_model.get(field) is not None:
             shape[fact] = int(base_model[field])
+    shape["tied"] = bool(base_model.get("share_embeddings_and_output_weights", False))
     if shape.get("experts") and "moe_ffn" not in shape:
         shape["moe_ffn"] = shape["ffn"]  # megatron's default for the experts' size
     return shape

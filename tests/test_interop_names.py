@@ -119,3 +119,12 @@ def test_rank_pattern_is_validated_and_matches_like_targets():
         LoraConfig(rank_pattern={"router": 0})
     with pytest.raises(LoraConfigError, match="rank_pattern=.*expected a mapping"):
         LoraConfig(rank_pattern=["router"])
+
+
+def test_an_adapter_on_tied_embeddings_is_not_exported_as_one_peft_cannot_match():
+    tied = shape_from_description(dict(MOE, share_embeddings_and_output_weights=True))
+    a, b = factors(2, 16, 32, 0)
+    tensors = {"embedding.word_embeddings.lora_A.weight": a, "embedding.word_embeddings.lora_B.weight": b}
+    with pytest.raises(InteropError, match="tied to the output layer.*does not reach lm_head"):
+        megatron_to_hf_factors(tensors, tied)
+    assert "model.embed_tokens.lora_embedding_A" in megatron_to_hf_factors(tensors, shape_from_description(MOE))
