@@ -343,10 +343,11 @@ def _placement_refusal(parent, module) -> Optional[str]:
 
     layout = _layout_of(module)
     if isinstance(parent, MLASelfAttention) and layout.world_size > 1:
-        # docs/layer_types.md, Multi-latent attention: at TP > 1 the gradients of the local-spec
-        # MLA model did not match its TP=1 run in our checks, so nothing there is proven
+        # docs/layer_types.md, Multi-latent attention: at TP > 1 megatron's local-spec MLA gets
+        # other gradients than at TP=1 (the base model too), so nothing there can be proven
         return ("multi-latent attention at tensor-parallel size "
-                f"{layout.world_size} is not proven exact with LoRA; use TP=1 for MLA models")
+                f"{layout.world_size} is not proven exact with LoRA (megatron's local MLA "
+                "gives other base gradients there than at TP=1); use TP=1 for MLA models")
     return None
 
 
