@@ -55,6 +55,15 @@ def all_gather_bytes(payload: bytes) -> List[bytes]:
     return [bytes(b[: int(s.item())].cpu().tolist()) for b, s in zip(buffers, sizes)]
 
 
+def first_over_world(message: Optional[str]) -> Optional[str]:
+    """The first rank's message that is not None (in rank order), on every rank: a refusal
+    one pipeline stage saw is then explained on every stage, not only where it was seen."""
+    for payload in all_gather_bytes((message or "").encode()):
+        if payload:
+            return payload.decode()
+    return None
+
+
 def raise_if_any_rank_failed(failure: Optional[BaseException],
                              user_error: Type[MegatronLoraError], doing: str = "") -> None:
     """Collective: if any rank failed, every rank raises. The failing rank re-raises its own

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 
-from .agreement import sum_over_world
+from .agreement import first_over_world, sum_over_world
 from .config import LoraConfig, name_matches
 from .dispatch import SUPPORTED_LAYERS, dispatch_megatron, wrapper_class
 from .errors import AdapterError
@@ -313,17 +313,16 @@ def _check_rank_fits(selected: list, config: LoraConfig) -> None:
         for layout in [_layout_of(module)]
         if config.rank_for(name) > min(layout.in_features, layout.out_features)
     ]
-    if sum_over_world([len(too_small)])[0]:  # every rank raises, not only the ones that saw it
-        if not too_small:  # another rank saw it and names it
-            raise AdapterError("a LoRA rank is larger than min(in_features, out_features) of a "
-                               "targeted layer on another rank")
+    mine = None
+    if too_small:
         name, rank, allowed = too_small[0]
-        raise AdapterError(
-            f"LoRA r={rank} is larger than min(in_features, out_features) of a targeted "
-            f"layer ({name} allows {allowed}): such a rank adds parameters and no capacity; "
-            f"give it a smaller rank with rank_pattern, e.g. "
-            f"{{'{name.rsplit('.', 1)[-1]}': {allowed}}}"
-        )
+        mine = (f"LoRA r={rank} is larger than min(in_features, out_features) of a targeted "
+                f"layer ({name} allows {allowed}): such a rank adds parameters and no capacity; "
+                f"give it a smaller rank with rank_pattern, e.g. "
+                f"{{'{name.rsplit('.', 1)[-1]}': {allowed}}}")
+    message = first_over_world(mine)  # every rank raises, not only the ones that saw it
+    if message is not None:
+        raise AdapterError(message)
 
 
 def _layout_of(module) -> ParallelLayout:
@@ -372,10 +371,9 @@ def _check_layer_types_take(model: ModelLike, selected: list, config: LoraConfig
         for reason in [_wrapper_type(module).refusal(config), _placement_refusal(parent, module)]
         if reason is not None
     })
-    if sum_over_world([len(reasons)])[0]:
-        raise AdapterError(
-            f"LoRA refused by a targeted layer{f' ({reasons[0]})' if reasons else ''}"
-        )
+    reason = first_over_world(reasons[0] if reasons else None)  # every stage says why
+    if reason is not None:
+        raise AdapterError(f"LoRA refused by a targeted layer ({reason})")
 
 
 def _check_name_is_free(selected: list, adapter_name: str) -> None:
