@@ -539,10 +539,9 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str):
             continue
         layout = module.layout if hasattr(module, "layout") else ParallelLayout(
             module, packed_gate_up=is_packed_gate_up(module_name, module))
-        model_rank = wrapped(module) and module.lora_A[adapter_name].weight.shape[0]
-        if wrapped(module) and model_rank != r:
+        if wrapped(module) and module.lora_A[adapter_name].weight.shape[0] != r:
             problems.append(f"{module_name}: the model's adapter {adapter_name!r} has rank "
-                            f"{model_rank}, the file has rank {r}")
+                            f"{module.lora_A[adapter_name].weight.shape[0]}, the file has rank {r}")
         for factor, suffix, actual, expected in zip((LORA_A, LORA_B), FACTOR_SUFFIXES, shapes,
                                                     layout.full_factor_shapes(r)):
             split_dim, parts = layout.split_dim, layout.split_parts

@@ -22,8 +22,8 @@ import json
 import re
 import tempfile
 from collections import Counter
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -351,20 +351,18 @@ def peft_adapter_files(tensors: Dict[str, torch.Tensor], lora: LoraConfig, shape
     default_rank = Counter(ranks.values()).most_common(1)[0][0]
     differing = {m: r for m, r in ranks.items() if r != default_rank}
 
-    def same_scaling_alpha(rank):  # keeps PEFT's per-module scaling equal to megatron's
-        return lora.scaling_at(rank) * (rank ** 0.5 if lora.use_rslora else rank)
-
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None,
         "r": default_rank,
-        "lora_alpha": same_scaling_alpha(default_rank),
+        # megatron scales each module by lora_alpha over its own rank, as PEFT does: one alpha
+        "lora_alpha": lora.lora_alpha,
         "lora_dropout": lora.lora_dropout,
         "use_rslora": lora.use_rslora,
         "target_modules": _peft_target_modules(hf_modules, shape, architecture),
         "rank_pattern": differing,
-        "alpha_pattern": {m: same_scaling_alpha(r) for m, r in differing.items()},
+        "alpha_pattern": {m: lora.lora_alpha for m in differing},
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -532,8 +530,8 @@ def _file_architecture(factors, shape) -> str:
     families = set()
     for module in factors:
         matched = _match_hf(module)
-        if matched and matched[1].needs:
-            families.add(next(a for a in HF_ARCHITECTURES[1:] if matched[1] in RULES[a]))
+        if matched and matched[1].needs:  # a rule that only its own family has
+            families.add(matched[0])
     if len(families) > 1:
         raise InteropError(f"the adapter mixes module names of {sorted(families)}; one HF "
                            f"model has one family's names")
@@ -655,22 +653,22 @@ def hf_to_megatron_factors(config, tensors: Dict[str, torch.Tensor], shape):
     ordered = {t: [g["parts"][p] for p in sorted(g["parts"])] for t, g in groups.items()}
     ranks = {target: needed_rank(members) for target, members in ordered.items()}
     rank = Counter(ranks.values()).most_common(1)[0][0]
-    alpha, rslora = config["lora_alpha"], bool(config.get("use_rslora"))
+    lora_kwargs = {"r": rank, "lora_alpha": float(config["lora_alpha"]),
+                   "use_rslora": bool(config.get("use_rslora")),
+                   "lora_dropout": float(config.get("lora_dropout") or 0.0),
+                   "target_modules": sorted(groups),
+                   "rank_pattern": {t: r for t, r in sorted(ranks.items()) if r != rank} or None}
+    lora = LoraConfig(**lora_kwargs)  # the scaling each module will have in megatron
     out = {}
     for target, members in sorted(ordered.items()):
-        scaling = alpha / (ranks[target] ** 0.5) if rslora else alpha / ranks[target]
         parts_a, parts_b = _fuse([(m, factors[m]["A"], factors[m]["B"]) for m in members],
-                                 config, ranks[target], scaling)
+                                 config, ranks[target], lora.scaling_for(target))
         if groups[target]["rule"].split == "qkv":
             weight_b = _join_qkv_rows(*parts_b, shape)
         else:
             weight_b = torch.cat(parts_b, dim=0) if len(parts_b) > 1 else parts_b[0]
         out[f"{target}.lora_A.weight"] = parts_a.contiguous()
         out[f"{target}.lora_B.weight"] = weight_b.contiguous()
-    lora_kwargs = {"r": rank, "lora_alpha": float(alpha), "use_rslora": rslora,
-                   "lora_dropout": float(config.get("lora_dropout") or 0.0),
-                   "target_modules": sorted(groups),
-                   "rank_pattern": {t: r for t, r in sorted(ranks.items()) if r != rank} or None}
     return out, lora_kwargs
 
 

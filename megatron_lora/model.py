@@ -307,12 +307,9 @@ def _select_layers(model: ModelLike, config: LoraConfig) -> list:
 def _check_rank_fits(selected: list, config: LoraConfig) -> None:
     """Refuse, on every rank, a rank above min(in_features, out_features) of a selected layer:
     such a rank adds parameters and no capacity."""
-    too_small = [
-        (name, config.rank_for(name), min(layout.in_features, layout.out_features))
-        for name, _, _, module in selected
-        for layout in [_layout_of(module)]
-        if config.rank_for(name) > min(layout.in_features, layout.out_features)
-    ]
+    sized = [(name, config.rank_for(name), min(layout.in_features, layout.out_features))
+             for name, _, _, module in selected for layout in [_layout_of(module)]]
+    too_small = [(name, rank, allowed) for name, rank, allowed in sized if rank > allowed]
     mine = None
     if too_small:
         name, rank, allowed = too_small[0]
