@@ -52,8 +52,15 @@ _MODEL_KEYS = {
     "vocab_size": (int, _REQUIRED),
     "seq_length": (int, _REQUIRED),
     "position_embedding_type": (Literal["rope", "learned_absolute", "none"], "rope"),
-    "rotary_base": (int, 10000),
+    # float: Hugging Face configs may give a non-integral rope_theta
+    "rotary_base": (Union[int, float], 10000),
     "rotary_percent": (float, 1.0),
+    # Llama 3.1's rope scaling (megatron-core's GPTModel arguments)
+    "rope_scaling": (bool, False),
+    "rope_scaling_factor": (float, 8.0),
+    # Megatron-LM's name: the model's vocabulary is vocab_size rounded up to a multiple of
+    # this; the padded rows are zero and their logits never count (docs/hf.md)
+    "make_vocab_size_divisible_by": (int, 1),
     "untie_embeddings_and_output_weights": (bool, True),
     "seed": (int, 1234),
     "activation": (Literal[tuple(ACTIVATIONS)], "swiglu"),
@@ -90,7 +97,7 @@ _POSITIVE_KEYS = (
     "expert_tensor_parallel_size", "context_parallel_size", "num_layers", "hidden_size",
     "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
     "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk", "vocab_size", "seq_length",
-    "rotary_base",
+    "rotary_base", "make_vocab_size_divisible_by",
 )
 
 # Sizes past int32 are typos (an extra digit, 1e26): no model dimension comes near it, and torch
@@ -340,6 +347,8 @@ class ExperimentConfig:
     source: Optional[str] = None
     # the sections the file (or data) gave, so a caller can tell a lora: section from defaults
     sections: Tuple[str, ...] = field(default=(), compare=False)
+    # the Hugging Face directory the model's shape came from (megatron_lora.hf.hf_experiment)
+    hf_path: Optional[str] = field(default=None, compare=False)
 
     @property
     def tensor_model_parallel_size(self) -> int:
@@ -369,6 +378,12 @@ class ExperimentConfig:
     @property
     def vocab_size(self) -> int:
         return self.megatron_config["vocab_size"]
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The model's vocabulary: vocab_size rounded up to make_vocab_size_divisible_by."""
+        multiple = self.megatron_config.get("make_vocab_size_divisible_by") or 1
+        return -(-self.vocab_size // multiple) * multiple
 
     @property
     def seq_length(self) -> int:
@@ -531,7 +546,14 @@ def _check_layout(m: dict):
         _divides(m, "hidden_size", "num_attention_heads", "or set kv_channels")
     _divides(m, "hidden_size", tp)
     _divides(m, "ffn_hidden_size", tp)
-    _divides(m, "vocab_size", tp, "megatron-core does not pad the vocabulary; pad vocab_size")
+    multiple = m.get("make_vocab_size_divisible_by") or 1
+    padded = -(-m["vocab_size"] // multiple) * multiple
+    if padded % m[tp]:
+        raise ExperimentConfigError(
+            f"megatron_config: vocab_size ({m['vocab_size']}"
+            + (f", padded to {padded}" if padded != m["vocab_size"] else "")
+            + f") is not divisible by {tp} ({m[tp]}); set make_vocab_size_divisible_by to a "
+            f"multiple of {m[tp]} (e.g. 128) to pad it")
     uneven = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
               "pipeline_model_parallel_layout")
     if not any(m.get(key) is not None for key in uneven):  # megatron checks uneven splits

@@ -93,14 +93,21 @@ def gpt_block_spec(config, num_layers_on_stage: int):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     mla = bool(getattr(config, "multi_latent_attention", False))
+    qk_norm = bool(getattr(config, "qk_layernorm", False))
     layer_spec = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts, normalization=config.normalization,
-        multi_latent_attention=mla,
+        multi_latent_attention=mla, qk_layernorm=qk_norm,
     )
     layer_spec.submodules.input_layernorm = SequenceParallelNorm
     layer_spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+    attention = layer_spec.submodules.self_attention.submodules
     if mla:
-        layer_spec.submodules.self_attention.submodules.core_attention = LatentCoreAttention
+        attention.core_attention = LatentCoreAttention
+    elif qk_norm:
+        # per-head norms (Qwen3); megatron's finalize_model_grads sums their gradients over TP
+        # by name (each rank normalises its own heads with the same weight)
+        attention.q_layernorm = SequenceParallelNorm
+        attention.k_layernorm = SequenceParallelNorm
     return TransformerBlockSubmodules(
         layer_specs=[layer_spec] * num_layers_on_stage, layer_norm=SequenceParallelNorm
     )
@@ -124,27 +131,33 @@ def initialize_model_parallel(experiment) -> None:
     model_parallel_cuda_manual_seed(experiment.seed)
 
 
-def build_gpt_model(experiment, *, layout_invariant_init: bool = True, **config_overrides):
+def build_gpt_model(experiment, *, initialize: bool = True, layout_invariant_init: bool = True,
+                    **config_overrides):
     """This pipeline stage's GPTModel for ``experiment`` (call initialize_model_parallel first).
 
     ``layout_invariant_init`` draws every base weight from (seed, global name) so the model is
-    the same at every TP/PP size; False keeps megatron's own initialisation (faster for huge
-    shapes that are about to be overwritten by a checkpoint anyway).
+    the same at every TP/PP size; False keeps megatron's own initialisation. ``initialize=False``
+    draws nothing at all (megatron's ``perform_initialization=False``): for a model whose every
+    base weight is about to be loaded, where drawing a 70B model's full tensors on every rank
+    costs minutes and a full tensor's memory (the parameters keep their TP attributes).
+
+    The vocabulary is ``experiment.padded_vocab_size``; padded rows never count
+    (:func:`mask_padded_vocabulary`).
     """
     # heavy (megatron's model and transformer packages): only building a model needs them
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
     # megatron only marks TP shards (tensor_model_parallel, partition_dim) when it initialises
-    # them itself, so let it, then overwrite with the layout-invariant draw.
+    # them itself, so let it (then overwrite with the layout-invariant draw), or mark them here
     config = experiment.transformer_config(
-        use_cpu_initialization=True, perform_initialization=True, **config_overrides
+        use_cpu_initialization=True, perform_initialization=initialize, **config_overrides
     )
     settings = experiment.megatron_config
     model = GPTModel(
         config=config,
         transformer_layer_spec=gpt_block_spec(config, get_num_layers_to_build(config)),
-        vocab_size=settings["vocab_size"],
+        vocab_size=experiment.padded_vocab_size,
         max_sequence_length=settings["seq_length"],
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -153,10 +166,67 @@ def build_gpt_model(experiment, *, layout_invariant_init: bool = True, **config_
         position_embedding_type=settings["position_embedding_type"],
         rotary_percent=settings["rotary_percent"],
         rotary_base=settings["rotary_base"],
+        rope_scaling=settings["rope_scaling"],
+        rope_scaling_factor=settings["rope_scaling_factor"],
     )
-    if layout_invariant_init:
+    if not initialize:
+        mark_tensor_parallel_shards(model)
+    elif layout_invariant_init:
         initialize_base_weights(model, experiment.seed, config)
+    if experiment.padded_vocab_size != experiment.vocab_size:
+        mask_padded_vocabulary(model, experiment.vocab_size)
     return model
+
+
+def mark_tensor_parallel_shards(model) -> None:
+    """The TP attributes megatron sets only when it initialises a weight itself: column layers
+    and the vocab-parallel embedding split dim 0, row layers dim 1; biases of column layers
+    are split (megatron marks those itself)."""
+    from megatron.core.tensor_parallel import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for _, module in global_named_modules(model):
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
+def mask_padded_vocabulary(model, vocab_size: int) -> None:
+    """Logits of padded vocabulary rows (ids >= ``vocab_size``) become -inf wherever the last
+    stage produces logits: in what the model returns and before its cross entropy. So a padded
+    row never takes probability, never adds to a loss or its gradient, and is never generated."""
+    for chunk in model_chunks(model):
+        if not getattr(chunk, "post_process", False):
+            continue
+        chunk.unpadded_vocab_size = vocab_size
+        compute_loss = chunk.compute_language_model_loss
+
+        def masked(logits, vocab=vocab_size):
+            # logits [..., local vocabulary] of this TP rank's shard of the vocabulary
+            width = logits.shape[-1]
+            first = parallel_state.get_tensor_model_parallel_rank() * width
+            ids = torch.arange(first, first + width, device=logits.device)
+            return logits.masked_fill(ids >= vocab, float("-inf"))
+
+        def loss_with_mask(labels, logits, _compute=compute_loss, _mask=masked):
+            return _compute(labels, _mask(logits))
+
+        chunk.compute_language_model_loss = loss_with_mask
+
+        def logits_hook(module, args, output, _mask=masked):
+            return _mask(output) if torch.is_tensor(output) and output.dim() == 3 else output
+
+        chunk.register_forward_hook(logits_hook)
 
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
@@ -214,9 +284,11 @@ def gpt_forward_inputs(tokens: torch.Tensor):
     return position_ids, None
 
 
-def gathered_logits(logits: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
-    """Full-vocabulary logits from vocab-parallel ones (for tests and generation)."""
+def gathered_logits(logits: torch.Tensor, group: Optional[object] = None,
+                    vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Full-vocabulary logits from vocab-parallel ones (for tests and generation), cut to
+    ``vocab_size`` when the model's vocabulary is padded (``model.unpadded_vocab_size``)."""
     group = group or parallel_state.get_tensor_model_parallel_group()
-    if group.size() == 1:
-        return logits
-    return gather_from_tensor_model_parallel_region(logits, group=group)
+    if group.size() > 1:
+        logits = gather_from_tensor_model_parallel_region(logits, group=group)
+    return logits if vocab_size is None else logits[..., :vocab_size]

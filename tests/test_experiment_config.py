@@ -364,7 +364,9 @@ NOT_DIVISIBLE = r"{} \({}\) is not divisible by {} \({}\)"
          NOT_DIVISIBLE.format("hidden_size", 66, TP, 4)),
         ({"ffn_hidden_size": 129}, NOT_DIVISIBLE.format("ffn_hidden_size", 129, TP, 2)),
         ({"vocab_size": 255},
-         NOT_DIVISIBLE.format("vocab_size", 255, TP, 2) + "; megatron-core does not pad"),
+         NOT_DIVISIBLE.format("vocab_size", 255, TP, 2) + "; set make_vocab_size_divisible_by"),
+        ({"vocab_size": 1001, "make_vocab_size_divisible_by": 5},
+         r"vocab_size \(1001, padded to 1005\) is not divisible by " + TP + r" \(2\)"),
         ({"num_layers": 3, "pipeline_model_parallel_size": 2},
          NOT_DIVISIBLE.format("num_layers", 3, "pipeline_model_parallel_size", 2)),
         ({"expert_model_parallel_size": 2},
@@ -379,6 +381,14 @@ NOT_DIVISIBLE = r"{} \({}\) is not divisible by {} \({}\)"
 )
 def test_layout_errors(megatron, match):
     fails(match, **megatron)
+
+
+def test_a_padded_vocabulary_is_the_same_at_every_tp_size():
+    for tp in (1, 2, 4):
+        config = load_experiment(data=small(
+            vocab_size=1001, make_vocab_size_divisible_by=128, tensor_model_parallel_size=tp,
+            num_query_groups=4))
+        assert (config.vocab_size, config.padded_vocab_size) == (1001, 1024)
 
 
 def test_world_size_checks(tmp_path):
