@@ -72,7 +72,17 @@ def describe_base_model(model: ModelLike) -> Dict[str, object]:
                                               getattr(chunk, "vocab_size", None))
     if getattr(chunk, "share_embeddings_and_output_weights", False):
         description["share_embeddings_and_output_weights"] = True
+    unpadded = max((getattr(c, "unpadded_vocab_size", 0) for c in model_chunks(model)), default=0)
+    if unpadded and unpadded != description.get("vocab_size"):
+        description["unpadded_vocab_size"] = unpadded  # the rows past it are padding
+    source = getattr(chunk, "hf_name_or_path", None)
+    if source:  # where the base came from: PEFT's base_model_name_or_path, export-hf's --base
+        description[PROVENANCE] = source
     return description
+
+
+# description keys that say where a base came from, not what it is: never compared
+PROVENANCE = "name_or_path"
 
 
 def describe_transformer_config(config, vocab_size: Optional[int]) -> Dict[str, object]:
@@ -515,7 +525,7 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str):
     saved_base = adapter.config.get("base_model", {})
     ours = describe_base_model(model)
     differing = {k: (saved_base[k], ours[k]) for k in saved_base.keys() & ours.keys()
-                 if saved_base[k] != ours[k]}
+                 if k != PROVENANCE and saved_base[k] != ours[k]}
     if differing:
         details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in sorted(differing.items()))
         problems.append(f"the adapter was trained for another base model ({details})")

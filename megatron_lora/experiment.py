@@ -692,6 +692,14 @@ def _override_items(overrides, prefix=()):
         )
 
 
+def flatten_overrides(overrides) -> Dict[str, Any]:
+    """Overrides in any form load_experiment takes (or a whole experiment's data), flattened
+    to {"section.key": value}, so several sources can be merged with later ones winning."""
+    if overrides is None:
+        return {}
+    return {".".join(path): value for path, value in _override_items(overrides)}
+
+
 def _apply_overrides(data: dict, overrides) -> dict:
     for path, value in _override_items(overrides):
         node = data
@@ -708,6 +716,30 @@ def _apply_overrides(data: dict, overrides) -> dict:
 
 
 # ---------------------------------------------------------------- entry point
+
+
+def _read_yaml_file(source: str):
+    if not os.path.isfile(source):
+        raise ExperimentConfigError("the file does not exist")
+    try:
+        with open(source, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise ExperimentConfigError(f"the file is not a YAML text file ({error})") from None
+    return _parse_yaml(text, "the file")
+
+
+def read_experiment_data(path) -> dict:
+    """A YAML experiment file's sections as plain data, not yet validated (for a model whose
+    shape comes from elsewhere: megatron_lora.hf takes them as overrides)."""
+    source = os.fspath(path)
+    with _reported_from(source):
+        data = _mapping(_read_yaml_file(source), f"the experiment config (sections "
+                                                 f"{', '.join(SECTIONS)})", none_ok=True)
+        for key in data:
+            if key not in SECTIONS:
+                raise unknown_key(None, key, SECTIONS)
+    return data
 
 
 def load_experiment(
@@ -730,15 +762,7 @@ def load_experiment(
     source = os.fspath(path) if path is not None else None
     with _reported_from(source):
         if source is not None:
-            if not os.path.isfile(source):
-                raise ExperimentConfigError("the file does not exist")
-            try:
-                with open(source, encoding="utf-8") as handle:
-                    text = handle.read()
-            except UnicodeDecodeError as error:
-                raise ExperimentConfigError(f"the file is not a YAML text file ({error})") \
-                    from None
-            data = _parse_yaml(text, "the file")
+            data = _read_yaml_file(source)
             if data is None:
                 raise ExperimentConfigError("the file is empty; it needs a megatron_config section")
         else:

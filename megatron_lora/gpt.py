@@ -206,9 +206,9 @@ def mask_padded_vocabulary(model, vocab_size: int) -> None:
     stage produces logits: in what the model returns and before its cross entropy. So a padded
     row never takes probability, never adds to a loss or its gradient, and is never generated."""
     for chunk in model_chunks(model):
+        chunk.unpadded_vocab_size = vocab_size  # every stage describes the model alike
         if not getattr(chunk, "post_process", False):
             continue
-        chunk.unpadded_vocab_size = vocab_size
         compute_loss = chunk.compute_language_model_loss
 
         def masked(logits, vocab=vocab_size):

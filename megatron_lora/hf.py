@@ -280,24 +280,15 @@ def megatron_config_from_hf(config: dict, file, seq_length: Optional[int] = None
     return values
 
 
-def _flat_overrides(overrides) -> Dict[str, object]:
-    """Overrides as load_experiment takes them, flattened to {"section.key": value}."""
-    from .experiment import _override_items  # the one parser of override syntax
-
-    if overrides is None:
-        return {}
-    return {".".join(path): value for path, value in _override_items(overrides)}
-
-
 def hf_experiment(path, overrides=None, world_size: Optional[int] = None):
     """The ExperimentConfig of the Hugging Face model at ``path``; ``overrides`` as in
     load_experiment (a dict, nested or dotted, or "key=value" strings) set the layout, the
     training and lora sections, seq_length, params_dtype and dropouts. An override of a value
     config.json decides (SHAPE_KEYS) that differs from it is an error naming both."""
-    from .experiment import ExperimentConfigError, load_experiment
+    from .experiment import ExperimentConfigError, flatten_overrides, load_experiment
 
     config, file = read_hf_config(path), Path(path) / CONFIG_FILE
-    flat = _flat_overrides(overrides)
+    flat = flatten_overrides(overrides)
     seq_length = flat.get("megatron_config.seq_length")
     values = megatron_config_from_hf(config, file,
                                      seq_length if isinstance(seq_length, int) else None)
@@ -541,6 +532,22 @@ def _fused_expert_tensor(checkpoint: HFCheckpoint) -> Optional[str]:
                 None)
 
 
+def check_hf_checkpoint(path, experiment) -> None:
+    """Every tensor the model of ``experiment`` needs is in the files at ``path`` with the
+    shape config.json implies (headers only: nothing is read); one-line HuggingFaceError
+    naming the first that is not. Run before any process group exists."""
+    checkpoint = HFCheckpoint(path)
+    for file in sorted(set(checkpoint.files.values())):
+        checkpoint._handle(file)  # every shard the index names exists and is safetensors
+    fused = _fused_expert_tensor(checkpoint)
+    if fused is not None:
+        raise HuggingFaceError(f"{path}: {fused} holds every expert in one tensor; this reader "
+                               f"takes one tensor per expert, as the hub stores them and "
+                               f"transformers' save_pretrained writes")
+    for name, source in weight_sources(read_hf_config(path), experiment).items():
+        _check_source_shapes(checkpoint, name, source)
+
+
 def _shard_ranges(rows: int, rank: int, size: int, packed: bool) -> List[Tuple[int, int]]:
     """Row ranges of this rank's shard (parallel.shard_tensor's rule, as index ranges)."""
     if not packed:
@@ -614,12 +621,8 @@ def load_hf_weights(model, path, experiment=None) -> None:
         if experiment is None:
             experiment = hf_experiment(path)
         config = read_hf_config(path)
+        check_hf_checkpoint(path, experiment)
         checkpoint = HFCheckpoint(path)
-        fused = _fused_expert_tensor(checkpoint)
-        if fused is not None:
-            raise HuggingFaceError(f"{path}: {fused} holds every expert in one tensor; this "
-                                   f"reader takes one tensor per expert, as the hub stores them "
-                                   f"and transformers' save_pretrained writes")
         sources = weight_sources(config, experiment)
         topology = Topology.current()
         for name, param, module in _base_parameters(model):
@@ -627,7 +630,6 @@ def load_hf_weights(model, path, experiment=None) -> None:
             if source is None:
                 raise HuggingFaceError(f"megatron's {name} has no Hugging Face counterpart in "
                                        f"{config.get('model_type')!r} checkpoints")
-            _check_source_shapes(checkpoint, name, source)
             plans.append((name, param, _local_plan(name, param, module, source, topology)))
     except MegatronLoraError as error:
         failure = error

@@ -187,3 +187,46 @@ def run_all(rank: int, world: int, models: Dict[str, FamilyModel]):
             results[family][layout] = LayoutResult(logits, loss, list(reads))
     hf.HFCheckpoint.read = original_read
     return results
+
+
+# --- a small Hugging Face model with its own tokenizer, for the scripts -----------------------
+
+TOKENIZER_TEXT = ["the quick brown fox jumps over the lazy dog", "a cat sat on the mat",
+                  "every good boy does fine", "she sells sea shells by the sea shore"]
+
+
+def make_tokenizer(directory: Path, extra_tokens: int = 0):
+    """A byte-level BPE tokenizer made with the tokenizers library (what a hub model ships as
+    tokenizer.json), with an EOS token and a chat template; saved for AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(TOKENIZER_TEXT * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|end|>")
+    if extra_tokens:
+        fast.add_tokens([f"<extra_{i}>" for i in range(extra_tokens)])
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|end|>"
+                          "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def make_llama_with_tokenizer(directory: Path, vocab_size: int = 1001, shards: bool = False):
+    """A tiny random Llama (vocabulary 1001: TP=2 does not divide it) saved by transformers,
+    with its tokenizer beside it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "vocab_size": vocab_size, "max_position_embeddings": 64})
+    model = LlamaForCausalLM(config).float()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(directory, max_shard_size="200KB" if shards else "1GB")
+    make_tokenizer(directory)
+    return directory

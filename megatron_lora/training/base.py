@@ -45,7 +45,23 @@ def check_base_fits(experiment, settings) -> None:
     """The model of --pretrained-checkpoint (its model_description.json, written by
     pretrain_gpt.py) against this run's, before any model is built. A longer --seq-length than
     the base was trained with is refused unless --allow-longer-sequences: positions it never
-    saw (RoPE) give a model that runs but is not the one the user meant."""
+    saw (RoPE) give a model that runs but is not the one the user meant. A Hugging Face base's
+    shape was taken from its config.json; its max_position_embeddings bounds --seq-length."""
+    if experiment.hf_path:
+        from ..errors import MegatronLoraError
+        from ..hf import check_hf_checkpoint, read_hf_config
+
+        try:
+            check_hf_checkpoint(experiment.hf_path, experiment)
+        except MegatronLoraError as error:
+            raise TrainingError(f"--pretrained-checkpoint: {error}") from None
+        trained = read_hf_config(experiment.hf_path).get("max_position_embeddings")
+        asked = experiment.seq_length
+        if isinstance(trained, int) and asked > trained and not settings.allow_longer_sequences:
+            raise TrainingError(f"--seq-length {asked} is longer than the base's "
+                                f"max_position_embeddings ({trained}); pass "
+                                f"--allow-longer-sequences to run positions it never saw")
+        return
     path = model_checkpoint_dir(settings.pretrained_checkpoint) / MODEL_DESCRIPTION
     if not path.is_file():
         return  # a checkpoint from elsewhere: its shapes are checked when it is loaded

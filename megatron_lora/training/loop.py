@@ -25,7 +25,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..atomic import write_file_atomically
 from ..checkpoint import load_adapter, save_adapter, save_dist_checkpoint
 from ..cpu import cuda_arguments_to_cpu
-from ..data import build_gpt_datasets, get_tokenizer, micro_batches
+from ..data import build_gpt_datasets, micro_batches
+from ..hf import is_hf_directory, load_hf_weights
+from ..tokenizers import build_tokenizer
 from ..gpt import build_gpt_model, initialize_model_parallel
 from ..grad_sync import finalize_gradients
 from ..model import apply_lora
@@ -116,10 +118,11 @@ class Trainer:
     def __init__(self, experiment, settings: TrainingSettings, lora, args):
         self.experiment, self.settings, self.lora, self.args = experiment, settings, lora, args
         initialize_model_parallel(experiment)
-        self.tokenizer = get_tokenizer(settings.tokenizer)
+        self.tokenizer = build_tokenizer(settings.tokenizer_type or settings.tokenizer,
+                                         settings.tokenizer_model)
         if experiment.vocab_size < self.tokenizer.vocab_size:
             raise TrainingError(f"vocab_size {experiment.vocab_size} is smaller than the "
-                                f"{settings.tokenizer} tokenizer's {self.tokenizer.vocab_size}")
+                                f"tokenizer's {self.tokenizer.vocab_size} ({self.tokenizer!r})")
         place = Topology.current()
         self.dp_size, self.dp_rank = place.dp_size, place.dp_rank
         per_step = settings.micro_batch_size * self.dp_size
@@ -136,9 +139,14 @@ class Trainer:
         self.iteration, self.consumed_samples = 0, 0
 
     def _build_model(self):
-        model = build_gpt_model(self.experiment)
-        if self.settings.pretrained_checkpoint:
-            load_base_weights(model, self.settings.pretrained_checkpoint)
+        base = self.settings.pretrained_checkpoint
+        # a base about to be loaded is not drawn first (minutes and a full tensor per rank
+        # for a large model)
+        model = build_gpt_model(self.experiment, initialize=not base)
+        if base and is_hf_directory(base):
+            load_hf_weights(model, base, self.experiment)
+        elif base:
+            load_base_weights(model, base)
         if self.lora is not None:
             apply_lora(model, self.lora)
             if getattr(self.args, "lora_load", None):

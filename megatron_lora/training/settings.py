@@ -15,7 +15,15 @@ import torch
 from ..arguments import add_lora_args, lora_config_from_args
 from ..checkpoint import read_adapter
 from ..errors import MegatronLoraError
-from ..experiment import ExperimentConfigError, checked_value, load_experiment, unknown_key
+from ..experiment import (
+    ExperimentConfigError,
+    checked_value,
+    flatten_overrides,
+    load_experiment,
+    read_experiment_data,
+    unknown_key,
+)
+from ..hf import is_hf_directory
 from .base import check_base_fits, model_checkpoint_dir
 from .errors import TrainingError
 from .rundir import LATEST, check_save_directory, latest_iteration_directory
@@ -72,6 +80,10 @@ class TrainingSettings:
     eval_iters: int = 10
     log_interval: int = 10
     tokenizer: str = "byte"
+    # Megatron-LM's names; with a Hugging Face --pretrained-checkpoint that holds tokenizer
+    # files, its tokenizer is the default
+    tokenizer_type: Optional[str] = None
+    tokenizer_model: Optional[str] = None
     progress_bar: bool = True
 
     @classmethod
@@ -129,10 +141,12 @@ class TrainingSettings:
         if self.load and not (Path(self.load) / LATEST).is_file():
             raise TrainingError(f"--load {self.load} is not a checkpoint directory of these "
                                 f"scripts: {LATEST} is missing")
-        if self.pretrained_checkpoint and not model_checkpoint_dir(self.pretrained_checkpoint):
+        if self.pretrained_checkpoint and not model_checkpoint_dir(self.pretrained_checkpoint) \
+                and not is_hf_directory(self.pretrained_checkpoint):
             raise TrainingError(f"--pretrained-checkpoint {self.pretrained_checkpoint} holds no "
                                 f"megatron dist-checkpoint (expected a metadata.json, or a "
-                                f"model/ folder written by pretrain_gpt.py)")
+                                f"model/ folder written by pretrain_gpt.py) and is no Hugging "
+                                f"Face model directory (no config.json)")
         if self.load:
             latest_iteration_directory(self.load)
 
@@ -220,6 +234,11 @@ def _add_loop_flags(loop) -> None:
     loop.add_argument("--pretrained-checkpoint", default=None,
                       help="base weights: a dist-checkpoint (e.g. pretrain_gpt.py's --save)")
     loop.add_argument("--tokenizer", default=None, help="tokenizer name (built in: byte)")
+    loop.add_argument("--tokenizer-type", default=None,
+                      help="HuggingFaceTokenizer (with --tokenizer-model DIR) or byte; default: "
+                           "the Hugging Face --pretrained-checkpoint's own tokenizer, else byte")
+    loop.add_argument("--tokenizer-model", default=None,
+                      help="directory of a Hugging Face tokenizer (local files only)")
     loop.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=None)
 
 
@@ -236,8 +255,28 @@ def parse_arguments(argv, mode: str):
     training.check(mode)
     if training.pretrained_checkpoint:
         check_base_fits(experiment, training)
+    _choose_tokenizer(training, experiment)
     lora = _lora_config_from(args, experiment, mode)
     return experiment, training, lora, args
+
+
+def _choose_tokenizer(training: TrainingSettings, experiment) -> None:
+    """Settle the tokenizer (a Hugging Face base's own by default) and check its vocabulary
+    fits the model's, here, before any worker starts."""
+    from ..tokenizers import HF_TOKENIZER, build_tokenizer, holds_tokenizer
+
+    if training.tokenizer_type is None and training.tokenizer_model is None \
+            and experiment.hf_path and holds_tokenizer(experiment.hf_path):
+        training.tokenizer_type, training.tokenizer_model = HF_TOKENIZER, experiment.hf_path
+    if training.tokenizer_type is None:
+        training.tokenizer_type = HF_TOKENIZER if training.tokenizer_model else training.tokenizer
+    try:
+        tokenizer = build_tokenizer(training.tokenizer_type, training.tokenizer_model)
+    except MegatronLoraError as error:
+        raise TrainingError(str(error)) from None
+    if tokenizer.vocab_size > experiment.vocab_size:
+        raise TrainingError(f"the tokenizer ({tokenizer!r}) has {tokenizer.vocab_size} tokens, "
+                            f"more than the model's vocab_size {experiment.vocab_size}")
 
 
 def _experiment_from(args):
@@ -247,12 +286,30 @@ def _experiment_from(args):
         overrides["megatron_config.sequence_parallel"] = True
     if args.bf16:
         overrides["megatron_config.params_dtype"] = "bfloat16"
+    if is_hf_directory(args.pretrained_checkpoint):
+        return _hf_experiment_from(args, overrides)
     try:
         if args.config:
             return load_experiment(args.config, overrides=overrides)
         return load_experiment(data={"megatron_config": {}}, overrides=overrides)
     except ExperimentConfigError as error:
         raise TrainingError(str(error)) from None
+
+
+def _hf_experiment_from(args, flag_overrides: dict):
+    """The model of a Hugging Face --pretrained-checkpoint: config.json gives its shape; the
+    YAML --config and the flags set the rest, and may repeat the shape but not contradict it."""
+    from ..hf import hf_experiment
+
+    try:
+        data = read_experiment_data(args.config) if args.config else {}
+        overrides = {**flatten_overrides(data), **flag_overrides}
+        experiment = hf_experiment(args.pretrained_checkpoint, overrides=overrides)
+    except MegatronLoraError as error:
+        raise TrainingError(f"--pretrained-checkpoint: {error}") from None
+    if args.config:
+        experiment.source = args.config
+    return experiment
 
 
 def _training_settings_from(args, experiment) -> TrainingSettings:

@@ -1,0 +1,62 @@
+"""The scripts from a Hugging Face directory: a tiny Llama made by transformers with its own
+tokenizer (tokenizers' BPE, loaded by AutoTokenizer), data preprocessed with that tokenizer,
+LoRA fine-tuning at TP=2 + SP through torchrun with no --config (config.json gives the model,
+its vocabulary of 1001 padded to 1024), the adapter recording where its base came from."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hf_checks import make_llama_with_tokenizer
+from test_training import ROOT, torchrun
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_run")
+    base = make_llama_with_tokenizer(root / "llama")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"the quick brown fox number {i} jumps over "
+                                                  f"the lazy dog"}) + "\n" for i in range(64)))
+    prep = subprocess.run([sys.executable, "-m", "megatron_lora.data", "preprocess", "--input",
+                           str(corpus), "--output-prefix", str(root / "corpus"),
+                           "--tokenizer-model", str(base)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert prep.returncode == 0, prep.stderr
+    save = root / "run"
+    result = torchrun("finetune_gpt.py", "--pretrained-checkpoint", base,
+                      "--tensor-model-parallel-size", 2, "--sequence-parallel",
+                      "--seq-length", 32, "--data-path", root / "corpus",
+                      "--lora-rank", 4, "--lora-alpha", 8, "--train-iters", 8, "--lr", 1e-2,
+                      "--micro-batch-size", 2, "--eval-iters", 1, "--eval-interval", 8,
+                      "--split", "90,10,0", "--save", save, "--no-progress-bar", timeout=300)
+    return base, save, result
+
+
+def test_finetuning_from_a_hugging_face_directory_learns(hf_run):
+    base, save, result = hf_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    before = float(result.stdout.split("held-out loss before training: ")[1].split()[0])
+    after = float(result.stdout.split("held-out loss after training: ")[1].split()[0])
+    assert after < before
+
+
+def test_the_adapter_records_its_base_and_the_padded_vocabulary(hf_run):
+    base, save, result = hf_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    described = json.loads((save / "adapter" / "adapter_config.json").read_text())["base_model"]
+    assert described["name_or_path"] == str(base.resolve())
+    assert (described["vocab_size"], described["unpadded_vocab_size"]) == (1024, 1001)
+
+
+def test_the_tokenizer_is_the_models_own(tmp_path):
+    from megatron_lora.tokenizers import build_tokenizer
+
+    base = make_llama_with_tokenizer(tmp_path / "llama")
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", base)
+    ids = tokenizer.tokenize("the lazy dog")
+    assert tokenizer.detokenize(ids) == "the lazy dog"
+    assert tokenizer.eod == tokenizer.hf.convert_tokens_to_ids("<|end|>")
+    assert tokenizer.vocab_size <= 1001
