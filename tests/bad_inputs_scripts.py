@@ -46,8 +46,13 @@ def make_given(directory: Path) -> dict:
     _script("finetune_gpt.py", "--config", config, "--data-path", data / "finetune_text_document",
             "--train-iters", 2, "--save-interval", 1, "--pretrained-checkpoint", base,
             "--save", run)
+    from hf_checks import make_llama_with_tokenizer, make_tokenizer
+
+    hf = make_llama_with_tokenizer(directory / "hf", shards=True)
+    big_tokenizer = directory / "big_tokenizer"
+    make_tokenizer(big_tokenizer, extra_tokens=800)  # ~1100 tokens: more than the model's 1001
     return {"data": data / "finetune_text_document", "train_config": config, "base": base,
-            "run": run}
+            "run": run, "hf": hf, "big_tokenizer": big_tokenizer}
 
 
 # --- building rows ------------------------------------------------------------------------------
@@ -131,6 +136,67 @@ def _base_copy(w, g, *, without_description=False):
     if without_description:
         (base / "model" / "model_description.json").unlink()
     return base
+
+
+def _hf_flags(g, w, hf, *extra):
+    return ["--pretrained-checkpoint", hf, "--data-path", g.data, "--train-iters", 2,
+            "--save", w / "save", "--lora-rank", 4, "--seq-length", 32, *extra]
+
+
+def _hf_copy(edit=None):
+    """A copy of the Hugging Face model directory, broken by ``edit(copy)``."""
+    def make(w, g, *extra):
+        hf = _copy(g.hf, w, "hf")
+        if edit is not None:
+            edit(hf)
+        return _hf_flags(g, w, hf, *extra)
+
+    return make
+
+
+def _edit_config(**changes):
+    def edit(hf):
+        import json
+
+        config = json.loads((hf / "config.json").read_text())
+        config.update(changes)
+        (hf / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def _first_shard(hf) -> Path:
+    import json
+
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    return hf / sorted(set(index["weight_map"].values()))[0]
+
+
+def _rewrite_first_shard(change):
+    def edit(hf):
+        from safetensors.torch import load_file, save_file
+
+        shard = _first_shard(hf)
+        tensors = load_file(shard)
+        change(tensors)
+        save_file(tensors, shard, metadata={"format": "pt"})
+
+    return edit
+
+
+def _narrow_first_tensor(tensors):
+    name = sorted(k for k in tensors if tensors[k].dim() == 2)[0]
+    tensors[name] = tensors[name][:, :-1].contiguous()
+
+
+def _drop_first_tensor(tensors):
+    del tensors[sorted(tensors)[0]]
+
+
+def _pickle_only(hf):
+    for path in list(hf.glob("*.safetensors")) + [hf / "model.safetensors.index.json"]:
+        path.unlink()
+    (hf / "pytorch_model.bin").write_bytes(b"not loaded")
 
 
 def _file(w, name="notes.txt"):
@@ -267,4 +333,37 @@ ROWS = [
              "adapts 8 modules; the flags target ['linear_qkv']"),
     BadInput("lora_load_not_an_adapter", "finetune",
              lambda w, g: _file(w) and _flags(g, w, "--lora-load", w), "--lora-load: "),
+    # a Hugging Face --pretrained-checkpoint (docs/hf.md)
+    BadInput("hf_unsupported_model_type", "finetune", _hf_copy(_edit_config(model_type="gpt2")),
+             "model_type 'gpt2' is not supported; supported: llama, mistral"),
+    BadInput("hf_config_not_json", "finetune",
+             _hf_copy(lambda hf: (hf / "config.json").write_text("{not json")),
+             "config.json is not valid JSON"),
+    BadInput("hf_config_missing", "finetune",
+             _hf_copy(lambda hf: (hf / "config.json").unlink()),
+             "is no Hugging Face model directory (no config.json)"),
+    BadInput("hf_shard_missing", "finetune", _hf_copy(lambda hf: _first_shard(hf).unlink()),
+             "is missing (named by model.safetensors.index.json)"),
+    BadInput("hf_tensor_missing", "finetune", _hf_copy(_rewrite_first_shard(_drop_first_tensor)),
+             "cannot be read"),
+    BadInput("hf_tensor_of_the_wrong_shape", "finetune",
+             _hf_copy(_rewrite_first_shard(_narrow_first_tensor)),
+             "but config.json's model needs"),
+    BadInput("hf_only_pickle_weights", "finetune", _hf_copy(_pickle_only),
+             "pytorch_model.bin, pickle files, which are never loaded here"),
+    BadInput("hf_flag_contradicts_config", "finetune",
+             lambda w, g: _hf_copy()(w, g, "--hidden-size", 128),
+             "hidden_size 128 contradicts"),
+    BadInput("hf_sliding_window_would_act", "finetune", _hf_copy(_edit_config(sliding_window=16)),
+             "sliding_window 16 is not supported: it would act at a sequence length of 32"),
+    BadInput("hf_rope_type_megatron_lacks", "finetune",
+             _hf_copy(_edit_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
+                                                    "factor": 4.0})),
+             "rope_type 'yarn' is not supported"),
+    BadInput("hf_tokenizer_model_missing", "finetune",
+             lambda w, g: _hf_copy()(w, g, "--tokenizer-model", w / "nothing"),
+             "is not a directory"),
+    BadInput("hf_tokenizer_larger_than_the_model", "finetune",
+             lambda w, g: _hf_copy()(w, g, "--tokenizer-model", g.big_tokenizer),
+             "more than the model's vocab_size 1001"),
 ]

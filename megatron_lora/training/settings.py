@@ -141,14 +141,18 @@ class TrainingSettings:
         if self.load and not (Path(self.load) / LATEST).is_file():
             raise TrainingError(f"--load {self.load} is not a checkpoint directory of these "
                                 f"scripts: {LATEST} is missing")
-        if self.pretrained_checkpoint and not model_checkpoint_dir(self.pretrained_checkpoint) \
-                and not is_hf_directory(self.pretrained_checkpoint):
-            raise TrainingError(f"--pretrained-checkpoint {self.pretrained_checkpoint} holds no "
-                                f"megatron dist-checkpoint (expected a metadata.json, or a "
-                                f"model/ folder written by pretrain_gpt.py) and is no Hugging "
-                                f"Face model directory (no config.json)")
+        if self.pretrained_checkpoint:
+            _check_pretrained_path(self.pretrained_checkpoint)
         if self.load:
             latest_iteration_directory(self.load)
+
+
+def _check_pretrained_path(path) -> None:
+    if not model_checkpoint_dir(path) and not is_hf_directory(path):
+        raise TrainingError(f"--pretrained-checkpoint {path} holds no megatron dist-checkpoint "
+                            f"(expected a metadata.json, or a model/ folder written by "
+                            f"pretrain_gpt.py) and is no Hugging Face model directory (no "
+                            f"config.json)")
 
 
 # --- the layout gate ------------------------------------------------------------------------------
@@ -288,6 +292,9 @@ def _experiment_from(args):
         overrides["megatron_config.params_dtype"] = "bfloat16"
     if is_hf_directory(args.pretrained_checkpoint):
         return _hf_experiment_from(args, overrides)
+    if args.pretrained_checkpoint and not args.config:
+        # no model but the checkpoint's: say what the checkpoint lacks, not which keys
+        _check_pretrained_path(args.pretrained_checkpoint)
     try:
         if args.config:
             return load_experiment(args.config, overrides=overrides)
