@@ -3,6 +3,11 @@ TP=2 + SP, with an adapter), transformers' and peft's generate on the same weigh
 sampling agrees on every rank, batched greedy equals one prompt at a time, and the exact-match
 accuracy built on it."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +16,7 @@ from gpt_checks import experiment, random_lora
 PROMPTS = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 6], [11], [2, 3, 5, 7, 11], [6, 6, 1]]  # ragged
 NEW_TOKENS = 6
 SAMPLING = dict(temperature=0.9, top_p=0.9, seed=5)
+SCRIPT_PROMPT = "hi"  # bytes below the tiny model's vocabulary of 128
 REAL_VOCAB = 40  # a "padded" model: ids >= 40 must never come out
 
 
@@ -62,10 +68,13 @@ def generate_at_tp1(rank, world, scratch):
     from peft import PeftModel
 
     from megatron_lora import apply_lora
+    from megatron_lora.checkpoint import save_adapter, save_dist_checkpoint
     from megatron_lora.data import ByteTokenizer
     from megatron_lora.generation import exact_matches, greedy_complete
     from megatron_lora.gpt import build_gpt_model, initialize_model_parallel
     from megatron_lora.interop import export_peft
+    from megatron_lora.training import describe_model
+    from megatron_lora.training.rundir import MODEL_DESCRIPTION
 
     exp = experiment(1, 1, False)
     initialize_model_parallel(exp)
@@ -103,9 +112,17 @@ def generate_at_tp1(rank, world, scratch):
     with pytest.raises(ValueError, match="sequence length"):
         greedy_complete(model, PROMPTS, exp.seq_length)
 
+    # the base as the training scripts save it, for scripts/generate.py
+    (scratch / "base" / "model").mkdir(parents=True)
+    save_dist_checkpoint(model.sharded_state_dict(), scratch / "base" / "model")
+    (scratch / "base" / "model" / MODEL_DESCRIPTION).write_text(json.dumps(describe_model(exp)))
+
     # with an adapter whose B is not zero: it changes what is generated
     apply_lora(model, random_lora(), verbose=False)
     out.update(adapted_generations(model))
+    save_adapter(model, scratch / "adapter")
+    out["script_expected"] = greedy_complete(model, [tokenizer.tokenize(SCRIPT_PROMPT)],
+                                             NEW_TOKENS)[0]
     export_peft(model, scratch / "peft")
     peft_model = PeftModel.from_pretrained(hf, str(scratch / "peft")).eval()
     out["peft"] = hf_generate(peft_model, PROMPTS, NEW_TOKENS)
@@ -127,11 +144,15 @@ def generate_at_tp2_sp(rank, world):
 
 
 @pytest.fixture(scope="module")
-def tp1(tmp_path_factory):
+def scratch(tmp_path_factory):
+    return tmp_path_factory.mktemp("gen")
+
+
+@pytest.fixture(scope="module")
+def tp1(scratch):
     from megatron_lora.cpu import spawn_gloo
 
-    return spawn_gloo(generate_at_tp1, 1, args=(tmp_path_factory.mktemp("gen"),),
-                      timeout=240)[0]
+    return spawn_gloo(generate_at_tp1, 1, args=(scratch,), timeout=240)[0]
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +209,35 @@ def test_no_token_at_or_above_the_real_vocabulary(tp1, tp2):
         assert out["limited_greedy"] == out["limited_full_forward"]
     # without the limit, the model does produce larger ids
     assert any(token >= REAL_VOCAB for row in tp1["cached"] for token in row)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generate_script_prints_the_adapted_completion(tp1, scratch):
+    output = scratch / "completions.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "generate.py"),
+         "--pretrained-checkpoint", str(scratch / "base"), "--lora-load", str(scratch / "adapter"),
+         "--prompt", SCRIPT_PROMPT, "--no-chat-template", "--max-new-tokens", str(NEW_TOKENS),
+         "--output", str(output)],
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert f"### prompt: {SCRIPT_PROMPT}" in result.stdout
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["tokens"] for row in rows] == [tp1["script_expected"]]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "x"], "--pretrained-checkpoint is required"),
+    (["--pretrained-checkpoint", "{base}", "--prompt", "x", "--pipeline-model-parallel-size",
+      "2"], "--pipeline-model-parallel-size 2"),
+    (["--pretrained-checkpoint", "{base}", "--prompt", "x", "--top-p", "0"], "--top-p 0"),
+])
+def test_generate_script_bad_input_is_one_line_and_exit_2(tp1, scratch, capsys, argv, message):
+    from megatron_lora.generate_cli import main
+
+    code = main([item.format(base=scratch / "base") for item in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("generate.py: error: ") and message in err
