@@ -161,7 +161,7 @@ def _generate_group(model, tokens: torch.Tensor, max_new_tokens: int, pick, stop
         context = StaticInferenceContext(rows, length + max_new_tokens)
     step_input = tokens
     stopped = torch.zeros(rows, dtype=torch.bool, device=tokens.device)
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         if use_cache:
             offset = context.sequence_len_offset
             position_ids = torch.arange(offset, offset + step_input.shape[1],
@@ -175,7 +175,7 @@ def _generate_group(model, tokens: torch.Tensor, max_new_tokens: int, pick, stop
             sequence = torch.cat([tokens, generated], dim=1)
             position_ids, mask = gpt_forward_inputs(sequence)
             logits = gathered_logits(model(sequence, position_ids, mask))[:, -1]
-        chosen = pick(logits, step)
+        chosen = pick(logits)
         generated = torch.cat([generated, chosen[:, None]], dim=1)
         step_input = chosen[:, None]
         stopped |= torch.isin(chosen, stop)
@@ -223,7 +223,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                                       device=device)
                 group_generators = [generators[row] for row in rows] if generators else None
 
-                def pick(logits, step, group_generators=group_generators):
+                def pick(logits, group_generators=group_generators):
                     return next_tokens(logits, temperature, top_p, group_generators, vocab_size)
 
                 generated = _generate_group(model, tokens, max_new_tokens, pick, stop, use_cache)
