@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,12 +46,14 @@ def _under_a_launcher() -> bool:
     return "LOCAL_RANK" in os.environ  # torchrun, or srun through scripts/slurm
 
 
-def launch_workers(argv: List[str], nproc: int, mode: str) -> int:
+def launch_workers(argv: List[str], nproc: int, mode: str = "finetune",
+                   script_name: Optional[str] = None) -> int:
     """--nproc-per-node N: the inputs were checked here, in one process; now torchrun starts
-    the N workers on this machine with the same arguments (less this flag). Its exit code."""
-    script = Path(sys.argv[0]).resolve()
-    if script.name != f"{mode}_gpt.py":
-        raise TrainingError(f"--nproc-per-node launches scripts/{mode}_gpt.py itself; from "
+    the N workers on this machine with the same arguments (less this flag). Its exit code.
+    ``script_name``: the script that launches (default: ``{mode}_gpt.py``)."""
+    script, expected = Path(sys.argv[0]).resolve(), script_name or f"{mode}_gpt.py"
+    if script.name != expected:
+        raise TrainingError(f"--nproc-per-node launches scripts/{expected} itself; from "
                             f"{script.name} start the workers with torchrun")
     rest, skip = [], False
     for item in argv:
@@ -73,16 +75,21 @@ def _check_inputs(argv: List[str], mode: str):
     """(experiment, settings, lora, args), checked in this one process for the world size the
     run will have (--nproc-per-node, or the launcher's)."""
     experiment, settings, lora, args = parse_arguments(argv, mode)
-    launching = args.nproc_per_node is not None
-    if launching and _under_a_launcher():
-        raise TrainingError(f"--nproc-per-node {args.nproc_per_node} starts the workers "
-                            f"itself; under torchrun or srun leave it out")
-    if launching and args.nproc_per_node < 1:
-        raise TrainingError(f"--nproc-per-node {args.nproc_per_node} is invalid: expected "
-                            f"a positive number of processes")
-    world = args.nproc_per_node if launching else int(os.environ.get("WORLD_SIZE", "1"))
-    experiment.check_world_size(world)
+    experiment.check_world_size(world_size_to_run(args.nproc_per_node))
     return experiment, settings, lora, args
+
+
+def world_size_to_run(nproc_per_node: Optional[int]) -> int:
+    """The world size the run will have: --nproc-per-node's (checked), or the launcher's."""
+    if nproc_per_node is None:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    if _under_a_launcher():
+        raise TrainingError(f"--nproc-per-node {nproc_per_node} starts the workers "
+                            f"itself; under torchrun or srun leave it out")
+    if nproc_per_node < 1:
+        raise TrainingError(f"--nproc-per-node {nproc_per_node} is invalid: expected "
+                            f"a positive number of processes")
+    return nproc_per_node
 
 
 def _run(experiment, settings, lora, args) -> None:
