@@ -74,9 +74,7 @@ class Request:
     world_size: int = 1
 
 
-def is_hf_directory(path) -> bool:
-    return Path(path, "config.json").is_file()
-
+from .hf import is_hf_directory  # noqa: E402  (one rule for what a Hugging Face directory is)
 
 def _read_prompts(args) -> List[Prompt]:
     prompts = [Prompt(text=text) for text in args.prompt]
@@ -209,10 +207,10 @@ class TextCodec:
             self.hf, self.tokenizer = False, get_tokenizer("byte")
             self.stop = [self.tokenizer.eod]
             return
-        from transformers import AutoTokenizer
+        from .tokenizers import HuggingFaceTokenizer  # local files only, no code from the files
 
         self.hf = True
-        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        self.tokenizer = HuggingFaceTokenizer(directory).hf
         if self.chat and not getattr(self.tokenizer, "chat_template", None):
             raise GenerateError(f"the tokenizer in {directory} has no chat template; pass "
                                 f"--no-chat-template to tokenize the prompts as they are")
@@ -269,12 +267,12 @@ def _build_model(request: Request):
 
     experiment = request.experiment
     initialize_model_parallel(experiment)
-    # the checkpoint overwrites every base weight: megatron's own (faster) initialisation
-    model = build_gpt_model(experiment, layout_invariant_init=False)
+    # the checkpoint overwrites every base weight: nothing is drawn first
+    model = build_gpt_model(experiment, initialize=False)
     if request.hf:
         from .hf import load_hf_weights
 
-        load_hf_weights(model, request.checkpoint)
+        load_hf_weights(model, request.checkpoint, experiment)
     else:
         from .training.base import load_base_weights
 

@@ -174,7 +174,7 @@ def build_gpt_model(experiment, *, initialize: bool = True, layout_invariant_ini
     elif layout_invariant_init:
         initialize_base_weights(model, experiment.seed, config)
     if experiment.padded_vocab_size != experiment.vocab_size:
-        mask_padded_vocabulary(model, experiment.vocab_size)
+        mask_padded_vocabulary(model, experiment.vocab_size, experiment.padded_vocab_size)
     return model
 
 
@@ -201,7 +201,7 @@ def mark_tensor_parallel_shards(model) -> None:
             set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
-def mask_padded_vocabulary(model, vocab_size: int) -> None:
+def mask_padded_vocabulary(model, vocab_size: int, padded_vocab_size: int) -> None:
     """Logits of padded vocabulary rows (ids >= ``vocab_size``) become -inf wherever the last
     stage produces logits: in what the model returns and before its cross entropy. So a padded
     row never takes probability, never adds to a loss or its gradient, and is never generated."""
@@ -211,10 +211,11 @@ def mask_padded_vocabulary(model, vocab_size: int) -> None:
             continue
         compute_loss = chunk.compute_language_model_loss
 
-        def masked(logits, vocab=vocab_size):
-            # logits [..., local vocabulary] of this TP rank's shard of the vocabulary
+        def masked(logits, vocab=vocab_size, padded=padded_vocab_size):
+            # logits [..., this TP rank's shard of the vocabulary], or all of it when the
+            # caller asked megatron to gather them (runtime_gather_output)
             width = logits.shape[-1]
-            first = parallel_state.get_tensor_model_parallel_rank() * width
+            first = 0 if width == padded else parallel_state.get_tensor_model_parallel_rank() * width
             ids = torch.arange(first, first + width, device=logits.device)
             return logits.masked_fill(ids >= vocab, float("-inf"))
 

@@ -60,3 +60,31 @@ def test_the_tokenizer_is_the_models_own(tmp_path):
     assert tokenizer.detokenize(ids) == "the lazy dog"
     assert tokenizer.eod == tokenizer.hf.convert_tokens_to_ids("<|end|>")
     assert tokenizer.vocab_size <= 1001
+
+
+def test_generate_from_a_hugging_face_directory_equals_transformers(tmp_path):
+    """scripts/generate.py on the Hugging Face directory at TP=2 + SP, the prompt in the
+    tokenizer's chat template: greedy tokens equal transformers' generate, token for token,
+    and none is a padded vocabulary id."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = make_llama_with_tokenizer(tmp_path / "llama")
+    out = tmp_path / "out.jsonl"
+    result = torchrun("generate.py", "--pretrained-checkpoint", base,
+                      "--tensor-model-parallel-size", 2, "--sequence-parallel",
+                      "--seq-length", 64, "--prompt", "the lazy dog", "--max-new-tokens", 10,
+                      "--output", out, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ours = json.loads(out.read_text().splitlines()[0])["tokens"]
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "the lazy dog"}],
+                                           tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True).float().eval()
+    expected = model.generate(ids, max_new_tokens=10, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+    if tokenizer.eos_token_id in expected:  # ours stops before the stop token
+        expected = expected[:expected.index(tokenizer.eos_token_id)]
+    assert ours == expected
+    assert all(token < 1001 for token in ours)
