@@ -32,6 +32,7 @@ from safetensors.torch import save as safetensors_bytes
 from .agreement import all_gather_bytes, collective_device, is_distributed, raise_if_any_rank_failed
 from .atomic import write_synced
 from .config import LoraConfig
+from .description import PROVENANCE, ModelDescription, qkv_rows  # noqa: F401  (PROVENANCE: API)
 from .errors import MegatronLoraError
 from .model import (
     DEFAULT_TARGETS,
@@ -53,9 +54,6 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-_BASE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "ffn_hidden_size", "kv_channels", "gated_linear_unit", "num_moe_experts",
-                "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "vocab_size")
 
 
 class AdapterCheckpointError(MegatronLoraError):
@@ -66,30 +64,13 @@ class AdapterCheckpointError(MegatronLoraError):
 
 
 def describe_base_model(model: ModelLike) -> Dict[str, object]:
-    """The shape facts an adapter depends on, from the model's megatron config."""
-    chunk = model_chunks(model)[0]
-    description = describe_transformer_config(getattr(chunk, "config", None),
-                                              getattr(chunk, "vocab_size", None))
-    if getattr(chunk, "share_embeddings_and_output_weights", False):
-        description["share_embeddings_and_output_weights"] = True
-    unpadded = max((getattr(c, "unpadded_vocab_size", 0) for c in model_chunks(model)), default=0)
-    if unpadded and unpadded != description.get("vocab_size"):
-        description["unpadded_vocab_size"] = unpadded  # the rows past it are padding
-    source = getattr(chunk, "hf_name_or_path", None)
-    if source:  # where the base came from: PEFT's base_model_name_or_path, export-hf's --base
-        description[PROVENANCE] = source
-    return description
-
-
-# description keys that say where a base came from, not what it is: never compared
-PROVENANCE = "name_or_path"
+    """The shape facts an adapter depends on, from the live model (megatron_lora.description)."""
+    return ModelDescription.from_model(model).for_adapter()
 
 
 def describe_transformer_config(config, vocab_size: Optional[int]) -> Dict[str, object]:
     """describe_base_model's facts from a TransformerConfig and the vocabulary size."""
-    description = {field: getattr(config, field, None) for field in _BASE_FIELDS}
-    description["vocab_size"] = vocab_size
-    return {k: v for k, v in description.items() if v is not None}
+    return ModelDescription.from_transformer_config(config, vocab_size).for_adapter()
 
 
 def describe_layout(model: ModelLike) -> Dict[str, object]:
@@ -480,10 +461,11 @@ def _check_shapes_against_base(module: str, shapes, base: dict, config_path: Pat
         raise _disagreement(config_path, "base_model.hidden_size", hidden, shape_a[1], key_a, shape_a)
     if hidden and leaf in _HIDDEN_OUT and shape_b[0] != hidden:
         raise _disagreement(config_path, "base_model.hidden_size", hidden, shape_b[0], key_b, shape_b)
-    if leaf == "linear_qkv" and heads and head_dim and shape_b[0] != (heads + 2 * groups) * head_dim:
+    if leaf == "linear_qkv" and heads and head_dim \
+            and shape_b[0] != qkv_rows(heads, groups, head_dim):
         raise AdapterCheckpointError(
             f"{config_path}: base_model heads ({heads} attention heads, {groups} query groups, "
-            f"{head_dim} channels each) give {(heads + 2 * groups) * head_dim} qkv rows, but "
+            f"{head_dim} channels each) give {qkv_rows(heads, groups, head_dim)} qkv rows, but "
             f"{key_b} has shape {list(shape_b)}")
     if leaf == "linear_proj" and heads and head_dim and shape_a[1] != heads * head_dim:
         raise _disagreement(config_path, "base_model.num_attention_heads × kv_channels",
@@ -522,12 +504,10 @@ def _validate_against_model(model, adapter: AdapterFile, adapter_name: str):
     that adapter, modules here wrapped under ``adapter_name`` that the file has no factors for).
     """
     problems: List[str] = []
-    saved_base = adapter.config.get("base_model", {})
-    ours = describe_base_model(model)
-    differing = {k: (saved_base[k], ours[k]) for k in saved_base.keys() & ours.keys()
-                 if k != PROVENANCE and saved_base[k] != ours[k]}
+    differing = ModelDescription.from_json(adapter.config.get("base_model", {})).differences(
+        ModelDescription.from_model(model))
     if differing:
-        details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in sorted(differing.items()))
+        details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, a, b in differing)
         problems.append(f"the adapter was trained for another base model ({details})")
         return problems, {}, [], []
 

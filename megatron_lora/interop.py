@@ -46,6 +46,7 @@ from .checkpoint import (
 )
 from .agreement import is_distributed
 from .config import LoraConfig
+from .description import TIED, ModelDescription
 from .errors import MegatronLoraError
 from .model import ModelLike, model_chunks
 from .parallel import split_gate_up
@@ -293,43 +294,43 @@ def _peft_target_modules(hf_modules: List[str], shape, architecture: str) -> Lis
 
 
 def shape_from_description(base_model: Dict[str, object]) -> Dict[str, int]:
-    """The shape facts the mapping needs (heads, sizes, experts), from a base-model description
-    (adapter_config.json's base_model, or describe_base_model of a live model)."""
+    """The shape facts the mapping needs (heads, sizes, experts), by the short names the
+    rules use, from a base-model description (adapter_config.json's base_model, or
+    describe_base_model of a live model); derived by megatron_lora.description."""
+    described = ModelDescription.from_json(base_model)
     try:
-        heads = int(base_model["num_attention_heads"])
-        groups = int(base_model.get("num_query_groups") or heads)
-        hidden = int(base_model["hidden_size"])
-        head_dim = int(base_model.get("kv_channels") or 0)
-        shape = {"heads": heads, "groups": groups, "head_dim": head_dim, "hidden": hidden,
-                 "ffn": int(base_model["ffn_hidden_size"]),
-                 "glu": bool(base_model.get("gated_linear_unit", False))}
+        heads, hidden = described.heads, int(described.facts["hidden_size"])
+        groups = described.groups
+        shape = {"heads": heads, "groups": groups, "hidden": hidden,
+                 "ffn": int(described.facts["ffn_hidden_size"]),
+                 "glu": described.fc1_halves == 2}
     except (KeyError, TypeError, ValueError) as error:
         raise InteropError(f"the base-model description lacks {error}; it is needed "
                            f"to split linear_qkv into q/k/v") from None
     if heads <= 0 or groups <= 0 or heads % groups:
         raise InteropError(f"num_attention_heads {heads} is not a positive multiple of "
                            f"num_query_groups {groups}; the heads cannot be split into q/k/v")
-    if not head_dim:
-        if hidden % heads:
-            raise InteropError(f"hidden_size {hidden} is not a multiple of num_attention_heads "
-                               f"{heads} (and kv_channels is not given)")
-        shape["head_dim"] = hidden // heads
+    if described.head_dim is None:
+        raise InteropError(f"hidden_size {hidden} is not a multiple of num_attention_heads "
+                           f"{heads} (and kv_channels is not given)")
+    shape["head_dim"] = described.head_dim
     shape["q_rows"] = heads * shape["head_dim"]
     shape["kv_rows"] = groups * shape["head_dim"]
+    shape["qkv_rows"] = described.qkv_rows
     for field, fact in (("num_layers", "num_layers"), ("vocab_size", "vocab"),
-                        ("num_moe_experts", "experts"), ("moe_ffn_hidden_size", "moe_ffn"),
+                        ("num_moe_experts", "experts"),
                         ("moe_shared_expert_intermediate_size", "shared_ffn")):
-        if base_model.get(field) is not None:
-            shape[fact] = int(base_model[field])
-    shape["tied"] = bool(base_model.get("share_embeddings_and_output_weights", False))
-    if shape.get("experts") and "moe_ffn" not in shape:
-        shape["moe_ffn"] = shape["ffn"]  # megatron's default for the experts' size
+        if described.get(field) is not None:
+            shape[fact] = int(described.get(field))
+    if described.expert_ffn:
+        shape["moe_ffn"] = described.expert_ffn
+    shape["tied"] = bool(described.get(TIED, False))
     return shape
 
 
 def _check_qkv_rows(module: str, rows: int, shape) -> None:
     """linear_qkv's B rows must be whole query groups of this head layout."""
-    expected = (shape["heads"] + 2 * shape["groups"]) * shape["head_dim"]
+    expected = shape["qkv_rows"]
     if rows != expected:
         raise InteropError(
             f"{module}.lora_B.weight has {rows} rows, but {shape['heads']} attention heads in "

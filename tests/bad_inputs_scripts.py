@@ -261,7 +261,7 @@ ROWS = [
     BadInput("flag_global_batch_not_a_multiple", "finetune",
              with_flags("--global-batch-size", 3), "--global-batch-size 3 is not a multiple"),
     BadInput("flag_vocab_below_tokenizer", "finetune", with_flags("--vocab-size", 128),
-             "vocab_size 128 is smaller than the byte tokenizer's"),
+             "has 257 tokens, more than the model's vocab_size 128"),
     BadInput("flag_missing_data", "finetune",
              lambda w, g: ["--config", g.train_config, "--data-path", w / "nope", "--save",
                            w / "save", "--train-iters", 2], "nope.bin, "),

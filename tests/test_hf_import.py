@@ -101,3 +101,24 @@ def test_config_json_decides_the_shape_and_the_rest_is_free(family_models):
             moe["moe_shared_expert_intermediate_size"], moe["add_qkv_bias"]) == (4, 48, True, 80, True)
     assert not hf_experiment(family_models["mixtral"].directory).megatron_config[
         "moe_router_pre_softmax"]
+
+
+def test_one_description_of_the_model_from_config_json(family_models):
+    """megatron_lora.description: config.json, the experiment and the file's tensors agree on
+    the derived sizes (qkv rows, expert ffn, padded vocabulary)."""
+    from megatron_lora.description import ModelDescription
+    from megatron_lora.hf import HFCheckpoint, hf_experiment
+
+    for family in ("qwen3", "qwen2_moe", "llama"):
+        directory = family_models[family].directory
+        described = ModelDescription.from_hf_directory(directory)
+        assert not described.differences(ModelDescription.from_experiment(hf_experiment(directory)))
+        checkpoint = HFCheckpoint(directory)
+        rows = sum(checkpoint.shape(f"model.layers.0.self_attn.{p}_proj.weight")[0] for p in "qkv")
+        assert described.qkv_rows == rows
+    moe = ModelDescription.from_hf_directory(family_models["qwen2_moe"].directory)
+    assert (moe.expert_ffn, moe.get("moe_shared_expert_intermediate_size")) == (48, 80)
+    llama = ModelDescription.from_hf_directory(family_models["llama"].directory).for_adapter()
+    assert (llama["vocab_size"], llama["unpadded_vocab_size"]) == (1024, 1001)
+    assert llama["name_or_path"]
+

@@ -7,15 +7,10 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ..description import CHECKPOINT_FIELDS, ModelDescription
 from .errors import TrainingError
 from .rundir import MODEL_DESCRIPTION
 
-# the megatron_config keys that decide a base checkpoint's tensors (and what it was trained on)
-_DESCRIBED_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                   "num_query_groups", "kv_channels", "vocab_size", "num_moe_experts",
-                   "moe_ffn_hidden_size", "activation", "normalization", "add_bias_linear",
-                   "untie_embeddings_and_output_weights", "position_embedding_type",
-                   "rotary_base", "rotary_percent", "seq_length")
 
 
 def model_checkpoint_dir(path) -> Optional[Path]:
@@ -28,7 +23,8 @@ def model_checkpoint_dir(path) -> Optional[Path]:
 
 
 def describe_model(experiment) -> dict:
-    return {key: experiment.megatron_config.get(key) for key in _DESCRIBED_KEYS}
+    """model_description.json of a full-training save (megatron_lora.description)."""
+    return ModelDescription.from_experiment(experiment).for_checkpoint()
 
 
 def _read_description(path: Path) -> dict:
@@ -67,9 +63,9 @@ def check_base_fits(experiment, settings) -> None:
         return  # a checkpoint from elsewhere: its shapes are checked when it is loaded
     saved = _read_description(path)
     ours = describe_model(experiment)
-    differing = [f"{key}: checkpoint {saved[key]!r}, this run {ours[key]!r}"
-                 for key in _DESCRIBED_KEYS if key != "seq_length" and key in saved
-                 and saved[key] != ours[key]]
+    differing = [f"{key}: checkpoint {theirs!r}, this run {mine!r}" for key, theirs, mine in
+                 ModelDescription.from_json(saved).differences(
+                     ModelDescription.from_json(ours), CHECKPOINT_FIELDS)]
     if differing:
         raise TrainingError(f"--pretrained-checkpoint {settings.pretrained_checkpoint} holds "
                             f"another model ({'; '.join(differing)}); {path}")
