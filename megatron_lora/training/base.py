@@ -15,7 +15,8 @@ _DESCRIBED_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attentio
                    "num_query_groups", "kv_channels", "vocab_size", "num_moe_experts",
                    "moe_ffn_hidden_size", "activation", "normalization", "add_bias_linear",
                    "untie_embeddings_and_output_weights", "position_embedding_type",
-                   "rotary_base", "rotary_percent", "seq_length")
+                   "rotary_base", "rotary_percent", "seq_length", "layernorm_epsilon",
+                   "moe_router_topk")
 
 
 def model_checkpoint_dir(path) -> Optional[Path]:
