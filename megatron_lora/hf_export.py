@@ -250,6 +250,7 @@ def merge_adapter(adapter_dir: Path, out: Path, base: Optional[Path] = None,
                   overwrite: bool = False) -> Path:
     """The adapter merged into its Hugging Face base, written as a checkpoint laid out like
     the base's (same shard files, index and dtypes). W += s·B A in float32, rounded once."""
+    check_output(out, {"adapter": adapter_dir, "base": base}, overwrite)
     adapter = read_adapter(adapter_dir)
     base_model = adapter.config.get("base_model") or {}
     if base is None:
@@ -257,7 +258,7 @@ def merge_adapter(adapter_dir: Path, out: Path, base: Optional[Path] = None,
             raise HFExportError(f"{adapter_dir}: no base model is known (its base_model has no "
                                 f"name_or_path); pass --base HF_DIR")
         base = Path(base_model["name_or_path"])
-    check_output(out, {"adapter": adapter_dir, "base": base}, overwrite)
+        check_output(out, {"base": base}, overwrite)
     config, located, shapes = read_base(base)
     architecture = architecture_of(config, base)
     check_base_fits(config, architecture, base_model, adapter_dir, base)

@@ -242,3 +242,18 @@ def test_a_trained_megatron_model_gives_its_logits_in_transformers(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert type(hf).__name__ == "LlamaForCausalLM"
     assert relative_error(_logits(hf, TOKENS), expected) <= FP32
+
+
+def test_import_pads_the_trimmed_vocabulary_back_with_zeros(llama, tmp_path):
+    from safetensors.torch import load_file
+
+    _, adapter = llama
+    assert _cli("export-peft", adapter, tmp_path / "peft") == 0
+    assert _cli("import-peft", tmp_path / "peft", tmp_path / "back", "--like", adapter) == 0
+    original = load_file(adapter / "adapter_model.safetensors")
+    back = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    for key, vocab_dim, shape in (("output_layer.lora_B.weight", 0, (136, RANK)),
+                                  ("embedding.word_embeddings.lora_A.weight", 1, (RANK, 136))):
+        assert back[key].shape == original[key].shape == shape
+        assert torch.equal(back[key].narrow(vocab_dim, 0, 128), original[key].narrow(vocab_dim, 0, 128))
+        assert not back[key].narrow(vocab_dim, 128, 8).any()  # padded rows: never used
