@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -151,25 +151,44 @@ def _exchange(first: Path, second: Path) -> bool:
 def write_directory_atomically(path, files: Dict[str, bytes]) -> Path:
     """Write ``files`` as the directory ``path`` so a crash leaves the old one or the new one.
 
-    The files go to a temporary sibling directory, are fsynced, and the directory is swapped
-    in with one atomic exchange (two renames where the filesystem cannot exchange). An existing
-    ``path`` is replaced only if it holds nothing but adapter files.
+    An existing ``path`` is replaced only if it holds nothing but adapter files.
+    """
+    def adapter_files_only(existing: Path) -> Optional[str]:
+        foreign = sorted(p.name for p in existing.iterdir()
+                         if p.name not in (CONFIG_NAME, WEIGHTS_NAME))
+        return f"it holds files that are not an adapter's ({foreign[:5]})" if foreign else None
+
+    def fill(staging: Path) -> None:
+        for name, data in files.items():
+            write_synced(staging / name, data)
+
+    return build_directory_atomically(path, fill, adapter_files_only)
+
+
+def build_directory_atomically(path, fill: Callable[[Path], None],
+                               not_replaceable: Callable[[Path], Optional[str]]) -> Path:
+    """Build the directory ``path`` with ``fill(staging)`` so a crash (or an error in
+    ``fill``) leaves the old one or the new one.
+
+    ``fill`` writes into a temporary sibling directory, whose files are then fsynced, and the
+    directory is swapped in with one atomic exchange (two renames where the filesystem cannot
+    exchange). An existing ``path`` is replaced only if ``not_replaceable(path)`` gives None;
+    otherwise its reason is in the error.
     """
     path = Path(path)
     if path.exists():
         if not path.is_dir():
             raise AdapterCheckpointError(f"{path} exists and is not a directory")
-        foreign = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME))
-        if foreign:
-            raise AdapterCheckpointError(
-                f"refusing to replace {path}: it holds files that are not an adapter's "
-                f"({foreign[:5]}); choose an empty or new directory"
-            )
+        reason = not_replaceable(path)
+        if reason:
+            raise AdapterCheckpointError(f"refusing to replace {path}: {reason}; choose an empty "
+                                         f"or new directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
     try:
-        for name, data in files.items():
-            write_synced(staging / name, data)
+        fill(staging)
+        for written in staging.rglob("*"):  # fsync what fill wrote, however it wrote it
+            _fsync_path(written)
         _fsync_path(staging)
         if not path.exists():
             os.rename(staging, path)
@@ -180,7 +199,7 @@ def write_directory_atomically(path, files: Dict[str, bytes]) -> Path:
             shutil.rmtree(previous, ignore_errors=True)
         _fsync_path(path.parent)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the old adapter
+        shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the old directory
     return path
 
 

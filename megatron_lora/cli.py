@@ -2,6 +2,8 @@
 
     megatron-lora inspect ADAPTER_DIR
     megatron-lora export-peft ADAPTER_DIR OUT_DIR [--overwrite] [--architecture NAME]
+                              [--base HF_DIR]
+    megatron-lora export-hf SOURCE OUT_DIR [--base HF_DIR] [--tokenizer-model DIR] [--overwrite]
     megatron-lora import-peft PEFT_DIR OUT_DIR (--config EXPERIMENT.yaml | --like ADAPTER_DIR)
                               [--overwrite]
 
@@ -23,6 +25,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 from .errors import MegatronLoraError
 
@@ -41,7 +44,7 @@ def _import_quietly() -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not "
                                                       "installed", category=UserWarning)
-            from . import checkpoint, experiment, interop  # noqa: F401
+            from . import checkpoint, experiment, hf_export, interop  # noqa: F401
     finally:
         cpp_extension.setLevel(level)
 
@@ -119,19 +122,31 @@ def check_output(out_dir: Path, source: Path, overwrite: bool) -> None:
                                      f"output directory or pass --overwrite to replace it")
 
 
-def export_peft_files(adapter_dir: Path, out_dir: Path, architecture=None) -> Path:
+def export_peft_files(adapter_dir: Path, out_dir: Path, architecture=None,
+                      base_dir: Optional[Path] = None) -> Path:
+    """The adapter as PEFT files; ``base_model_name_or_path`` is ``base_dir`` (checked against
+    the adapter's base description; its model_type gives the default module names) or the
+    Hugging Face directory the run started from."""
     from safetensors.torch import load_file
 
     from .checkpoint import WEIGHTS_NAME, read_adapter, write_directory_atomically
+    from .hf_export import architecture_of, check_base_fits, read_base
     from .interop import peft_adapter_files, shape_from_description
 
     adapter = read_adapter(adapter_dir)
     base = adapter.config["base_model"]
+    base_path = base.get("name_or_path")
+    if base_dir is not None:
+        config, _, _ = read_base(base_dir)
+        family = architecture_of(config, base_dir)
+        check_base_fits(config, family, base, adapter_dir, base_dir)
+        architecture = architecture or family
+        base_path = str(base_dir.resolve())
     files = peft_adapter_files(
         load_file(adapter_dir / WEIGHTS_NAME), adapter.lora_config, shape_from_description(base),
         provenance={"adapter_name": adapter.config.get("adapter_name"),
                     "trained_layout": adapter.config.get("trained_layout")},
-        architecture=architecture)
+        architecture=architecture, base_model_name_or_path=base_path)
     return write_directory_atomically(out_dir, files)
 
 
@@ -175,10 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", type=Path, help="a new or empty directory")
     export.add_argument("--overwrite", action="store_true",
                         help="replace an existing adapter directory at OUT_DIR (atomically)")
-    export.add_argument("--architecture", choices=["llama", "mixtral", "qwen2_moe"],
-                        help="the Hugging Face module names to write (default: llama for a dense "
-                             "model, mixtral / qwen2_moe for experts without / with a shared "
-                             "expert)")
+    export.add_argument("--architecture", choices=["llama", "mixtral", "qwen2_moe", "qwen3_moe"],
+                        help="the Hugging Face module names to write (default: the --base's "
+                             "model_type, else llama for a dense model, mixtral / qwen2_moe for "
+                             "experts without / with a shared expert)")
+    export.add_argument("--base", type=Path,
+                        help="the Hugging Face base directory to name in base_model_name_or_path "
+                             "(default: the one the run started from)")
+    merged = commands.add_parser("export-hf", help="adapter merged into its base, or a trained "
+                                                   "model -> Hugging Face checkpoint")
+    merged.add_argument("source", type=Path, help="an adapter directory, or a full-training save "
+                                                  "of pretrain_gpt.py")
+    merged.add_argument("out_dir", type=Path, help="a new or empty directory")
+    merged.add_argument("--base", type=Path,
+                        help="the adapter's Hugging Face base (default: the one the run started "
+                             "from)")
+    merged.add_argument("--tokenizer-model", type=Path,
+                        help="a trained model: the directory whose tokenizer files to copy")
+    merged.add_argument("--overwrite", action="store_true",
+                        help="replace a previous export-hf output at OUT_DIR (atomically)")
     imp = commands.add_parser("import-peft", help="Hugging Face PEFT adapter -> consolidated")
     imp.add_argument("peft_dir", type=Path)
     imp.add_argument("out_dir", type=Path, help="a new or empty directory")
@@ -196,7 +226,11 @@ def _run(args) -> None:
         inspect(args.adapter_dir)
     elif args.command == "export-peft":
         check_output(args.out_dir, args.adapter_dir, args.overwrite)
-        print(f"wrote {export_peft_files(args.adapter_dir, args.out_dir, args.architecture)}")
+        print(f"wrote {export_peft_files(args.adapter_dir, args.out_dir, args.architecture, args.base)}")
+    elif args.command == "export-hf":
+        from .hf_export import export_hf
+
+        print(f"wrote {export_hf(args.source, args.out_dir, args.base, args.tokenizer_model, args.overwrite)}")
     else:
         check_output(args.out_dir, args.peft_dir, args.overwrite)
         written = import_peft_files(args.peft_dir, args.out_dir, _shape_source(args),

@@ -21,7 +21,8 @@ CHECKPOINT_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attent
                      "num_query_groups", "kv_channels", "vocab_size", "num_moe_experts",
                      "moe_ffn_hidden_size", "activation", "normalization", "add_bias_linear",
                      "untie_embeddings_and_output_weights", "position_embedding_type",
-                     "rotary_base", "rotary_percent", "seq_length")
+                     "rotary_base", "rotary_percent", "seq_length", "layernorm_epsilon",
+                     "moe_router_topk")
 TIED = "share_embeddings_and_output_weights"
 UNPADDED = "unpadded_vocab_size"
 # where a base came from, not what it is: recorded, never compared

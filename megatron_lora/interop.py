@@ -46,13 +46,18 @@ from .checkpoint import (
 )
 from .agreement import is_distributed
 from .config import LoraConfig
+from .hf import FAMILIES
 from .description import TIED, ModelDescription
 from .errors import MegatronLoraError
 from .model import ModelLike, model_chunks
 from .parallel import split_gate_up
 
 PEFT_PREFIX = "base_model.model."
-HF_ARCHITECTURES = ("llama", "mixtral", "qwen2_moe")
+HF_ARCHITECTURES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe")
+# a transformers config.json model_type -> the family whose module names it uses
+# transformers' model_type -> the family of names above (megatron_lora.hf owns the families)
+MODEL_TYPE_ARCHITECTURES = {model_type: family.architecture
+                            for model_type, family in FAMILIES.items()}
 
 
 class InteropError(MegatronLoraError):
@@ -144,6 +149,9 @@ RULES = {
               (("shared_ffn", "hidden"),) * 2, split="gate_up", needs="shared_ffn"),
         _Rule("mlp.shared_experts.linear_fc2", ("mlp.shared_expert.down_proj",),
               (("hidden", "shared_ffn"),), needs="shared_ffn")),
+    # Qwen2-MoE's expert and router names, without a shared expert
+    "qwen3_moe": _ATTENTION + _DENSE_MLP + _ENDS + _moe_rules(
+        "mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate"),
 }
 # what each shape fact is called in an error message
 _FACT_NAMES = {"q_rows": "heads × head_dim", "kv_rows": "query groups × head_dim",
@@ -218,16 +226,49 @@ def _find_megatron_rule(module: str, architecture: str):
         f"{sorted({r.megatron.rsplit('.', 1)[-1] for r in RULES[architecture]})})")
 
 
+def hf_vocab(shape) -> Optional[int]:
+    """The vocabulary the Hugging Face model has: megatron's padded rows are not part of it."""
+    return shape.get("unpadded_vocab") or shape.get("vocab")
+
+
+def _trim_vocab(rule: _Rule, weight_a, weight_b, shape):
+    """Drop megatron's vocabulary padding (rows no token reaches) from an embedding's A
+    (columns) and the output layer's B (rows)."""
+    if not shape.get("unpadded_vocab"):
+        return weight_a, weight_b
+    if rule.embedding:
+        return weight_a[:, : shape["unpadded_vocab"]], weight_b
+    if rule.dims[0][0] == "vocab":
+        return weight_a, weight_b[: shape["unpadded_vocab"]]
+    return weight_a, weight_b
+
+
+def _pad_vocab(rule: _Rule, weight_a, weight_b, shape):
+    """_trim_vocab's inverse for import: zeros for the padded rows the HF model lacks."""
+    padding = shape.get("vocab", 0) - (shape.get("unpadded_vocab") or shape.get("vocab", 0))
+    if padding <= 0:
+        return weight_a, weight_b
+    if rule.embedding and weight_a.shape[1] == shape["unpadded_vocab"]:
+        return torch.nn.functional.pad(weight_a, (0, padding)), weight_b
+    if rule.dims[0][0] == "vocab" and weight_b.shape[0] == shape["unpadded_vocab"]:
+        return weight_a, torch.nn.functional.pad(weight_b, (0, 0, 0, padding))
+    return weight_a, weight_b
+
+
 def megatron_to_hf_factors(tensors: Dict[str, torch.Tensor], shape,
-                           architecture: Optional[str] = None) -> Dict[str, torch.Tensor]:
+                           architecture: Optional[str] = None, *,
+                           merging: bool = False) -> Dict[str, torch.Tensor]:
     """Canonical megatron adapter tensors → PEFT keys of the HF ``architecture`` (without the
-    PEFT prefix). A fused megatron module's A goes to each HF part; its B is split."""
+    PEFT prefix). A fused megatron module's A goes to each HF part; its B is split; the
+    vocabulary padding is dropped. ``merging``: the factors will be merged into the weights,
+    where an adapter on tied word embeddings is exact (one shared table)."""
     architecture = check_architecture(architecture, shape)
     out: Dict[str, torch.Tensor] = {}
     for module in sorted({k.rsplit(".lora_", 1)[0] for k in tensors}):
         weight_a, weight_b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
         rule, found = _find_megatron_rule(module, architecture)
-        if rule.embedding and shape.get("tied"):
+        weight_a, weight_b = _trim_vocab(rule, weight_a, weight_b, shape)
+        if rule.embedding and shape.get("tied") and not merging:
             raise InteropError(
                 f"{module}: the word embeddings are tied to the output layer, where this adapter "
                 f"acts too (docs/layer_types.md); PEFT's embedding LoRA on embed_tokens does not "
@@ -325,6 +366,9 @@ def shape_from_description(base_model: Dict[str, object]) -> Dict[str, int]:
     if described.expert_ffn:
         shape["moe_ffn"] = described.expert_ffn
     shape["tied"] = bool(described.get(TIED, False))
+    unpadded = described.get("unpadded_vocab_size")
+    if unpadded is not None and shape.get("vocab") and int(unpadded) < shape["vocab"]:
+        shape["unpadded_vocab"] = int(unpadded)  # megatron padded the vocabulary
     return shape
 
 
@@ -340,9 +384,11 @@ def _check_qkv_rows(module: str, rows: int, shape) -> None:
 
 def peft_adapter_files(tensors: Dict[str, torch.Tensor], lora: LoraConfig, shape,
                        provenance: Optional[dict] = None,
-                       architecture: Optional[str] = None) -> Dict[str, bytes]:
+                       architecture: Optional[str] = None,
+                       base_model_name_or_path: Optional[str] = None) -> Dict[str, bytes]:
     """adapter_config.json and adapter_model.safetensors, as PEFT writes them, from the
-    canonical megatron tensors, with the module names of the HF ``architecture``."""
+    canonical megatron tensors, with the module names of the HF ``architecture``;
+    ``base_model_name_or_path`` is what PeftModel.from_pretrained and AutoPeftModel load."""
     architecture = check_architecture(architecture, shape)
     hf = megatron_to_hf_factors({k: v.detach().cpu() for k, v in tensors.items()}, shape,
                                 architecture)
@@ -355,7 +401,7 @@ def peft_adapter_files(tensors: Dict[str, torch.Tensor], lora: LoraConfig, shape
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": base_model_name_or_path,
         "r": default_rank,
         # megatron scales each module by lora_alpha over its own rank, as PEFT does: one alpha
         "lora_alpha": lora.lora_alpha,
@@ -386,6 +432,7 @@ def export_peft(model: ModelLike, path, adapter_name: str = "default",
     PEFT model card, say); the CLI asks for --overwrite first."""
     shape = _model_shape(model)
     architecture = check_architecture(architecture, shape)  # on every rank, before any collective
+    base_path = describe_base_model(model).get("name_or_path")
     lora = LoraConfig(**shared_lora_config(model, adapter_name))
     tensors = collect_on_rank0(adapter_tensors(model, adapter_name))
     if is_distributed() and torch.distributed.get_rank() != 0:
@@ -393,7 +440,7 @@ def export_peft(model: ModelLike, path, adapter_name: str = "default",
         return None
     try:
         files = peft_adapter_files(
-            tensors, lora, shape, architecture=architecture,
+            tensors, lora, shape, architecture=architecture, base_model_name_or_path=base_path,
             provenance={"adapter_name": adapter_name, "trained_layout": describe_layout(model)})
         return write_directory_atomically(path, files)
     finally:
@@ -562,7 +609,7 @@ def check_peft_against_model(config: dict, factors, shape, path, described_by: s
             raise InteropError(f"{path}: {module} is a gate projection, but the model described "
                                f"by {described_by} has gated_linear_unit false")
         for side, dim, fact in (("B", 0, rule.dims[part][0]), ("A", 1, rule.dims[part][1])):
-            expected = shape.get(fact)
+            expected = hf_vocab(shape) if fact == "vocab" else shape.get(fact)
             if expected is not None and pair[side].shape[dim] != expected:
                 raise InteropError(
                     f"{path} does not fit the model described by {described_by}: "
@@ -668,6 +715,7 @@ def hf_to_megatron_factors(config, tensors: Dict[str, torch.Tensor], shape):
             weight_b = _join_qkv_rows(*parts_b, shape)
         else:
             weight_b = torch.cat(parts_b, dim=0) if len(parts_b) > 1 else parts_b[0]
+        parts_a, weight_b = _pad_vocab(groups[target]["rule"], parts_a, weight_b, shape)
         out[f"{target}.lora_A.weight"] = parts_a.contiguous()
         out[f"{target}.lora_B.weight"] = weight_b.contiguous()
     return out, lora_kwargs
@@ -709,9 +757,11 @@ def hf_state_dict(full_state: Dict[str, torch.Tensor], shape, architecture: str 
     are stacked as transformers 5 keeps them: gate_up_proj [experts, 2·ffn, hidden] (megatron's
     fc1 is [gate; up] already) and down_proj [experts, hidden, ffn]."""
     architecture = check_architecture(architecture, shape)
-    hf = {"model.embed_tokens.weight": full_state["embedding.word_embeddings.weight"],
-          "model.norm.weight": full_state["decoder.final_layernorm.weight"],
-          "lm_head.weight": full_state["output_layer.weight"]}
+    vocab = hf_vocab(shape)  # megatron's padded vocabulary rows are not the HF model's
+    hf = {"model.embed_tokens.weight": full_state["embedding.word_embeddings.weight"][:vocab],
+          "model.norm.weight": full_state["decoder.final_layernorm.weight"]}
+    if full_state.get("output_layer.weight") is not None:  # absent when tied to the embeddings
+        hf["lm_head.weight"] = full_state["output_layer.weight"][:vocab]
     for i in range(shape["num_layers"]):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         q, k, v = _split_qkv_rows(full_state[src + "self_attention.linear_qkv.weight"], shape)

@@ -188,6 +188,57 @@ def _targets_without_lm_head(config):
     config["target_modules"].remove("lm_head")
 
 
+def _hf_base(workdir, name="base", **sizes):
+    """A tiny random transformers Llama saved with safetensors, of the adapter's base shape
+    (TINY_GPT) unless ``sizes`` say otherwise."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, intermediate_size=96, tie_word_embeddings=False)
+    config.update(sizes)
+    path = workdir / name
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(path)
+    return path
+
+
+def _export_hf_other_base(w, g):
+    return ["export-hf", g.adapter, w / "out", "--base", _hf_base(w, hidden_size=32)]
+
+
+def _export_hf_pickled_base(w, g):
+    base = w / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (base / "pytorch_model.bin").write_bytes(b"PK\x03\x04 a pickle")
+    return ["export-hf", g.adapter, w / "out", "--base", base]
+
+
+def _export_hf_existing_output(w, g):
+    out = w / "out"
+    out.mkdir()
+    (out / "results.txt").write_text("a user's file")
+    return ["export-hf", g.adapter, out]
+
+
+def _export_hf_foreign_overwrite(w, g):
+    out = w / "out"
+    out.mkdir()
+    (out / "results.txt").write_text("a user's file")
+    return ["export-hf", g.adapter, out, "--base", _hf_base(w), "--overwrite"]
+
+
+def _export_hf_into_itself(w, g):
+    adapter = _copy(g.adapter, w, "adapter")
+    return ["export-hf", adapter, adapter, "--overwrite"]
+
+
+def _export_hf_into_its_base(w, g):
+    base = _hf_base(w)
+    return ["export-hf", g.adapter, base / "merged", "--base", base]
+
+
 ROWS = [
     BadInput("cli_inspect_missing_dir", "cli",
              lambda w, g: ["inspect", w / "nope"], "nope"),
@@ -284,4 +335,21 @@ ROWS = [
     BadInput("cli_import_missing_config", "cli",
              lambda w, g: ["import-peft", g.peft, w / "out", "--config", w / "absent.yaml"],
              "absent.yaml: the file does not exist"),
+    # export-hf: the base must be the adapter's, the output a new place
+    BadInput("cli_export_hf_other_base", "cli", _export_hf_other_base,
+             "random is an adapter of another base: its base_model.hidden_size is 64, but"),
+    BadInput("cli_export_hf_no_base_known", "cli",
+             lambda w, g: ["export-hf", g.adapter, w / "out"],
+             "no base model is known (its base_model has no name_or_path); pass --base HF_DIR"),
+    BadInput("cli_export_hf_pickled_base", "cli", _export_hf_pickled_base,
+             "base holds its weights as pytorch_model.bin, which is never loaded here"),
+    BadInput("cli_export_hf_existing_output", "cli", _export_hf_existing_output,
+             "out already exists and is not empty; choose a new output directory or pass "
+             "--overwrite"),
+    BadInput("cli_export_hf_overwrite_keeps_foreign_files", "cli", _export_hf_foreign_overwrite,
+             "refusing to replace"),
+    BadInput("cli_export_hf_into_its_own_input", "cli", _export_hf_into_itself,
+             "adapter is the adapter"),
+    BadInput("cli_export_hf_into_its_base", "cli", _export_hf_into_its_base,
+             "merged is inside the base"),
 ]

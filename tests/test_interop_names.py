@@ -28,7 +28,7 @@ def test_the_architecture_must_fit_the_model():
         check_architecture("mixtral", shape_from_description(SHARED))
     with pytest.raises(InteropError, match="'llama' has no experts"):
         check_architecture("llama", shape_from_description(MOE))
-    with pytest.raises(InteropError, match=r"'gpt_oss' is not one of \['llama', 'mixtral', 'qwen2_moe'\]"):
+    with pytest.raises(InteropError, match=r"'gpt_oss' is not one of \['llama', 'mixtral', 'qwen2_moe', 'qwen3_moe'\]"):
         check_architecture("gpt_oss", shape_from_description(MOE))
 
 
