@@ -32,7 +32,7 @@ from safetensors.torch import save as safetensors_bytes
 from .agreement import all_gather_bytes, collective_device, is_distributed, raise_if_any_rank_failed
 from .atomic import write_synced
 from .config import LoraConfig
-from .description import PROVENANCE, ModelDescription, qkv_rows  # noqa: F401  (PROVENANCE: API)
+from .description import ModelDescription, qkv_rows
 from .errors import MegatronLoraError
 from .model import (
     DEFAULT_TARGETS,

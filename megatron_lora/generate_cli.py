@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,17 +108,12 @@ def _read_prompts(args) -> List[Prompt]:
 
 def _experiment(args, checkpoint: Path, hf: bool, world: int):
     from .experiment import ExperimentConfigError, load_experiment
-    from .training.settings import _MODEL_FLAGS
+    from .training.settings import model_flag_overrides
 
-    overrides = {f"megatron_config.{key}": getattr(args, dest)
-                 for dest, key in _MODEL_FLAGS.items() if getattr(args, dest) is not None}
-    if args.sequence_parallel:
-        overrides["megatron_config.sequence_parallel"] = True
-    if args.bf16:
-        overrides["megatron_config.params_dtype"] = "bfloat16"
+    overrides = model_flag_overrides(args)
     try:
         if hf:
-            from .hf import hf_experiment  # written alongside; a HF directory needs it
+            from .hf import hf_experiment
 
             if args.config:
                 raise GenerateError("--config with a Hugging Face --pretrained-checkpoint: its "
@@ -311,28 +305,8 @@ def run(request: Request) -> None:
 
 
 def main(argv=None) -> int:
-    """scripts/generate.py: exit code 0, or 2 with a one-line error."""
-    import torch.distributed as dist
-
-    from .training.launch import initialize_distributed, launch_workers
+    """scripts/generate.py: exit code 0, or 2 with a one-line error (training.launch.run_script)."""
+    from .training.launch import run_script
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        request = check_inputs(argv)
-        if request.args.nproc_per_node is not None:
-            return launch_workers(argv, request.args.nproc_per_node, script_name=SCRIPT)
-    except MegatronLoraError as error:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{SCRIPT}: error: {error}", file=sys.stderr, flush=True)
-        return 2
-    initialize_distributed()
-    try:
-        run(request)
-    except MegatronLoraError as error:
-        if dist.get_rank() == 0:
-            print(f"{SCRIPT}: error: {error}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_script(SCRIPT, argv, check_inputs, run)

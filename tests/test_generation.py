@@ -235,9 +235,16 @@ def test_generate_script_prints_the_adapted_completion(tp1, scratch):
     (["--pretrained-checkpoint", "{base}", "--prompt", "x", "--top-p", "0"], "--top-p 0"),
 ])
 def test_generate_script_bad_input_is_one_line_and_exit_2(tp1, scratch, capsys, argv, message):
-    from megatron_lora.generate_cli import main
+    import warnings
 
-    code = main([item.format(base=scratch / "base") for item in argv])
+    sys.path.insert(0, str(ROOT / "scripts"))
+    with warnings.catch_warnings():  # as the script runs: under its filters from the first import
+        from script_setup import filter_known_warnings
+
+        filter_known_warnings()
+        from megatron_lora.generate_cli import main
+
+        code = main([item.format(base=scratch / "base") for item in argv])
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("generate.py: error: ") and message in err

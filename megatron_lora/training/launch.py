@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,12 +46,11 @@ def _under_a_launcher() -> bool:
     return "LOCAL_RANK" in os.environ  # torchrun, or srun through scripts/slurm
 
 
-def launch_workers(argv: List[str], nproc: int, mode: str = "finetune",
-                   script_name: Optional[str] = None) -> int:
+def launch_workers(argv: List[str], nproc: int, script_name: str) -> int:
     """--nproc-per-node N: the inputs were checked here, in one process; now torchrun starts
-    the N workers on this machine with the same arguments (less this flag). Its exit code.
-    ``script_name``: the script that launches (default: ``{mode}_gpt.py``)."""
-    script, expected = Path(sys.argv[0]).resolve(), script_name or f"{mode}_gpt.py"
+    the N workers of ``script_name`` on this machine with the same arguments (less this
+    flag). Its exit code."""
+    script, expected = Path(sys.argv[0]).resolve(), script_name
     if script.name != expected:
         raise TrainingError(f"--nproc-per-node launches scripts/{expected} itself; from "
                             f"{script.name} start the workers with torchrun")
@@ -103,26 +102,24 @@ def _run(experiment, settings, lora, args) -> None:
     trainer.train()
 
 
-def main(argv=None, mode: str = "finetune") -> int:
-    """The scripts' entry point: exit code 0, or 2 with a one-line error and nothing written.
-
-    Under torchrun every rank checks the inputs and rank 0 prints the error; with
-    --nproc-per-node N (no launcher) they are checked once, before any worker starts. Only a
-    MegatronLoraError is reported as one line: anything else is a bug and keeps its traceback.
-    """
-    name = f"{mode}_gpt.py"
-    argv = list(sys.argv[1:] if argv is None else argv)
+def run_script(name: str, argv: List[str], check, work) -> int:
+    """A script's life: ``check(argv)`` the inputs (one process, no side effects; returns the
+    checked inputs, with ``.nproc_per_node`` on their ``args``), then either start that many
+    workers on this machine, or join the process group and ``work(checked)``. Exit code 0, or
+    2 with a one-line error from rank 0 and nothing written. Only a MegatronLoraError is
+    reported as one line: anything else is a bug and keeps its traceback."""
     try:
-        experiment, settings, lora, args = _check_inputs(argv, mode)
-        if args.nproc_per_node is not None:
-            return launch_workers(argv, args.nproc_per_node, mode)
+        checked = check(argv)
+        nproc = checked.args.nproc_per_node
+        if nproc is not None:
+            return launch_workers(argv, nproc, script_name=name)
     except MegatronLoraError as error:
         if os.environ.get("RANK", "0") == "0":
             print(f"{name}: error: {error}", file=sys.stderr, flush=True)
         return 2
     initialize_distributed()
     try:
-        _run(experiment, settings, lora, args)
+        work(checked)
     except MegatronLoraError as error:
         if dist.get_rank() == 0:
             print(f"{name}: error: {error}", file=sys.stderr, flush=True)
@@ -131,3 +128,20 @@ def main(argv=None, mode: str = "finetune") -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+class _Checked(NamedTuple):
+    experiment: object
+    settings: object
+    lora: object
+    args: object
+
+
+def main(argv=None, mode: str = "finetune") -> int:
+    """The training scripts' entry point (run_script). Under torchrun every rank checks the
+    inputs and rank 0 prints the error; with --nproc-per-node N (no launcher) they are checked
+    once, before any worker starts."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_script(f"{mode}_gpt.py", argv,
+                      lambda given: _Checked(*_check_inputs(given, mode)),
+                      lambda checked: _run(*checked))

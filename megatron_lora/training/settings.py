@@ -283,13 +283,19 @@ def _choose_tokenizer(training: TrainingSettings, experiment) -> None:
                             f"more than the model's vocab_size {experiment.vocab_size}")
 
 
-def _experiment_from(args):
+def model_flag_overrides(args) -> dict:
+    """The model and layout flags given, as experiment overrides (every script's)."""
     overrides = {f"megatron_config.{key}": getattr(args, dest)
                  for dest, key in _MODEL_FLAGS.items() if getattr(args, dest) is not None}
     if args.sequence_parallel:
         overrides["megatron_config.sequence_parallel"] = True
     if args.bf16:
         overrides["megatron_config.params_dtype"] = "bfloat16"
+    return overrides
+
+
+def _experiment_from(args):
+    overrides = model_flag_overrides(args)
     if is_hf_directory(args.pretrained_checkpoint):
         return _hf_experiment_from(args, overrides)
     if args.pretrained_checkpoint and not args.config:
