@@ -17,6 +17,9 @@ setup(
         "psutil>=5.9",
         "pyyaml>=6",
         "safetensors>=0.4",
+        # a Hugging Face model's own tokenizer (AutoTokenizer, local files only) and the
+        # export-hf / generate.py borders
+        "transformers>=4.45",
         "numpy",
         # the training scripts: progress bar, TensorBoard events, the loss-curve PNG
         "tqdm>=4.60",
@@ -29,7 +32,7 @@ setup(
         # tensorboard: the resume test reads the events back
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "peft>=0.13",
                  "tensorboard>=2.14"],
-        "peft": ["transformers>=4.45", "peft>=0.13"],
+        "peft": ["peft>=0.13"],
         "te": ["transformer-engine[pytorch]"],
     },
 )
