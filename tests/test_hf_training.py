@@ -88,3 +88,79 @@ def test_generate_from_a_hugging_face_directory_equals_transformers(tmp_path):
         expected = expected[:expected.index(tokenizer.eos_token_id)]
     assert ours == expected
     assert all(token < 1001 for token in ours)
+
+
+def _megatron_logits_with_adapter(rank, world, base, adapter, tokens):
+    """Spawned at TP=2 + SP: the Hugging Face base loaded, the trained adapter loaded."""
+    from megatron_lora import apply_lora
+    from megatron_lora.checkpoint import load_adapter, read_adapter
+    from megatron_lora.gpt import (build_gpt_model, gathered_logits, gpt_forward_inputs,
+                                   initialize_model_parallel)
+    from megatron_lora.hf import hf_experiment, load_hf_weights
+
+    experiment = hf_experiment(base, overrides={"megatron_config": {
+        "tensor_model_parallel_size": 2, "sequence_parallel": True, "seq_length": 32}},
+        world_size=world)
+    initialize_model_parallel(experiment)
+    model = build_gpt_model(experiment, initialize=False)
+    load_hf_weights(model, base, experiment)
+    saved = read_adapter(adapter)
+    lora = saved.lora_config.__class__(**{**saved.lora_config.to_dict(),
+                                          "target_modules": sorted(saved.config["modules"])})
+    apply_lora(model, lora, verbose=False)
+    load_adapter(model, adapter)
+    model.eval()
+    import torch
+
+    with torch.no_grad():
+        position_ids, mask = gpt_forward_inputs(tokens)
+        return gathered_logits(model(tokens, position_ids, mask), vocab_size=1001)
+
+
+def test_the_trained_adapter_serves_in_peft_and_merged_in_transformers(hf_run, tmp_path):
+    """The adapter trained from the Hugging Face directory, loaded back at TP=2 + SP, gives the
+    logits that real peft gives with its export-peft output (nothing passed but the adapter
+    directory) and that transformers gives with its export-hf merged checkpoint."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from megatron_lora.cli import main as cli
+    from megatron_lora.cpu import spawn_gloo
+    from numerics import relative_error
+
+    base, save, result = hf_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter, peft_dir, merged = save / "adapter", tmp_path / "peft", tmp_path / "merged"
+    assert cli(["export-peft", str(adapter), str(peft_dir)]) == 0
+    assert cli(["export-hf", str(adapter), str(merged)]) == 0
+    assert json.loads((peft_dir / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(base.resolve())
+    tokens = torch.randint(0, 1001, (2, 32), generator=torch.Generator().manual_seed(3))
+    ours = spawn_gloo(_megatron_logits_with_adapter, 2,
+                      args=(str(base), str(adapter), tokens), timeout=300)
+    with torch.no_grad():
+        peft_logits = AutoPeftModelForCausalLM.from_pretrained(
+            peft_dir, local_files_only=True).float().eval()(tokens).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(
+            merged, local_files_only=True).float().eval()(tokens).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(
+            base, local_files_only=True).float().eval()(tokens).logits
+    for rank_logits in ours:
+        assert relative_error(rank_logits, peft_logits) < 1e-5
+        assert relative_error(rank_logits, merged_logits) < 1e-5
+    assert relative_error(peft_logits, base_logits) > 1e-4  # the adapter matters
+
+
+def test_pretraining_starts_from_a_hugging_face_directory(tmp_path, hf_run):
+    """pretrain_gpt.py (full training) from the Hugging Face directory, one process."""
+    base, save, _ = hf_run
+    data = save.parent / "corpus"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_gpt.py"),
+                             "--pretrained-checkpoint", str(base), "--seq-length", "32",
+                             "--data-path", str(data), "--train-iters", "2",
+                             "--micro-batch-size", "2", "--eval-iters", "1",
+                             "--save", str(tmp_path / "full"), "--no-progress-bar"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (tmp_path / "full" / "model" / "metadata.json").is_file()
