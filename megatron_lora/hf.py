@@ -45,11 +45,10 @@ class HuggingFaceError(MegatronLoraError):
 class Family:
     """What one transformers ``model_type`` is in megatron terms."""
 
-    architecture: str  # the adapter name rules of megatron_lora.interop.RULES
+    architecture: str  # its names: megatron_lora.interop.RULES[architecture], base and adapter
     qkv_bias: bool = False  # Qwen2: q/k/v projections carry a bias
     qk_norm: bool = False  # Qwen3: RMSNorm per head on q and k
-    experts: Optional[str] = None  # per-expert tensor names under model.layers.{i}.
-    router: Optional[str] = None
+    moe: bool = False
     # the hub's configs and transformers 5 do not always agree on the name: the first found
     expert_count_keys: Tuple[str, ...] = ("num_local_experts",)
     expert_ffn_key: str = "intermediate_size"
@@ -58,22 +57,17 @@ class Family:
     renormalised: Optional[bool] = None  # None: config.json's norm_topk_prob says
 
 
-_MIXTRAL_EXPERTS = ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
-                    "block_sparse_moe.experts.{e}.w2")
-_QWEN_EXPERTS = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj",
-                 "mlp.experts.{e}.down_proj")
 
 FAMILIES: Dict[str, Family] = {
     "llama": Family("llama"),
     "mistral": Family("llama"),
     "qwen2": Family("llama", qkv_bias=True),
     "qwen3": Family("llama", qk_norm=True),
-    "mixtral": Family("mixtral", experts=_MIXTRAL_EXPERTS, router="block_sparse_moe.gate",
-                      renormalised=True),
-    "qwen2_moe": Family("qwen2_moe", qkv_bias=True, experts=_QWEN_EXPERTS, router="mlp.gate",
+    "mixtral": Family("mixtral", moe=True, renormalised=True),
+    "qwen2_moe": Family("qwen2_moe", qkv_bias=True, moe=True,
                         expert_count_keys=("num_experts", "num_local_experts"),
                         expert_ffn_key="moe_intermediate_size", shared_expert=True),
-    "qwen3_moe": Family("qwen3_moe", qk_norm=True, experts=_QWEN_EXPERTS, router="mlp.gate",
+    "qwen3_moe": Family("qwen3_moe", qk_norm=True, moe=True,
                         expert_count_keys=("num_experts", "num_local_experts"),
                         expert_ffn_key="moe_intermediate_size"),
 }
@@ -192,7 +186,7 @@ def _sliding_window(fields: _Fields, seq_length: Optional[int]) -> None:
 
 
 def _experts(fields: _Fields, family: Family) -> dict:
-    if family.experts is None:
+    if not family.moe:
         return {}
     count_key = next((k for k in family.expert_count_keys if fields.get(k) is not None),
                      family.expert_count_keys[0])
@@ -450,79 +444,68 @@ class _QKV:
                           v.reshape(count, d, *tail)], dim=1).reshape(-1, *tail)
 
 
-def _layer_sources(config: dict, family: Family, experiment, layer: int) -> Dict[str, object]:
-    """{megatron parameter name inside decoder.layers.{layer}: its source} for one layer."""
-    m = experiment.megatron_config
-    hidden, heads, groups = m["hidden_size"], m["num_attention_heads"], m["num_query_groups"]
-    d = m["kv_channels"]
-    hf = f"model.layers.{layer}."
-    attn = hf + "self_attn."
-    q, k, v = (f"{attn}{p}_proj" for p in "qkv")
+# tensors only a base has (no LoRA target): megatron name in a layer -> HF name in the layer,
+# the shape facts of their one dimension, and when they exist
+_BASE_ONLY = (
+    ("input_layernorm.weight", "input_layernorm.weight", "hidden", None),
+    ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight", "hidden", None),
+    ("self_attention.q_layernorm.weight", "self_attn.q_norm.weight", "head_dim", "qk_layernorm"),
+    ("self_attention.k_layernorm.weight", "self_attn.k_norm.weight", "head_dim", "qk_layernorm"),
+)
 
-    def rows(*names_shapes, padded=0):
-        return _Rows(tuple(n for n, _ in names_shapes), tuple(tuple(s) for _, s in names_shapes),
-                     padded)
 
-    def gate_up(gate, up, ffn):
-        return rows((gate + ".weight", (ffn, hidden)), (up + ".weight", (ffn, hidden)))
-
-    out = {
-        "input_layernorm.weight": rows((hf + "input_layernorm.weight", (hidden,))),
-        "pre_mlp_layernorm.weight": rows((hf + "post_attention_layernorm.weight", (hidden,))),
-        "self_attention.linear_qkv.weight": _QKV(
-            (q + ".weight", k + ".weight", v + ".weight"),
-            ((heads * d, hidden), (groups * d, hidden), (groups * d, hidden)),
-            groups, heads // groups, d),
-        "self_attention.linear_proj.weight": rows((attn + "o_proj.weight", (hidden, heads * d))),
-    }
-    if m.get("add_qkv_bias"):
-        out["self_attention.linear_qkv.bias"] = _QKV(
-            (q + ".bias", k + ".bias", v + ".bias"), ((heads * d,), (groups * d,), (groups * d,)),
-            groups, heads // groups, d)
-    if m.get("qk_layernorm"):
-        out["self_attention.q_layernorm.weight"] = rows((attn + "q_norm.weight", (d,)))
-        out["self_attention.k_layernorm.weight"] = rows((attn + "k_norm.weight", (d,)))
-    if family.experts is None:
-        ffn = m["ffn_hidden_size"]
-        out["mlp.linear_fc1.weight"] = gate_up(hf + "mlp.gate_proj", hf + "mlp.up_proj", ffn)
-        out["mlp.linear_fc2.weight"] = rows((hf + "mlp.down_proj.weight", (hidden, ffn)))
-        return out
-    experts, ffn = m["num_moe_experts"], m["moe_ffn_hidden_size"]
-    out["mlp.router.weight"] = rows((f"{hf}{family.router}.weight", (experts, hidden)))
-    gate, up, down = family.experts
-    for e in range(experts):
-        prefix = f"mlp.experts.local_experts.{e}."
-        out[prefix + "linear_fc1.weight"] = gate_up(hf + gate.format(e=e), hf + up.format(e=e), ffn)
-        out[prefix + "linear_fc2.weight"] = rows((hf + down.format(e=e) + ".weight", (hidden, ffn)))
-    shared = m.get("moe_shared_expert_intermediate_size")
-    if shared:
-        se = hf + "mlp.shared_expert."
-        out["mlp.shared_experts.linear_fc1.weight"] = gate_up(se + "gate_proj", se + "up_proj",
-                                                              shared)
-        out["mlp.shared_experts.linear_fc2.weight"] = rows((se + "down_proj.weight",
-                                                            (hidden, shared)))
-        out["mlp.shared_experts.gate_weight"] = rows((hf + "mlp.shared_expert_gate.weight",
-                                                      (1, hidden)))
-    return out
+def _rule_source(rule, part_names, shape, padding: int):
+    """The source of one megatron weight from the HF tensors of its rule (interop.RULES):
+    expected shapes from the rule's shape facts; a padded vocabulary adds zero rows."""
+    if rule.embedding:  # the table is [vocab, hidden]; the rule's facts describe its LoRA
+        return _Rows(tuple(part_names), ((shape["unpadded_vocab"], shape["hidden"]),), padding)
+    shapes = tuple((shape["unpadded_vocab"] if rows == "vocab" else shape[rows], shape[cols])
+                   for rows, cols in (rule.dims[p] for p in range(len(part_names))))
+    if rule.split == "qkv":
+        return _QKV(tuple(part_names), shapes, shape["groups"],
+                    shape["heads"] // shape["groups"], shape["head_dim"])
+    return _Rows(tuple(part_names), shapes, padding if rule.megatron == "output_layer" else 0)
 
 
 def weight_sources(config: dict, experiment) -> Dict[str, object]:
-    """{global megatron parameter name (TP=1 model): its source in the HF files}."""
+    """{global megatron parameter name (TP=1 model): its source in the HF files}: the weights
+    of every module interop.RULES names for the family (one table for base weights and
+    adapters), plus the norms and biases only a base has."""
+    from .description import ModelDescription
+    from .interop import RULES, applies_to_model, shape_from_description
+
     family = family_of(config, CONFIG_FILE)
     m = experiment.megatron_config
-    hidden, vocab = m["hidden_size"], m["vocab_size"]
-    padding = experiment.padded_vocab_size - vocab
-    embed = _Rows(("model.embed_tokens.weight",), ((vocab, hidden),), padding)
-    sources = {
-        "embedding.word_embeddings.weight": embed,
-        "decoder.final_layernorm.weight": _Rows(("model.norm.weight",), ((hidden,),)),
-        # tied: the last stage's copy of the table (PP > 1) is the table
-        "output_layer.weight": embed if not m["untie_embeddings_and_output_weights"] else
-        _Rows(("lm_head.weight",), ((vocab, hidden),), padding),
-    }
+    shape = shape_from_description(ModelDescription.from_experiment(experiment).for_adapter())
+    shape.setdefault("unpadded_vocab", shape["vocab"])
+    padding = shape["vocab"] - shape["unpadded_vocab"]
+    sources = {"decoder.final_layernorm.weight": _Rows(("model.norm.weight",),
+                                                       ((shape["hidden"],),))}
+    for rule in RULES[family.architecture]:
+        if not applies_to_model(rule, shape):
+            continue
+        for layer in range(m["num_layers"]) if rule.per_layer else [None]:
+            for expert in range(shape["experts"]) if rule.expert else [None]:
+                names = [rule.hf_name(part, layer, expert) + ".weight"
+                         for part in range(len(rule.hf))]
+                sources[rule.megatron_name(layer, expert) + ".weight"] = \
+                    _rule_source(rule, names, shape, padding)
+    if not m["untie_embeddings_and_output_weights"]:  # the last stage's copy is the table
+        sources["output_layer.weight"] = sources["embedding.word_embeddings.weight"]
     for layer in range(m["num_layers"]):
-        for name, source in _layer_sources(config, family, experiment, layer).items():
-            sources[f"decoder.layers.{layer}.{name}"] = source
+        prefix, hf = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+        for megatron, name, size, when in _BASE_ONLY:
+            if when is None or m.get(when):
+                sources[prefix + megatron] = _Rows((hf + name,), ((shape[size],),))
+        if m.get("add_qkv_bias"):
+            attn = hf + "self_attn."
+            sources[prefix + "self_attention.linear_qkv.bias"] = _QKV(
+                tuple(f"{attn}{p}_proj.bias" for p in "qkv"),
+                ((shape["q_rows"],), (shape["kv_rows"],), (shape["kv_rows"],)),
+                shape["groups"], shape["heads"] // shape["groups"], shape["head_dim"])
+        if shape.get("shared_ffn"):
+            sources[prefix + "mlp.shared_experts.gate_weight"] = _Rows(
+                (hf + "mlp.shared_expert_gate.weight",), ((1, shape["hidden"]),))
     return sources
 
 

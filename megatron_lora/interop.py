@@ -287,7 +287,7 @@ def megatron_to_hf_factors(tensors: Dict[str, torch.Tensor], shape,
     return out
 
 
-def _applies(rule: _Rule, shape) -> bool:
+def applies_to_model(rule: _Rule, shape) -> bool:
     """Whether the model has this rule's module (dense MLPs only in a model without experts)."""
     if rule.needs is not None:
         return bool(shape.get(rule.needs))
@@ -321,7 +321,7 @@ def _peft_target_modules(hf_modules: List[str], shape, architecture: str) -> Lis
     form), else exact module names (a leaf would also adapt modules the file has no factors for)."""
     everywhere: Dict[str, set] = {}
     for rule in RULES[architecture]:
-        if _applies(rule, shape):
+        if applies_to_model(rule, shape):
             for part in _parts(rule, shape):
                 leaf = rule.hf[part].rsplit(".", 1)[-1]
                 names = _every_hf_module(rule, part, shape)
@@ -631,7 +631,7 @@ def check_peft_against_model(config: dict, factors, shape, path, described_by: s
         return
     architecture = _file_architecture(factors, shape)
     for rule in RULES[architecture]:
-        if not _applies(rule, shape):
+        if not applies_to_model(rule, shape):
             continue
         for part in _parts(rule, shape):
             leaf = rule.hf[part].rsplit(".", 1)[-1]
