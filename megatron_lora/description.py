@@ -22,7 +22,9 @@ CHECKPOINT_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attent
                      "moe_ffn_hidden_size", "activation", "normalization", "add_bias_linear",
                      "untie_embeddings_and_output_weights", "position_embedding_type",
                      "rotary_base", "rotary_percent", "seq_length", "layernorm_epsilon",
-                     "moe_router_topk")
+                     "moe_router_topk", "add_qkv_bias", "qk_layernorm", "rope_scaling",
+                     "rope_scaling_factor", "moe_router_pre_softmax",
+                     "moe_shared_expert_intermediate_size", "make_vocab_size_divisible_by")
 TIED = "share_embeddings_and_output_weights"
 UNPADDED = "unpadded_vocab_size"
 # where a base came from, not what it is: recorded, never compared

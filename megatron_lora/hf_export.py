@@ -322,6 +322,15 @@ def _llama_family(description: dict, path: Path) -> str:
         if description.get(key) is not None and description[key] != value:
             raise HFExportError(f"{path}: {key} is {description[key]!r}; a Llama-style Hugging "
                                 f"Face model needs {value!r}")
+    # what the Llama / Mixtral config written here cannot say: refused, never dropped
+    unwritten = {"add_qkv_bias": "q/k/v biases", "qk_layernorm": "q/k norms",
+                 "rope_scaling": "rope scaling", "moe_router_pre_softmax":
+                 "softmax before top-k routing", "moe_shared_expert_intermediate_size":
+                 "a shared expert"}
+    for key, what in unwritten.items():
+        if description.get(key):
+            raise HFExportError(f"{path}: {key} is {description[key]!r}: the model has {what}, "
+                                f"which the Llama / Mixtral config written here cannot express")
     return "mixtral" if description.get("num_moe_experts") else "llama"
 
 

@@ -257,3 +257,25 @@ def test_import_pads_the_trimmed_vocabulary_back_with_zeros(llama, tmp_path):
         assert back[key].shape == original[key].shape == shape
         assert torch.equal(back[key].narrow(vocab_dim, 0, 128), original[key].narrow(vocab_dim, 0, 128))
         assert not back[key].narrow(vocab_dim, 128, 8).any()  # padded rows: never used
+
+
+@pytest.mark.parametrize("field, value", [("moe_shared_expert_intermediate_size", 64),
+                                          ("add_qkv_bias", True), ("qk_layernorm", True),
+                                          ("rope_scaling", True)])
+def test_a_trained_model_the_written_config_cannot_express_is_refused(tmp_path, field, value):
+    """export-hf of a pretrain save writes a Llama / Mixtral config: a shared expert, q/k/v
+    biases, q/k norms or rope scaling would be dropped from it, so they are refused."""
+    import json
+
+    from megatron_lora.hf_export import HFExportError, export_trained_model
+
+    model = tmp_path / "run" / "model"
+    model.mkdir(parents=True)
+    (model / "metadata.json").write_text("{}")
+    description = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                   "ffn_hidden_size": 96, "vocab_size": 128, "activation": "swiglu",
+                   "normalization": "RMSNorm", "seq_length": 32, field: value}
+    (model / "model_description.json").write_text(json.dumps(description))
+    with pytest.raises(HFExportError, match=f"{field} is {value!r}"):
+        export_trained_model(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
