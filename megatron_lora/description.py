@@ -109,8 +109,11 @@ class ModelDescription:
         return {k: v for k, v in self.facts.items() if k in keep and v is not None}
 
     def for_checkpoint(self) -> Dict[str, object]:
-        """model_description.json of a full-training save."""
-        return {k: self.facts.get(k) for k in CHECKPOINT_FIELDS}
+        """model_description.json of a full-training save: an experiment's megatron_config
+        values, so vocab_size is the real one and make_vocab_size_divisible_by its padding."""
+        facts = {k: self.facts.get(k) for k in CHECKPOINT_FIELDS}
+        facts["vocab_size"] = self.unpadded_vocab_size
+        return facts
 
     # --- comparing ---------------------------------------------------------------------------
     def differences(self, other: "ModelDescription",

@@ -421,8 +421,12 @@ def export_trained_model(run_dir: Path, out: Path, tokenizer_model: Optional[Pat
         if not tokenizer_files:
             raise HFExportError(f"--tokenizer-model {tokenizer_model} holds none of "
                                 f"{list(TOKENIZER_FILES[:3])}")
+    # the saved tensors hold the padded vocabulary; the Hugging Face model the real one
+    multiple = description.get("make_vocab_size_divisible_by") or 1
+    padded = -(-description["vocab_size"] // multiple) * multiple
     shape = shape_from_description(dict(
-        description, gated_linear_unit=True,
+        description, gated_linear_unit=True, vocab_size=padded,
+        unpadded_vocab_size=description["vocab_size"],
         share_embeddings_and_output_weights=not description.get(
             "untie_embeddings_and_output_weights", True)))
     check_architecture(architecture, shape)
