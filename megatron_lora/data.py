@@ -376,7 +376,7 @@ def micro_batches(
         while True:
             samples = [dataset[(base + j) % size] for j in range(micro_batch_size)]
             yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
-                   for key in _BATCH_KEYS}
+                   for key in samples[0]}
             base += stride
 
     # a generator function would check the arguments only at the first next()

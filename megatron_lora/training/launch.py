@@ -17,7 +17,7 @@ from .errors import TrainingError
 from .loop import Trainer
 from .metrics import print_on_rank0
 from .rundir import clear_previous_run
-from .settings import parse_arguments
+from .settings import parse_arguments, prepare_instruction_data
 from .state import load_checkpoint
 
 
@@ -75,6 +75,11 @@ def _check_inputs(argv: List[str], mode: str):
     run will have (--nproc-per-node, or the launcher's)."""
     experiment, settings, lora, args = parse_arguments(argv, mode)
     experiment.check_world_size(world_size_to_run(args.nproc_per_node))
+    if settings.sft:
+        # tokenized here, once, into the cache the workers read: a bad row is one line before
+        # any worker starts (under torchrun every rank comes here; one tokenizes, the others
+        # wait for its cache)
+        prepare_instruction_data(settings, experiment)
     return experiment, settings, lora, args
 
 

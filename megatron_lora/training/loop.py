@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,8 @@ from ..atomic import write_file_atomically
 from ..checkpoint import load_adapter, save_adapter, save_dist_checkpoint
 from ..cpu import cuda_arguments_to_cpu
 from ..data import build_gpt_datasets, micro_batches
+from ..instructions import build_instruction_datasets, packed_attention_mask
+from ..positions import RestartedPositions
 from ..hf import is_hf_directory, load_hf_weights
 from ..tokenizers import build_tokenizer
 from ..gpt import build_gpt_model, initialize_model_parallel
@@ -58,24 +60,36 @@ def learning_rate(settings: TrainingSettings, iteration: int) -> float:
 # --- the forward-backward schedule ----------------------------------------------------------------
 
 
-def _loss_from(batch):
+def _loss_from(batch, scale: float):
+    # the loss of the global batch is the mean over every counted token of it, across
+    # micro-batches and data-parallel ranks (docs/sft.md): each micro-batch returns its sum
+    # times `scale` = micro-batches x DP / global count, which the schedule's 1 / micro-batches
+    # and the DP average of the gradients turn into sum / global count
     def loss_func(per_token_loss):
         mask = batch["loss_mask"].to(per_token_loss.device).float()
-        loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp_min(1.0)
-        # a copy: the schedule scales the returned loss in place (by 1 / micro-batches) for the
-        # gradient, and a detached view would carry that into the reported value
-        return loss, {"loss": loss.detach().clone()}
+        total = (per_token_loss.float() * mask).sum()
+        # a copy: the schedule scales the returned loss in place, and a detached view would
+        # carry that into the reported value
+        return total * scale, {"loss_sum": total.detach().clone()}
 
     return loss_func
 
 
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
-    tokens = batch["tokens"].to(device)
-    output = model(tokens, batch["position_ids"].to(device), None,
-                   labels=batch["labels"].to(device))
-    return output, _loss_from(batch)
+def _forward_step_with(scale: float, positions: Optional[RestartedPositions]):
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        position_ids = batch["position_ids"].to(device)
+        mask = None
+        if "segment_ids" in batch:  # packed conversations: each attends to itself only
+            mask = packed_attention_mask(batch["segment_ids"].to(device))
+        with (positions.restarted(position_ids) if positions is not None and mask is not None
+              else contextlib.nullcontext()):
+            output = model(batch["tokens"].to(device), position_ids, mask,
+                           labels=batch["labels"].to(device))
+        return output, _loss_from(batch, scale)
+
+    return forward_step
 
 
 def _device():
@@ -83,23 +97,30 @@ def _device():
         else torch.device("cpu")
 
 
-def run_micro_batches(model, batches, settings: TrainingSettings, exp, forward_only: bool) -> float:
-    """megatron-core's forward-backward schedule over ``batches``; the mean loss, the same on
-    every rank (computed on the last pipeline stage, shared over PP and averaged over DP)."""
+def run_micro_batches(model, batches, settings: TrainingSettings, exp, forward_only: bool,
+                      positions: Optional[RestartedPositions] = None) -> Tuple[float, float]:
+    """megatron-core's forward-backward schedule over ``batches`` (this DP rank's share of a
+    global batch). Returns (the sum of the per-token losses over every counted token of the
+    global batch, their count), the same on every rank; with ``forward_only=False`` the
+    gradients are those of sum / count."""
+    place = Topology.current()
+    counted = torch.tensor(sum(float(b["loss_mask"].sum()) for b in batches),
+                           dtype=torch.float64, device=_device())
+    dist.all_reduce(counted, group=Topology.dp_group())
+    tokens = float(counted)
+    scale = len(batches) * place.dp_size / max(tokens, 1.0)
     context = cuda_arguments_to_cpu() if not torch.cuda.is_available() else contextlib.nullcontext()
     with context:
         outputs = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=iter(batches), model=[model],
-            num_microbatches=len(batches), seq_length=exp.seq_length,
+            forward_step_func=_forward_step_with(scale, positions), data_iterator=iter(batches),
+            model=[model], num_microbatches=len(batches), seq_length=exp.seq_length,
             micro_batch_size=settings.micro_batch_size, forward_only=forward_only)
-    loss = sum(o["loss"].float() for o in outputs) / max(1, len(outputs)) if outputs else None
     value = torch.zeros((), dtype=torch.float64, device=_device())
-    place = Topology.current()
-    if place.pp_rank == place.pp_size - 1 and loss is not None:  # the last stage has the loss
-        value += loss.double().to(value.device)
+    if place.pp_rank == place.pp_size - 1 and outputs:  # the last stage has the loss
+        value += sum(o["loss_sum"].double().to(value.device) for o in outputs)
     dist.all_reduce(value, group=Topology.pp_group())
     dist.all_reduce(value, group=Topology.dp_group())
-    return float(value) / place.dp_size
+    return float(value), tokens
 
 
 def _progress_bar(settings: TrainingSettings, start: int):
@@ -136,6 +157,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr,
                                            weight_decay=settings.weight_decay)
         self.train_data, self.valid_data = self._build_datasets()
+        # packed conversations restart their rotary positions (docs/sft.md)
+        self.positions = RestartedPositions.install(self.model) \
+            if settings.sft and settings.sft_sequence_packing else None
         self.iteration, self.consumed_samples = 0, 0
 
     def _build_model(self):
@@ -157,6 +181,11 @@ class Trainer:
         settings, experiment = self.settings, self.experiment
         eval_samples = settings.eval_iters * self.global_batch
         train_samples = max(1, settings.train_iters) * self.global_batch
+        if settings.sft:
+            return build_instruction_datasets(
+                settings, seq_length=experiment.seq_length, seed=experiment.seed,
+                num_samples=(train_samples, eval_samples), tokenizer=self.tokenizer,
+                log=print_on_rank0)
         train, valid, _ = build_gpt_datasets(
             settings.data_path, split=settings.split, seq_length=experiment.seq_length,
             seed=experiment.seed, num_samples=(train_samples, eval_samples, 0),
@@ -222,13 +251,17 @@ class Trainer:
         if self.valid_data is None:
             return None
         self.model.eval()
+        total = tokens = 0.0
         with torch.no_grad():
-            losses = [run_micro_batches(self.model, self._batches(
-                self.valid_data, i * self.global_batch, self.num_micro_batches),
-                self.settings, self.experiment, forward_only=True)
-                for i in range(self.settings.eval_iters)]
+            for i in range(self.settings.eval_iters):
+                loss_sum, counted = run_micro_batches(
+                    self.model, self._batches(self.valid_data, i * self.global_batch,
+                                              self.num_micro_batches),
+                    self.settings, self.experiment, forward_only=True, positions=self.positions)
+                total, tokens = total + loss_sum, tokens + counted
         self.model.train()
-        return sum(losses) / len(losses)
+        # the mean over every counted held-out token, as in training
+        return total / max(tokens, 1.0)
 
     # the loop -------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -240,8 +273,10 @@ class Trainer:
         for param in self.params:
             param.grad = None
         batches = self._batches(self.train_data, self.consumed_samples, self.num_micro_batches)
-        loss = run_micro_batches(self.model, batches, self.settings, self.experiment,
-                                 forward_only=False)
+        loss_sum, counted = run_micro_batches(self.model, batches, self.settings,
+                                              self.experiment, forward_only=False,
+                                              positions=self.positions)
+        loss = loss_sum / max(counted, 1.0)
         norm = finalize_gradients(self.model, self.params, self.lora is not None,
                                   self.settings.clip_grad)
         self.optimizer.step()
@@ -250,7 +285,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         tokens = self.global_batch * self.experiment.seq_length
         return {"iteration": self.iteration, "loss": loss, "lr": lr, "grad_norm": norm,
-                "tokens_per_s": tokens / elapsed}
+                "tokens_per_s": tokens / elapsed, "loss_tokens": int(counted)}
 
     def train(self) -> dict:
         """Iterate to --train-iters: evaluate before and after, log, save at --save-interval

@@ -8,7 +8,7 @@ import argparse
 import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -29,6 +29,10 @@ from .errors import TrainingError
 from .rundir import LATEST, check_save_directory, latest_iteration_directory
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+def _as_list(value) -> List[str]:
+    return [] if value is None else [value] if isinstance(value, str) else [str(v) for v in value]
 
 # flag destination -> key in the YAML experiment's megatron_config
 _MODEL_FLAGS = {
@@ -67,8 +71,9 @@ class TrainingSettings:
     lr_warmup_iters: int = 0
     weight_decay: float = 0.0
     clip_grad: float = 1.0
-    data_path: Optional[str] = None
-    valid_data_path: Optional[str] = None
+    # one indexed-dataset prefix; with --sft, JSONL files: one, or a blend "W1 F1 W2 F2 ..."
+    data_path: Union[str, List[str], None] = None
+    valid_data_path: Union[str, List[str], None] = None
     split: str = "98,2,0"
     save: Optional[str] = None
     load: Optional[str] = None
@@ -85,6 +90,18 @@ class TrainingSettings:
     tokenizer_type: Optional[str] = None
     tokenizer_model: Optional[str] = None
     progress_bar: bool = True
+    # instruction data (docs/sft.md); Megatron-LM's --sft
+    sft: bool = False
+    sft_sequence_packing: bool = False
+    sft_loss_on_all_tokens: bool = False
+    sft_no_truncation: bool = False
+    data_cache_path: Optional[str] = None
+
+    def data_path_values(self) -> List[str]:
+        return _as_list(self.data_path)
+
+    def valid_data_path_values(self) -> List[str]:
+        return _as_list(self.valid_data_path)
 
     @classmethod
     def from_section(cls, section: dict, source: str) -> "TrainingSettings":
@@ -130,14 +147,12 @@ class TrainingSettings:
         if not self.data_path:
             raise TrainingError("--data-path is required: the prefix of a megatron indexed "
                                 "dataset (PREFIX.bin / PREFIX.idx), e.g. made by "
-                                "`python -m megatron_lora.data preprocess`")
-        for name in ("data_path", "valid_data_path"):
-            prefix = getattr(self, name)
-            if prefix:
-                missing = [p for p in (f"{prefix}.bin", f"{prefix}.idx") if not Path(p).is_file()]
-                if missing:
-                    raise TrainingError(f"--{name.replace('_', '-')} {prefix}: "
-                                        f"{', '.join(missing)} does not exist")
+                                "`python -m megatron_lora.data preprocess`, or with --sft "
+                                "a JSONL file of conversations")
+        if self.sft:
+            self._check_instruction_files()
+        else:
+            self._check_indexed_datasets()
         if self.load and not (Path(self.load) / LATEST).is_file():
             raise TrainingError(f"--load {self.load} is not a checkpoint directory of these "
                                 f"scripts: {LATEST} is missing")
@@ -145,6 +160,41 @@ class TrainingSettings:
             _check_pretrained_path(self.pretrained_checkpoint)
         if self.load:
             latest_iteration_directory(self.load)
+
+
+    def _check_indexed_datasets(self) -> None:
+        if self.sft_sequence_packing or self.sft_loss_on_all_tokens or self.sft_no_truncation:
+            raise TrainingError("--sft-sequence-packing, --sft-loss-on-all-tokens and "
+                                "--sft-no-truncation are for instruction data: add --sft")
+        for name in ("data_path", "valid_data_path"):
+            prefixes = _as_list(getattr(self, name))
+            if len(prefixes) > 1:
+                raise TrainingError(f"--{name.replace('_', '-')} takes one prefix here (got "
+                                    f"{len(prefixes)}); blends of indexed datasets are not "
+                                    f"supported yet (they are for --sft JSONL files)")
+            for prefix in prefixes:
+                missing = [p for p in (f"{prefix}.bin", f"{prefix}.idx") if not Path(p).is_file()]
+                if missing:
+                    raise TrainingError(f"--{name.replace('_', '-')} {prefix}: "
+                                        f"{', '.join(missing)} does not exist")
+
+    def _check_instruction_files(self) -> None:
+        from ..instructions import Blend
+
+        for name in ("data_path", "valid_data_path"):
+            values = _as_list(getattr(self, name))
+            if not values:
+                continue
+            flag = f"--{name.replace('_', '-')}"
+            try:
+                blend = Blend.parse(values, flag)
+            except MegatronLoraError as error:
+                raise TrainingError(str(error)) from None
+            for path in blend.paths:
+                if not Path(path).is_file():
+                    hint = " (--sft reads JSONL files, not indexed-dataset prefixes)" \
+                        if Path(f"{path}.idx").is_file() else ""
+                    raise TrainingError(f"{flag} {path}: no such file{hint}")
 
 
 def _check_pretrained_path(path) -> None:
@@ -225,9 +275,10 @@ def _add_loop_flags(loop) -> None:
         loop.add_argument(flag, type=float, default=None)
     loop.add_argument("--lr-decay-style", default=None, choices=LR_DECAY_STYLES)
     loop.add_argument("--data-path", nargs="+", default=None,
-                      help="indexed dataset prefix (one; blends are not supported yet)")
+                      help="indexed dataset prefix (one); with --sft, a JSONL file or a blend "
+                           "W1 FILE1 W2 FILE2 ...")
     loop.add_argument("--valid-data-path", nargs="+", default=None,
-                      help="a separate held-out dataset prefix for evaluation")
+                      help="separate held-out data for evaluation (as --data-path)")
     loop.add_argument("--split", default=None, help="train,valid,test weights, e.g. 98,2,0")
     loop.add_argument("--save", default=None)
     loop.add_argument("--load", default=None, help="resume from a --save directory")
@@ -244,6 +295,22 @@ def _add_loop_flags(loop) -> None:
     loop.add_argument("--tokenizer-model", default=None,
                       help="directory of a Hugging Face tokenizer (local files only)")
     loop.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=None)
+    sft = loop.add_argument_group("instruction data (--sft, docs/sft.md)")
+    sft.add_argument("--sft", action="store_true", default=None,
+                     help="--data-path / --valid-data-path are JSONL conversations "
+                          "(messages, prompt/response or input/output rows); the loss is on "
+                          "the assistant turns")
+    sft.add_argument("--sft-sequence-packing", action="store_true", default=None,
+                     help="pack several conversations into each --seq-length sequence, "
+                          "attention and positions confined to each")
+    sft.add_argument("--sft-loss-on-all-tokens", action="store_true", default=None,
+                     help="count every token of a conversation, not only the answers")
+    sft.add_argument("--sft-no-truncation", action="store_true", default=None,
+                     help="refuse a conversation longer than --seq-length (naming its file and "
+                          "line) instead of truncating it")
+    sft.add_argument("--data-cache-path", default=None,
+                     help="where tokenized --sft files are cached (default: sft-cache/ beside "
+                          "each file)")
 
 
 # --- flags + YAML -> what the run uses ------------------------------------------------------------
@@ -260,8 +327,37 @@ def parse_arguments(argv, mode: str):
     if training.pretrained_checkpoint:
         check_base_fits(experiment, training)
     _choose_tokenizer(training, experiment)
+    _check_packing(training, experiment)
     lora = _lora_config_from(args, experiment, mode)
     return experiment, training, lora, args
+
+
+def _check_packing(training: TrainingSettings, experiment) -> None:
+    """Packing restarts positions by re-indexing plain RoPE or learned absolute embeddings;
+    other position schemes would see the packed sequence as one conversation."""
+    settings = experiment.megatron_config
+    kind = settings.get("position_embedding_type", "learned_absolute")
+    if training.sft_sequence_packing and (kind not in ("rope", "learned_absolute")
+                                          or settings.get("multi_latent_attention")):
+        raise TrainingError(f"--sft-sequence-packing restarts positions for rope and "
+                            f"learned_absolute position embeddings only; this model has "
+                            f"{'multi-latent attention' if settings.get('multi_latent_attention') else kind}"
+                            f" (train unpacked)")
+
+
+def prepare_instruction_data(training: TrainingSettings, experiment) -> None:
+    """Tokenize (into the cache) and check every --sft file: a bad row, or with
+    --sft-no-truncation a conversation too long, is a one-line error naming file and line."""
+    from ..instructions import build_instruction_datasets
+    from ..tokenizers import build_tokenizer
+
+    try:
+        build_instruction_datasets(
+            training, seq_length=experiment.seq_length, seed=experiment.seed,
+            num_samples=(0, 0), log=lambda message: None,
+            tokenizer=build_tokenizer(training.tokenizer_type, training.tokenizer_model))
+    except MegatronLoraError as error:
+        raise TrainingError(str(error)) from None
 
 
 def _choose_tokenizer(training: TrainingSettings, experiment) -> None:
@@ -332,10 +428,7 @@ def _training_settings_from(args, experiment) -> TrainingSettings:
         value = getattr(args, f.name, None)
         if value is None:
             continue
-        if f.name in ("data_path", "valid_data_path"):
-            if len(value) != 1:
-                raise TrainingError(f"--{f.name.replace('_', '-')} takes one prefix here (got "
-                                    f"{len(value)}); dataset blends are not supported yet")
+        if f.name in ("data_path", "valid_data_path") and len(value) == 1:
             value = value[0]
         setattr(training, f.name, value)
     return training
