@@ -78,7 +78,24 @@ def world_one(rank, world):
     results["packed"] = one_step(model, packed, len(packed), 0, 1,
                                  RestartedPositions.install(model))
     results["packed_samples"] = len(packed)
+    results["rotary"], results["rotary_outside"] = _rotary_reindexing(model)
     return results
+
+
+def _rotary_reindexing(model):
+    """(table for positions 0..5, the table inside restarted() for two position rows, those
+    rows) and whether the table is unchanged outside restarted()."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_lora.positions import RestartedPositions
+
+    rotary = next(m for m in model.modules() if type(m) is RotaryEmbedding)
+    positions = RestartedPositions.install(model)
+    table = rotary(6).clone()
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    with positions.restarted(position_ids):
+        restarted = rotary(6).clone()
+    return (table, restarted, position_ids), torch.equal(rotary(6), table)
 
 
 def world_two(rank, world):

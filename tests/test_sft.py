@@ -343,20 +343,12 @@ def test_packed_sample_layout():
                                             [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
 
 
-def test_restarted_positions_reindex_the_rotary_table():
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from megatron_lora.positions import RestartedPositions
-
-    holder = torch.nn.ModuleDict({"rotary": RotaryEmbedding(kv_channels=8, rotary_percent=1.0)})
-    rotary = holder["rotary"]
-    positions = RestartedPositions.install(holder)
-    table = rotary(6).clone()  # [6, 1, 1, 8]: positions 0..5
-    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
-    with positions.restarted(position_ids):
-        restarted = rotary(6)
-    assert restarted.shape == (6, 2, 1, 8)
+def test_restarted_positions_reindex_the_rotary_table(runs):
+    one, _ = runs
+    table, restarted, position_ids = one["rotary"]
+    assert restarted.shape == (table.shape[0], 2, 1, table.shape[-1])
     for b in range(2):
-        for s in range(6):
+        for s in range(table.shape[0]):
             assert torch.equal(restarted[s, b, 0], table[position_ids[b, s], 0, 0])
-    assert torch.equal(rotary(6), table)  # outside restarted(): the table unchanged
+    assert one["rotary_outside"]  # outside restarted(): the table unchanged
