@@ -1,10 +1,8 @@
-"""Data for the training scripts: a byte tokenizer, Megatron indexed datasets, GPT batches.
+"""Data for the training scripts: Megatron indexed datasets, GPT batches, the demo corpora.
 
 Everything here goes through megatron-core's own data path, so a corpus prepared here is a
 corpus Megatron-LM can read and the other way round:
 
-* :class:`ByteTokenizer` -- UTF-8 bytes as ids 0..255 plus an end-of-document id 256; needs
-  no files and no network, and is what ``GPTDatasetConfig`` expects of a tokenizer.
 * :func:`preprocess_jsonl` -- JSONL → ``<prefix>.bin`` / ``<prefix>.idx`` written with
   megatron's ``IndexedDatasetBuilder`` (what Megatron-LM's ``tools/preprocess_data.py`` does).
 * :func:`build_gpt_datasets` -- train/valid/test ``GPTDataset`` s through
@@ -29,101 +27,20 @@ import random
 import struct
 import sys
 import tempfile
-from collections import OrderedDict
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core.tokenizers import MegatronTokenizerBase
 
-from .errors import MegatronLoraError
-
-
-class DataError(MegatronLoraError):
-    """A dataset, corpus or tokenizer that cannot be used, with the file or value named."""
-
-# --- tokenizer --------------------------------------------------------------------------------
-
-TOKENIZER_NAME = "byte"
-
-# megatron's convention (NullTokenizer, MegatronDataset's _PAD_TOKEN_ID) for "no such token"
-_NO_TOKEN = -1
-
-
-class ByteTokenizer(MegatronTokenizerBase):
-    """UTF-8 bytes as token ids 0..255; id 256 ends a document. ``vocab_size == 257``.
-
-    There is no padding, BOS, CLS, SEP or MASK token: those ids are -1, which megatron's GPT
-    dataset reads as "no pad token" (it then never masks real tokens as padding).
-    """
-
-    def __init__(self) -> None:
-        super().__init__(path="", config={"library": TOKENIZER_NAME})
-
-    @property
-    def unique_identifiers(self) -> "OrderedDict[str, str]":
-        # part of the hash that names megatron's index cache files
-        return OrderedDict(
-            [("class", f"{type(self).__module__}.{type(self).__qualname__}"),
-             ("vocab_size", str(self.vocab_size)), ("eod", str(self.eod))]
-        )
-
-    @property
-    def vocab_size(self) -> int:
-        return 257
-
-    @property
-    def eod(self) -> int:
-        return 256
-
-    @property
-    def eos(self) -> int:
-        return self.eod
-
-    eos_id = eos
-
-    @property
-    def pad(self) -> int:
-        return _NO_TOKEN
-
-    pad_id = pad
-    bos = bos_id = cls = sep = mask = pad
-
-    @property
-    def vocab(self) -> Dict[str, int]:
-        table = {f"<0x{i:02X}>": i for i in range(256)}
-        table["<eod>"] = self.eod
-        return table
-
-    @property
-    def inv_vocab(self) -> Dict[int, str]:
-        return {i: token for token, i in self.vocab.items()}
-
-    def tokenize(self, text: str) -> List[int]:
-        return list(text.encode("utf-8"))
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``; end-of-document ids are dropped, broken UTF-8 becomes U+FFFD."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i <= self.eod]
-        if bad:
-            raise DataError(f"token ids outside 0..{self.eod}: {bad[:5]}")
-        return bytes(i for i in ids if i != self.eod).decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, *args, **kwargs):
-        raise NotImplementedError("ByteTokenizer has no chat template")
-
-    def __repr__(self) -> str:
-        return "ByteTokenizer(vocab_size=257, eod=256)"
-
-
-_TOKENIZERS: Dict[str, Callable[[], MegatronTokenizerBase]] = {TOKENIZER_NAME: ByteTokenizer}
-
-
-def get_tokenizer(name: str = TOKENIZER_NAME) -> MegatronTokenizerBase:
-    """The tokenizer called ``name`` (the names the experiment YAML may use)."""
-    if name not in _TOKENIZERS:
-        raise DataError(f"unknown tokenizer {name!r}; valid names: {', '.join(sorted(_TOKENIZERS))}")
-    return _TOKENIZERS[name]()
+from .errors import DataError
+# ByteTokenizer, get_tokenizer and DataError lived here before tokenizers.py held both tokenizers
+from .tokenizers import (  # noqa: F401
+    HF_TOKENIZER,
+    TOKENIZER_NAME,
+    ByteTokenizer,
+    build_tokenizer,
+    get_tokenizer,
+)
 
 
 # --- JSONL -> indexed dataset -----------------------------------------------------------------
@@ -600,8 +517,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command == "preprocess":
-            from .tokenizers import HF_TOKENIZER, build_tokenizer  # it builds on this module
-
             kind = args.tokenizer_type or (HF_TOKENIZER if args.tokenizer_model else args.tokenizer)
             bin_path, idx_path, documents, tokens = _preprocess(
                 args.input, args.output_prefix, args.json_key, not args.no_eod,

@@ -67,9 +67,9 @@ def evaluate_at_tp1(base_dir: Path, adapter_dir: Path, examples, shown: int):
     from megatron_lora import disable_adapters
     from megatron_lora.checkpoint import load_adapter
     from megatron_lora.experiment import load_experiment
-    from megatron_lora.data import get_tokenizer
     from megatron_lora.generation import answer_line_ends, exact_matches, greedy_complete
     from megatron_lora.gpt import build_gpt_model, initialize_model_parallel
+    from megatron_lora.tokenizers import get_tokenizer
     from megatron_lora.training import initialize_distributed, load_base_weights
 
     experiment = load_experiment(CONFIG, overrides={
