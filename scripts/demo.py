@@ -3,7 +3,8 @@
 
 1. makes the demo corpora and their megatron indexed datasets (cached in runs/demo/data):
    short stories for pretraining, and "The red fox sees a dog. -> saw" lines (a sentence, then
-   its verb in the past tense) for fine-tuning (megatron_lora/data.py says why that task);
+   its verb in the past tense) for fine-tuning (megatron_lora/data/demo_corpus.py says why
+   that task);
 2. obtains a small pretrained base: pretrain_gpt.py on the stories, full training at TP=2 + SP,
    cached in runs/demo/base (later runs reuse it);
 3. fine-tunes LoRA adapters with finetune_gpt.py at TP=2 + SP on the task, which the base has

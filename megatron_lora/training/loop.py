@@ -25,7 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..atomic import write_file_atomically
 from ..checkpoint import load_adapter, save_adapter, save_dist_checkpoint
 from ..cpu import cuda_arguments_to_cpu
-from ..data import build_gpt_datasets, micro_batches
+from ..data import FORMATS, micro_batches
 from ..hf import is_hf_directory, load_hf_weights
 from ..tokenizers import build_tokenizer
 from ..gpt import build_gpt_model, initialize_model_parallel
@@ -155,17 +155,12 @@ class Trainer:
 
     def _build_datasets(self):
         settings, experiment = self.settings, self.experiment
-        eval_samples = settings.eval_iters * self.global_batch
-        train_samples = max(1, settings.train_iters) * self.global_batch
-        train, valid, _ = build_gpt_datasets(
-            settings.data_path, split=settings.split, seq_length=experiment.seq_length,
-            seed=experiment.seed, num_samples=(train_samples, eval_samples, 0),
-            tokenizer=self.tokenizer)
-        if settings.valid_data_path:
-            _, valid, _ = build_gpt_datasets(
-                settings.valid_data_path, split="0,100,0", seq_length=experiment.seq_length,
-                seed=experiment.seed, num_samples=(0, eval_samples, 0), tokenizer=self.tokenizer)
-        return train, valid
+        # no setting picks a format yet: every run reads pretraining data
+        return FORMATS["pretraining"](
+            settings.data_path, valid_data_path=settings.valid_data_path, split=settings.split,
+            seq_length=experiment.seq_length, seed=experiment.seed,
+            train_samples=max(1, settings.train_iters) * self.global_batch,
+            eval_samples=settings.eval_iters * self.global_batch, tokenizer=self.tokenizer)
 
     @property
     def trains_lora(self) -> bool:
