@@ -8,8 +8,6 @@ import torch
 
 from ..errors import DataError
 
-_BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
-
 
 def micro_batches(
     dataset,
@@ -19,7 +17,8 @@ def micro_batches(
     data_parallel_rank: int = 0,
     data_parallel_size: int = 1,
 ) -> Iterator[Dict[str, torch.Tensor]]:
-    """Endless micro-batches of one data-parallel rank: dicts of [micro_batch_size, seq] tensors.
+    """Endless micro-batches of one data-parallel rank: dicts of [micro_batch_size, seq] tensors,
+    one per key of the samples (each sample a dict of same-shaped tensors under the same keys).
 
     The k-th micro-batch of DP rank r holds global samples
     ``start_sample + k*dp*mbs + r*mbs + j`` (j < mbs), modulo ``len(dataset)`` -- Megatron's
@@ -45,8 +44,9 @@ def micro_batches(
         stride = data_parallel_size * micro_batch_size
         while True:
             samples = [dataset[(base + j) % size] for j in range(micro_batch_size)]
+            # every key the samples carry: instruction samples have more than GPTDataset's
             yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
-                   for key in _BATCH_KEYS}
+                   for key in samples[0]}
             base += stride
 
     # a generator function would check the arguments only at the first next()
