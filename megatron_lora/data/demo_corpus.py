@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from typing import Callable, Dict, List, Sequence, Tuple
 
+from ..atomic import write_file_atomically
 from .pretraining import _preprocess
 
 
@@ -106,12 +106,6 @@ def _task_document(rng: random.Random, exclude=frozenset()) -> str:
     return "\n".join(lines)
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _write_if_changed(path: str, content: str) -> None:
     """Write atomically, and not at all when the file already holds ``content``: an unchanged
     corpus keeps its timestamp, so make_demo_data can tell that its outputs are up to date."""
@@ -122,15 +116,7 @@ def _write_if_changed(path: str, content: str) -> None:
                 return
     except FileNotFoundError:
         pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes it private; a corpus is not
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_file_atomically(path, data)
 
 
 DEMO_CORPORA = ("pretrain", "finetune", "finetune_heldout")
