@@ -15,3 +15,10 @@ class MegatronLoraError(ValueError):
 class AdapterError(MegatronLoraError):
     """An adapter request this model cannot take: targets that match no layer, a rank larger
     than a layer allows, an adapter name that is invalid or already in use."""
+
+
+class DataError(MegatronLoraError):
+    """A dataset, corpus or tokenizer that cannot be used, with the file or value named.
+
+    Here rather than in ``megatron_lora.data``: the tokenizers raise it too, and the data
+    package imports the tokenizers."""

@@ -196,7 +196,7 @@ class TextCodec:
             directory = str(request.checkpoint)
         self.chat = args.chat_template
         if directory is None:
-            from .data import get_tokenizer
+            from .tokenizers import get_tokenizer
 
             self.hf, self.tokenizer = False, get_tokenizer("byte")
             self.stop = [self.tokenizer.eod]

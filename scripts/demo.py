@@ -3,7 +3,8 @@
 
 1. makes the demo corpora and their megatron indexed datasets (cached in runs/demo/data):
    short stories for pretraining, and "The red fox sees a dog. -> saw" lines (a sentence, then
-   its verb in the past tense) for fine-tuning (megatron_lora/data.py says why that task);
+   its verb in the past tense) for fine-tuning (megatron_lora/data/demo_corpus.py says why
+   that task);
 2. obtains a small pretrained base: pretrain_gpt.py on the stories, full training at TP=2 + SP,
    cached in runs/demo/base (later runs reuse it);
 3. fine-tunes LoRA adapters with finetune_gpt.py at TP=2 + SP on the task, which the base has
@@ -67,9 +68,9 @@ def evaluate_at_tp1(base_dir: Path, adapter_dir: Path, examples, shown: int):
     from megatron_lora import disable_adapters
     from megatron_lora.checkpoint import load_adapter
     from megatron_lora.experiment import load_experiment
-    from megatron_lora.data import get_tokenizer
     from megatron_lora.generation import answer_line_ends, exact_matches, greedy_complete
     from megatron_lora.gpt import build_gpt_model, initialize_model_parallel
+    from megatron_lora.tokenizers import get_tokenizer
     from megatron_lora.training import initialize_distributed, load_base_weights
 
     experiment = load_experiment(CONFIG, overrides={

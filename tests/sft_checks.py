@@ -32,7 +32,7 @@ def conversations():
 
 
 def dataset(pack: bool, loss_on_all_tokens: bool = False):
-    from megatron_lora.instructions import InstructionDataset
+    from megatron_lora.data.instructions import InstructionDataset
 
     return InstructionDataset(conversations(), seq_length=SEQ, seed=0, num_samples=None,
                               pack=pack, loss_on_all_tokens=loss_on_all_tokens, pad_id=0)

@@ -1,4 +1,4 @@
-"""megatron_lora.data: byte tokenizer, JSONL -> indexed dataset, GPT datasets, batches, demo data."""
+"""megatron_lora.data (and the byte tokenizer): JSONL -> indexed dataset, GPT datasets, batches, demo data."""
 
 import json
 import os
@@ -14,10 +14,7 @@ from megatron_lora.data import (
     DEMO_CORPORA,
     PAST_TENSE,
     TASK_SEPARATOR,
-    ByteTokenizer,
-    TOKENIZER_NAME,
     build_gpt_datasets,
-    get_tokenizer,
     main,
     make_demo_corpora,
     make_demo_data,
@@ -25,6 +22,7 @@ from megatron_lora.data import (
     preprocess_jsonl,
     split_task_line,
 )
+from megatron_lora.tokenizers import TOKENIZER_NAME, ByteTokenizer, get_tokenizer
 
 SEQ = 32
 REPO = Path(__file__).resolve().parents[1]

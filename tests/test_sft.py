@@ -72,7 +72,7 @@ def hf_tokenizer(tmp_path, template, eos="<|im_end|>", bos=None):
 
 def marked(tokenizer, messages):
     """The conversation's tokens, '+' before each that counts for the loss."""
-    from megatron_lora.instructions import tokenize_conversation
+    from megatron_lora.data.instructions import tokenize_conversation
 
     ids, counted = tokenize_conversation(tokenizer, messages, "test")
     names = tokenizer.hf.convert_ids_to_tokens(ids)
@@ -104,7 +104,7 @@ def test_llama3_mask_multi_turn(tmp_path):
 
 
 def test_prompt_response_rows_are_one_user_and_one_assistant_turn(tmp_path):
-    from megatron_lora.instructions import conversation_of
+    from megatron_lora.data.instructions import conversation_of
 
     tokenizer = hf_tokenizer(tmp_path, CHATML)
     for row in ({"prompt": "hello", "response": "world"}, {"input": "hello", "output": "world"}):
@@ -113,7 +113,7 @@ def test_prompt_response_rows_are_one_user_and_one_assistant_turn(tmp_path):
 
 
 def test_without_a_template_prompt_then_response_then_eos(tmp_path):
-    from megatron_lora.instructions import conversation_of, tokenize_conversation
+    from megatron_lora.data.instructions import conversation_of, tokenize_conversation
     from megatron_lora.tokenizers import build_tokenizer
 
     byte = build_tokenizer("byte")
@@ -129,7 +129,7 @@ def test_without_a_template_prompt_then_response_then_eos(tmp_path):
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
-    from megatron_lora.instructions import tokenize_conversation
+    from megatron_lora.data.instructions import tokenize_conversation
 
     tokenizer = hf_tokenizer(tmp_path, FORGETFUL)
     with pytest.raises(DataError, match=r"where:7: the chat template renders earlier turns "
@@ -155,7 +155,7 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("row,message", BAD_ROWS, ids=[m.split()[0] for _, m in BAD_ROWS])
 def test_bad_rows_name_file_and_line(tmp_path, row, message):
-    from megatron_lora.instructions import load_tokenized
+    from megatron_lora.data.instructions import load_tokenized
     from megatron_lora.tokenizers import build_tokenizer
 
     path = tmp_path / "data.jsonl"
@@ -188,7 +188,7 @@ def _settings(tmp_path, **overrides):
 
 
 def test_long_conversations_truncated_or_refused(tmp_path):
-    from megatron_lora.instructions import build_instruction_datasets
+    from megatron_lora.data.instructions import build_instruction_datasets
 
     tokenizer = hf_tokenizer(tmp_path, CHATML)
     path = tmp_path / "data.jsonl"
@@ -212,7 +212,7 @@ def test_long_conversations_truncated_or_refused(tmp_path):
 
 
 def test_blend_of_two_files_by_weight(tmp_path):
-    from megatron_lora.instructions import Blend, blend_order, build_instruction_datasets
+    from megatron_lora.data.instructions import Blend, blend_order, build_instruction_datasets
 
     assert blend_order([3, 1], 8).count(0) == 6
     with pytest.raises(DataError, match="weight-file pairs"):
@@ -236,7 +236,7 @@ def test_blend_of_two_files_by_weight(tmp_path):
 
 _CACHE_WORKER = """
 import hashlib, sys
-from megatron_lora.instructions import load_tokenized
+from megatron_lora.data.instructions import load_tokenized
 from megatron_lora.tokenizers import build_tokenizer
 said = []
 result = load_tokenized(sys.argv[1], build_tokenizer("HuggingFaceTokenizer", sys.argv[2]),
@@ -336,7 +336,7 @@ def test_packed_sample_layout():
             if segment:
                 where = (segments == segment).nonzero().flatten()
                 assert sample["position_ids"][where].tolist() == list(range(len(where)))
-    from megatron_lora.instructions import packed_attention_mask
+    from megatron_lora.data.instructions import packed_attention_mask
 
     mask = packed_attention_mask(torch.tensor([[1, 1, 2, 2, 0]]))
     assert (~mask[0, 0]).int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0],

@@ -25,10 +25,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..atomic import write_file_atomically
 from ..checkpoint import load_adapter, save_adapter, save_dist_checkpoint
 from ..cpu import cuda_arguments_to_cpu
-from ..data import build_gpt_datasets, micro_batches
-from ..instructions import build_instruction_datasets, packed_attention_mask
-from ..positions import RestartedPositions
+from ..data import FORMATS, micro_batches
+from ..data.instructions import packed_attention_mask
 from ..hf import is_hf_directory, load_hf_weights
+from ..positions import RestartedPositions
 from ..tokenizers import build_tokenizer
 from ..gpt import build_gpt_model, initialize_model_parallel
 from ..grad_sync import finalize_gradients
@@ -179,22 +179,11 @@ class Trainer:
 
     def _build_datasets(self):
         settings, experiment = self.settings, self.experiment
-        eval_samples = settings.eval_iters * self.global_batch
-        train_samples = max(1, settings.train_iters) * self.global_batch
-        if settings.sft:
-            return build_instruction_datasets(
-                settings, seq_length=experiment.seq_length, seed=experiment.seed,
-                num_samples=(train_samples, eval_samples), tokenizer=self.tokenizer,
-                log=print_on_rank0)
-        train, valid, _ = build_gpt_datasets(
-            settings.data_path, split=settings.split, seq_length=experiment.seq_length,
-            seed=experiment.seed, num_samples=(train_samples, eval_samples, 0),
-            tokenizer=self.tokenizer)
-        if settings.valid_data_path:
-            _, valid, _ = build_gpt_datasets(
-                settings.valid_data_path, split="0,100,0", seq_length=experiment.seq_length,
-                seed=experiment.seed, num_samples=(0, eval_samples, 0), tokenizer=self.tokenizer)
-        return train, valid
+        return FORMATS[settings.data_format](
+            settings, seq_length=experiment.seq_length, seed=experiment.seed,
+            num_samples=(max(1, settings.train_iters) * self.global_batch,
+                         settings.eval_iters * self.global_batch),
+            tokenizer=self.tokenizer, log=print_on_rank0)
 
     @property
     def trains_lora(self) -> bool:

@@ -97,6 +97,11 @@ class TrainingSettings:
     sft_no_truncation: bool = False
     data_cache_path: Optional[str] = None
 
+    @property
+    def data_format(self) -> str:
+        """The name of the data format in megatron_lora.data.FORMATS."""
+        return "sft" if self.sft else "pretraining"
+
     def data_path_values(self) -> List[str]:
         return _as_list(self.data_path)
 
@@ -179,7 +184,7 @@ class TrainingSettings:
                                         f"{', '.join(missing)} does not exist")
 
     def _check_instruction_files(self) -> None:
-        from ..instructions import Blend
+        from ..data.instructions import Blend
 
         for name in ("data_path", "valid_data_path"):
             values = _as_list(getattr(self, name))
@@ -348,7 +353,7 @@ def _check_packing(training: TrainingSettings, experiment) -> None:
 def prepare_instruction_data(training: TrainingSettings, experiment) -> None:
     """Tokenize (into the cache) and check every --sft file: a bad row, or with
     --sft-no-truncation a conversation too long, is a one-line error naming file and line."""
-    from ..instructions import build_instruction_datasets
+    from ..data.instructions import build_instruction_datasets
     from ..tokenizers import build_tokenizer
 
     try:

@@ -34,7 +34,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .data import DataError
+from ..errors import DataError
+from .jsonl import read_jsonl
+from .pretraining import parse_split
 
 ROLES = ("system", "user", "assistant")
 # row forms other than "messages": (prompt key, answer key)
@@ -47,28 +49,10 @@ CACHE_FORMAT = 1
 
 
 def read_conversations(path) -> Iterator[Tuple[int, "Conversation"]]:
-    """(line number, conversation) of every non-blank line of a JSONL file; a DataError naming the
-    file and the line for anything that is not a conversation with an answer."""
-    path = os.fspath(path)
-    try:
-        stream = open(path, "rb")
-    except OSError as error:
-        raise DataError(f"cannot read {path}: {error.strerror or error}") from None
-    with stream:
-        for line_number, raw in enumerate(stream, start=1):
-            where = f"{path}:{line_number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{where}: not UTF-8 ({error.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as error:
-                reason = error.msg if isinstance(error, json.JSONDecodeError) else "nested too deep"
-                raise DataError(f"{where}: not valid JSON ({reason})") from None
-            yield line_number, conversation_of(row, where)
+    """(line number, conversation) of every non-blank line of a JSONL file; a DataError naming
+    the file and the line for anything that is not a conversation with an answer."""
+    for line_number, row in read_jsonl(os.fspath(path)):
+        yield line_number, conversation_of(row, f"{path}:{line_number}")
 
 
 @dataclass(frozen=True)
@@ -456,9 +440,7 @@ def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 
 def split_ranges(count: int, split: str) -> Tuple[range, range]:
     """(train, valid) conversation index ranges of a file by --split weights (test unused)."""
-    from .data import _parse_split
-
-    weights = _parse_split(split)
+    weights = parse_split(split)
     total = sum(weights)
     train_end = int(round(count * weights[0] / total))
     valid_end = int(round(count * (weights[0] + weights[1]) / total))
