@@ -1,7 +1,7 @@
 """The scripts from a Hugging Face directory: a tiny Llama made by transformers with its own
-tokenizer (tokenizers' BPE, loaded by AutoTokenizer), data preprocessed with that tokenizer,
-LoRA fine-tuning at TP=2 + SP through torchrun with no --config (config.json gives the model,
-its vocabulary of 1001 padded to 1024), the adapter recording where its base came from."""
+tokenizer (tokenizers' BPE with a chat template, loaded by AutoTokenizer), LoRA fine-tuning on
+chat rows (--sft, packed) at TP=2 + SP through torchrun with no --config (config.json gives the
+model, its vocabulary of 1001 padded to 1024), the adapter recording where its base came from."""
 
 import json
 import subprocess
@@ -17,21 +17,21 @@ from test_training import ROOT, torchrun
 def hf_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_run")
     base = make_llama_with_tokenizer(root / "llama")
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"the quick brown fox number {i} jumps over "
-                                                  f"the lazy dog"}) + "\n" for i in range(64)))
-    prep = subprocess.run([sys.executable, "-m", "megatron_lora.data", "preprocess", "--input",
-                           str(corpus), "--output-prefix", str(root / "corpus"),
-                           "--tokenizer-model", str(base)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert prep.returncode == 0, prep.stderr
+    # chat rows: the fine-tuning is --sft, packed, with the loss on the answers
+    for name, numbers in (("train", range(64)), ("heldout", range(100, 108))):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"messages": [
+            {"role": "user", "content": f"the quick brown fox number {i}"},
+            {"role": "assistant", "content": "jumps over the lazy dog"}]}) + "\n"
+            for i in numbers))
     save = root / "run"
     result = torchrun("finetune_gpt.py", "--pretrained-checkpoint", base,
                       "--tensor-model-parallel-size", 2, "--sequence-parallel",
-                      "--seq-length", 32, "--data-path", root / "corpus",
+                      "--seq-length", 64, "--sft", "--sft-sequence-packing",
+                      "--data-path", root / "train.jsonl",
+                      "--valid-data-path", root / "heldout.jsonl",
                       "--lora-rank", 4, "--lora-alpha", 8, "--train-iters", 8, "--lr", 1e-2,
-                      "--micro-batch-size", 2, "--eval-iters", 1, "--eval-interval", 8,
-                      "--split", "90,10,0", "--save", save, "--no-progress-bar", timeout=300)
+                      "--micro-batch-size", 2, "--eval-iters", 1, "--eval-interval", 4,
+                      "--save", save, "--no-progress-bar", timeout=300)
     return base, save, result
 
 
@@ -41,6 +41,10 @@ def test_finetuning_from_a_hugging_face_directory_learns(hf_run):
     before = float(result.stdout.split("held-out loss before training: ")[1].split()[0])
     after = float(result.stdout.split("held-out loss after training: ")[1].split()[0])
     assert after < before
+    assert "--sft data: 64 training and 8 held-out conversations, packed" in result.stdout
+    # the held-out loss on the answer tokens, before the first step and at each interval
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "valid_loss" in r][:3] == [0, 4, 8]
 
 
 def test_the_adapter_records_its_base_and_the_padded_vocabulary(hf_run):
@@ -153,9 +157,17 @@ def test_the_trained_adapter_serves_in_peft_and_merged_in_transformers(hf_run, t
 
 
 def test_pretraining_starts_from_a_hugging_face_directory(tmp_path, hf_run):
-    """pretrain_gpt.py (full training) from the Hugging Face directory, one process."""
-    base, save, _ = hf_run
-    data = save.parent / "corpus"
+    """pretrain_gpt.py (full training) from the Hugging Face directory, one process, on text
+    preprocessed with the model's own tokenizer."""
+    base, _, _ = hf_run
+    corpus, data = tmp_path / "corpus.jsonl", tmp_path / "corpus"
+    corpus.write_text("".join(json.dumps({"text": f"the quick brown fox number {i} jumps over "
+                                                  f"the lazy dog"}) + "\n" for i in range(64)))
+    prep = subprocess.run([sys.executable, "-m", "megatron_lora.data", "preprocess", "--input",
+                           str(corpus), "--output-prefix", str(data),
+                           "--tokenizer-model", str(base)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert prep.returncode == 0, prep.stderr
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_gpt.py"),
                              "--pretrained-checkpoint", str(base), "--seq-length", "32",
                              "--data-path", str(data), "--train-iters", "2",

@@ -501,17 +501,20 @@ def build_instruction_datasets(settings, *, seq_length: int, seed: int,
 
 
 def _check_lengths(paths, parts, lines, seq_length, settings, log) -> None:
-    too_long = [(path, line) for path, part, numbers in zip(paths, parts, lines)
-                for (ids, _), line in zip(part, numbers) if len(ids) > seq_length + 1]
+    too_long = [(path, line, bool(counted[1:seq_length + 1].any()))
+                for path, part, numbers in zip(paths, parts, lines)
+                for (ids, counted), line in zip(part, numbers) if len(ids) > seq_length + 1]
     if not too_long:
         return
-    path, line = too_long[0]
+    path, line, _ = too_long[0]
     if getattr(settings, "sft_no_truncation", False):
         raise DataError(f"{path}:{line}: the conversation is longer than --seq-length "
                         f"{seq_length} (+1 for the last label); raise --seq-length or drop "
                         f"--sft-no-truncation to truncate")
+    lost = sum(not kept for _, _, kept in too_long)
     log(f"truncated {len(too_long)} conversations longer than --seq-length {seq_length} "
-        f"(the first: {path}:{line})")
+        f"(the first: {path}:{line})"
+        + (f"; {lost} of them lose every answer token and train nothing" if lost else ""))
 
 
 class BlendedDataset:
