@@ -3,6 +3,7 @@ tests/bad_inputs.py), and the valid inputs they start from."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -152,6 +153,24 @@ def _hf_copy(edit=None):
         return _hf_flags(g, w, hf, *extra)
 
     return make
+
+
+def _sft(*rows, byte=False, extra=()):
+    """--sft on a JSONL of ``rows`` (one per line): from the Hugging Face model (a chat
+    template), or with ``byte`` the byte tokenizer (none)."""
+    def make(w, g):
+        path = w / "chat.jsonl"
+        path.write_text("".join(row + "\n" for row in rows))
+        common = ["--sft", "--data-path", path, "--train-iters", 2, "--save", w / "save", *extra]
+        if byte:
+            return ["--config", g.train_config, *common]
+        return ["--pretrained-checkpoint", g.hf, "--lora-rank", 4, "--seq-length", 32, *common]
+
+    return make
+
+
+_CHAT = json.dumps({"messages": [{"role": "user", "content": "the lazy dog"},
+                                 {"role": "assistant", "content": "jumps"}]})
 
 
 def _edit_config(**changes):
@@ -366,4 +385,29 @@ ROWS = [
     BadInput("hf_tokenizer_larger_than_the_model", "finetune",
              lambda w, g: _hf_copy()(w, g, "--tokenizer-model", g.big_tokenizer),
              "more than the model's vocab_size 1001"),
+    # instruction data (--sft, docs/sft.md): every bad row names its file and line
+    BadInput("sft_row_not_json", "finetune", _sft(_CHAT, "{not json"),
+             "chat.jsonl:2: not valid JSON"),
+    BadInput("sft_row_without_answer", "finetune",
+             _sft(_CHAT, json.dumps({"prompt": "the lazy dog", "response": ""})),
+             "chat.jsonl:2: no assistant content"),
+    BadInput("sft_unknown_role", "finetune",
+             _sft(json.dumps({"messages": [{"role": "robot", "content": "hi"},
+                                           {"role": "assistant", "content": "jumps"}]})),
+             "chat.jsonl:1: message 0 has role 'robot'; valid roles: system, user, assistant"),
+    BadInput("sft_messages_without_chat_template", "finetune", _sft(_CHAT, byte=True),
+             "chat.jsonl:1: a 'messages' conversation needs a tokenizer with a chat template"),
+    BadInput("sft_too_long_refused", "finetune",
+             _sft(_CHAT, json.dumps({"prompt": "the lazy dog " * 20, "response": "jumps"}),
+                  extra=("--sft-no-truncation",)),
+             "chat.jsonl:2: the conversation is longer than --seq-length 32"),
+    BadInput("sft_indexed_dataset_given", "finetune",
+             lambda w, g: ["--config", g.train_config, "--sft", "--data-path", g.data,
+                           "--train-iters", 2, "--save", w / "save"],
+             "(--sft reads JSONL files, not indexed-dataset prefixes)"),
+    BadInput("sft_blend_without_weights", "finetune",
+             lambda w, g: _sft(_CHAT)(w, g) + ["--data-path", w / "chat.jsonl", w / "chat.jsonl"],
+             "--data-path takes one file, or weight-file pairs (W1 F1 W2 F2 ...); the weight "),
+    BadInput("sft_packing_without_sft", "finetune", with_flags("--sft-sequence-packing"),
+             "are for instruction data: add --sft"),
 ]

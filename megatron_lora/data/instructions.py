@@ -259,11 +259,12 @@ def cache_key(path: str, tokenizer) -> str:
     return digest.hexdigest()[:20]
 
 
-def load_tokenized(path, tokenizer, cache_dir=None, log: Callable[[str], None] = print
-                   ) -> TokenizedFile:
+def load_tokenized(path, tokenizer, cache_dir=None, log: Callable[[str], None] = print,
+                   check: Optional[Callable[[TokenizedFile], None]] = None) -> TokenizedFile:
     """The tokenized file, from the cache when it holds this file, tokenizer and template;
     otherwise tokenized and cached. Several processes may call it at once: one tokenizes
-    under an exclusive lock, the others then read its result."""
+    under an exclusive lock, the others then read its result. ``check`` may refuse the file
+    (a DataError) before anything is cached, and is applied to a cached one too."""
     from safetensors.torch import load_file
 
     path = os.fspath(path)
@@ -285,6 +286,8 @@ def load_tokenized(path, tokenizer, cache_dir=None, log: Callable[[str], None] =
         try:
             if not cached.is_file():
                 tokenized = _tokenize_file(path, tokenizer)
+                if check is not None:
+                    check(tokenized)
                 _save_atomically(cached, {name: getattr(tokenized, name) for name in fields},
                                  {"source": path, "key": key})
                 log(f"tokenized {path}: {len(tokenized)} conversations, "
@@ -300,7 +303,10 @@ def load_tokenized(path, tokenizer, cache_dir=None, log: Callable[[str], None] =
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     tensors = load_file(str(cached))
-    return TokenizedFile(path, *(tensors[name] for name in fields))
+    tokenized = TokenizedFile(path, *(tensors[name] for name in fields))
+    if check is not None:
+        check(tokenized)
+    return tokenized
 
 
 # --- samples ------------------------------------------------------------------------------------
@@ -321,11 +327,14 @@ class Blend:
         if len(values) % 2:
             raise DataError(f"{flag} takes one file, or weight-file pairs (W1 F1 W2 F2 ...); "
                             f"got {len(values)} values")
-        try:
-            weights = tuple(float(w) for w in values[0::2])
-        except ValueError:
-            raise DataError(f"{flag} {' '.join(values)[:200]}: expected weight-file pairs, "
-                            f"the weights numbers") from None
+        weights = []
+        for weight in values[0::2]:
+            try:
+                weights.append(float(weight))
+            except ValueError:
+                raise DataError(f"{flag} takes one file, or weight-file pairs (W1 F1 W2 F2 "
+                                f"...); the weight {weight[:100]!r} is not a number") from None
+        weights = tuple(weights)
         if any(not 0 < w < float("inf") for w in weights):
             raise DataError(f"{flag}: every weight must be a positive number, got "
                             f"{', '.join(map(str, weights))}")
@@ -453,11 +462,16 @@ def build_instruction_datasets(settings, *, seq_length: int, seed: int,
     """(train, valid) InstructionDatasets for the trainer's settings (``--data-path`` blend,
     ``--valid-data-path`` or ``--split``), every file tokenized once through the cache."""
     cache_dir = getattr(settings, "data_cache_path", None)
+
+    def load(path):
+        return load_tokenized(path, tokenizer, cache_dir, log, check=lambda tokenized: (
+            _refuse_long(tokenized, seq_length) if settings.sft_no_truncation else None))
+
     train_blend = Blend.parse(settings.data_path_values())
-    files = [load_tokenized(p, tokenizer, cache_dir, log) for p in train_blend.paths]
+    files = [load(p) for p in train_blend.paths]
     if settings.valid_data_path:
         valid_blend = Blend.parse(settings.valid_data_path_values(), "--valid-data-path")
-        valid_files = [load_tokenized(p, tokenizer, cache_dir, log) for p in valid_blend.paths]
+        valid_files = [load(p) for p in valid_blend.paths]
         train_parts = [[f.conversation(i) for i in range(len(f))] for f in files]
         valid_parts = [[f.conversation(i) for i in range(len(f))] for f in valid_files]
         train_lines = [list(f.line_numbers) for f in files]
@@ -472,8 +486,8 @@ def build_instruction_datasets(settings, *, seq_length: int, seed: int,
             train_lines.append([int(f.line_numbers[i]) for i in train_range])
             valid_lines.append([int(f.line_numbers[i]) for i in valid_range])
 
-    _check_lengths(train_blend.paths, train_parts, train_lines, seq_length, settings, log)
-    _check_lengths(valid_blend.paths, valid_parts, valid_lines, seq_length, settings, log)
+    _report_truncation(train_blend.paths, train_parts, train_lines, seq_length, log)
+    _report_truncation(valid_blend.paths, valid_parts, valid_lines, seq_length, log)
 
     pad_id = tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod
     log(f"--sft data: {sum(map(len, train_parts))} training and "
@@ -500,17 +514,23 @@ def build_instruction_datasets(settings, *, seq_length: int, seed: int,
             dataset(valid_blend, valid_parts, num_samples[1]))
 
 
-def _check_lengths(paths, parts, lines, seq_length, settings, log) -> None:
+def _refuse_long(tokenized: TokenizedFile, seq_length: int) -> None:
+    """--sft-no-truncation: the first conversation longer than seq_length + 1 tokens."""
+    too_long = (tokenized.lengths() > seq_length + 1).nonzero()
+    if len(too_long):
+        line = int(tokenized.line_numbers[int(too_long[0])])
+        raise DataError(f"{tokenized.path}:{line}: the conversation is longer than --seq-length "
+                        f"{seq_length} (+1 for the last label); raise --seq-length or drop "
+                        f"--sft-no-truncation to truncate")
+
+
+def _report_truncation(paths, parts, lines, seq_length, log) -> None:
     too_long = [(path, line, bool(counted[1:seq_length + 1].any()))
                 for path, part, numbers in zip(paths, parts, lines)
                 for (ids, counted), line in zip(part, numbers) if len(ids) > seq_length + 1]
     if not too_long:
         return
     path, line, _ = too_long[0]
-    if getattr(settings, "sft_no_truncation", False):
-        raise DataError(f"{path}:{line}: the conversation is longer than --seq-length "
-                        f"{seq_length} (+1 for the last label); raise --seq-length or drop "
-                        f"--sft-no-truncation to truncate")
     lost = sum(not kept for _, _, kept in too_long)
     log(f"truncated {len(too_long)} conversations longer than --seq-length {seq_length} "
         f"(the first: {path}:{line})"

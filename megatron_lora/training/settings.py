@@ -255,6 +255,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                              "after checking every input once here; leave it out under torchrun")
     _add_model_flags(parser.add_argument_group("model and layout"))
     _add_loop_flags(parser.add_argument_group("training loop"))
+    _add_sft_flags(parser.add_argument_group("instruction data (--sft, docs/sft.md)"))
     add_lora_args(parser)
     return parser
 
@@ -300,7 +301,9 @@ def _add_loop_flags(loop) -> None:
     loop.add_argument("--tokenizer-model", default=None,
                       help="directory of a Hugging Face tokenizer (local files only)")
     loop.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=None)
-    sft = loop.add_argument_group("instruction data (--sft, docs/sft.md)")
+
+
+def _add_sft_flags(sft) -> None:
     sft.add_argument("--sft", action="store_true", default=None,
                      help="--data-path / --valid-data-path are JSONL conversations "
                           "(messages, prompt/response or input/output rows); the loss is on "
