@@ -20,6 +20,10 @@ setup(
         # a Hugging Face model's own tokenizer (AutoTokenizer, local files only) and the
         # export-hf / generate.py borders
         "transformers>=4.45",
+        # the main job (scripts/demo.py) makes its tokenizer with tokenizers and serves the
+        # adapter through peft, as its users do
+        "tokenizers>=0.19",
+        "peft>=0.13",
         "numpy",
         # the training scripts: progress bar, TensorBoard events, the loss-curve PNG
         "tqdm>=4.60",
@@ -32,7 +36,6 @@ setup(
         # tensorboard: the resume test reads the events back
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "peft>=0.13",
                  "tensorboard>=2.14"],
-        "peft": ["peft>=0.13"],
         "te": ["transformer-engine[pytorch]"],
     },
 )
