@@ -74,6 +74,7 @@ class Request:
 
 
 from .hf import is_hf_directory  # noqa: E402  (one rule for what a Hugging Face directory is)
+from .tokenizers import holds_tokenizer  # noqa: E402
 
 def _read_prompts(args) -> List[Prompt]:
     prompts = [Prompt(text=text) for text in args.prompt]
@@ -182,17 +183,14 @@ def check_inputs(argv: Sequence[str]) -> Request:
 
 # --- tokenizers ----------------------------------------------------------------------------------
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
 class TextCodec:
     """Prompts to token ids and back, with the ids that end a completion."""
 
     def __init__(self, request: Request):
         args = request.args
         directory = args.tokenizer_model
-        if directory is None and args.tokenizer_type != "byte" and request.hf and any(
-                Path(request.checkpoint, name).is_file() for name in _TOKENIZER_FILES):
+        if directory is None and args.tokenizer_type != "byte" and request.hf and \
+                holds_tokenizer(request.checkpoint):
             directory = str(request.checkpoint)
         self.chat = args.chat_template
         if directory is None:

@@ -38,15 +38,13 @@ from .interop import (
     megatron_to_hf_factors,
     shape_from_description,
 )
+from .tokenizers import TOKENIZER_ALL_FILES, TOKENIZER_FILES, holds_tokenizer
 
 MARKER = "megatron_lora_export.json"  # what tells a directory export-hf wrote (--overwrite)
 MARKER_FORMAT = "megatron_lora.export_hf"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SHARD_BYTES = 2 * 1024 ** 3
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
 # weights in formats this exporter does not rewrite: copying them would ship unmerged weights
 _OTHER_WEIGHTS = re.compile(r"(pytorch_model.*\.bin(\.index\.json)?|tf_model\.h5|"
                             r"flax_model\.msgpack|.*\.gguf|.*\.pt|.*\.pth|.*\.ckpt)")
@@ -416,9 +414,9 @@ def export_trained_model(run_dir: Path, out: Path, tokenizer_model: Optional[Pat
     if tokenizer_model is not None:
         if not tokenizer_model.is_dir():
             raise HFExportError(f"--tokenizer-model {tokenizer_model} is not a directory")
-        tokenizer_files = [tokenizer_model / n for n in TOKENIZER_FILES
+        tokenizer_files = [tokenizer_model / n for n in TOKENIZER_ALL_FILES
                            if (tokenizer_model / n).is_file()]
-        if not tokenizer_files:
+        if not holds_tokenizer(tokenizer_model):
             raise HFExportError(f"--tokenizer-model {tokenizer_model} holds none of "
                                 f"{list(TOKENIZER_FILES[:3])}")
     # the saved tensors hold the padded vocabulary; the Hugging Face model the real one

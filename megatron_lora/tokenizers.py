@@ -21,6 +21,11 @@ TOKENIZER_NAME = "byte"
 HF_TOKENIZER = "HuggingFaceTokenizer"
 # files that make a directory a tokenizer directory (any one of them)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# every file a tokenizer directory may hold: what identifies it (its hash) and what travels
+# with it (export-hf copies them)
+TOKENIZER_ALL_FILES = TOKENIZER_FILES + (
+    "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "added_tokens.json",
+    "merges.txt", "vocab.txt")
 
 
 # --- byte --------------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ class HuggingFaceTokenizer(MegatronTokenizerBase):
         super().__init__(path=str(path), config={"library": HF_TOKENIZER})
         self.path = path.resolve()
         digest = hashlib.sha256()
-        for name in TOKENIZER_FILES + ("special_tokens_map.json", "chat_template.jinja"):
+        for name in TOKENIZER_ALL_FILES:
             if (path / name).is_file():
                 digest.update(name.encode() + (path / name).read_bytes())
         self._digest = digest.hexdigest()[:16]

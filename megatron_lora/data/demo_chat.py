@@ -50,7 +50,8 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# what save_pretrained must have written for AutoTokenizer to load the demo tokenizer
+REQUIRED_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def _words(texts: Iterable[str]) -> List[str]:
@@ -106,7 +107,7 @@ def make_demo_tokenizer(corpus_texts: Iterable[str], out_dir) -> Path:
     previous = None
     try:
         build_demo_tokenizer(corpus_texts).save_pretrained(str(staging))
-        missing = [n for n in TOKENIZER_FILES if not (staging / n).is_file()]
+        missing = [n for n in REQUIRED_FILES if not (staging / n).is_file()]
         if missing:
             raise RuntimeError(f"transformers' save_pretrained did not write {missing}")
         if _same_files(staging, out_dir):
