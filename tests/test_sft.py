@@ -279,6 +279,26 @@ def test_cache_shared_by_two_processes_started_at_once(tmp_path):
     assert again.stdout.split()[:1] == ["tokenized"], again.stderr[-2000:]
 
 
+def test_a_damaged_cache_entry_is_refused_not_used(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from megatron_lora.data.instructions import load_tokenized
+
+    tokenizer = hf_tokenizer(tmp_path, CHATML)
+    path = tmp_path / "data.jsonl"
+    path.write_text(GOOD + "\n")
+    load_tokenized(path, tokenizer, log=lambda m: None)
+    (entry,) = (tmp_path / "sft-cache").glob("*.safetensors")
+    tensors = load_file(str(entry))
+    tensors["tokens"][0] = 10 ** 6  # outside the vocabulary
+    save_file(tensors, str(entry))
+    with pytest.raises(DataError, match=rf"the tokenization cache {entry} is inconsistent"):
+        load_tokenized(path, tokenizer, log=lambda m: None)
+    entry.write_bytes(b"not safetensors")
+    with pytest.raises(DataError, match=rf"the tokenization cache {entry} cannot be read"):
+        load_tokenized(path, tokenizer, log=lambda m: None)
+
+
 # --- the loss over the global batch, packing -------------------------------------------------
 
 

@@ -302,11 +302,30 @@ def load_tokenized(path, tokenizer, cache_dir=None, log: Callable[[str], None] =
             raise
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    tensors = load_file(str(cached))
-    tokenized = TokenizedFile(path, *(tensors[name] for name in fields))
+    try:
+        tensors = load_file(str(cached))
+        tokenized = TokenizedFile(path, *(tensors[name] for name in fields))
+    except Exception as error:  # safetensors raises its own kinds for a damaged file
+        raise DataError(f"the tokenization cache {cached} cannot be read "
+                        f"({str(error).strip()[:120]}); delete it to tokenize again") from None
+    _check_cached(tokenized, tokenizer.vocab_size, cached)
     if check is not None:
         check(tokenized)
     return tokenized
+
+
+def _check_cached(tokenized: TokenizedFile, vocab_size: int, cached: Path) -> None:
+    """A cache entry is read only when it describes itself consistently (cheap checks)."""
+    offsets, tokens = tokenized.offsets, tokenized.tokens
+    sound = (tokens.dtype == torch.int64 and tokenized.counted.dtype == torch.bool
+             and tokens.dim() == 1 and tokenized.counted.shape == tokens.shape
+             and offsets.dim() == 1 and len(offsets) == len(tokenized.line_numbers) + 1
+             and len(offsets) > 1 and int(offsets[0]) == 0 and int(offsets[-1]) == len(tokens)
+             and bool((offsets[1:] > offsets[:-1]).all())
+             and (not len(tokens) or 0 <= int(tokens.min()) and int(tokens.max()) < vocab_size))
+    if not sound:
+        raise DataError(f"the tokenization cache {cached} is inconsistent (damaged, or not "
+                        f"written here); delete it to tokenize again")
 
 
 # --- samples ------------------------------------------------------------------------------------
