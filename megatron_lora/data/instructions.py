@@ -396,7 +396,6 @@ class InstructionDataset:
         self.loss_on_all_tokens = loss_on_all_tokens
         self.conversations = [(t[:self.seq_length + 1], c[:self.seq_length + 1])
                               for t, c in conversations]
-        self.counted_tokens = sum(int(c[1:].sum()) for _, c in self.conversations)
         self.samples: List[List[int]] = []  # conversation indices of each sample
         epoch = 0
         while epoch == 0 or (num_samples is not None and len(self.samples) < num_samples):
