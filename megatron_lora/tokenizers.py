@@ -34,7 +34,28 @@ TOKENIZER_ALL_FILES = TOKENIZER_FILES + (
 _NO_TOKEN = -1
 
 
-class ByteTokenizer(MegatronTokenizerBase):
+class _TokenizerBase(MegatronTokenizerBase):
+    """The names megatron's code reads besides ``eod`` and ``pad``: EOS is the end-of-document
+    token, and the ``*_id`` spellings are the same ids."""
+
+    @property
+    def eos(self) -> int:
+        return self.eod
+
+    @property
+    def eos_id(self) -> int:
+        return self.eod
+
+    @property
+    def pad_id(self) -> int:
+        return self.pad
+
+    @property
+    def bos_id(self) -> int:
+        return self.bos
+
+
+class ByteTokenizer(_TokenizerBase):
     """UTF-8 bytes as token ids 0..255; id 256 ends a document. ``vocab_size == 257``.
 
     There is no padding, BOS, CLS, SEP or MASK token: those ids are -1, which megatron's GPT
@@ -62,17 +83,10 @@ class ByteTokenizer(MegatronTokenizerBase):
         return 256
 
     @property
-    def eos(self) -> int:
-        return self.eod
-
-    eos_id = eos
-
-    @property
     def pad(self) -> int:
         return _NO_TOKEN
 
-    pad_id = pad
-    bos = bos_id = cls = sep = mask = pad
+    bos = cls = sep = mask = pad
 
     @property
     def vocab(self) -> Dict[str, int]:
@@ -109,7 +123,7 @@ def holds_tokenizer(path) -> bool:
     return path is not None and any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
 
 
-class HuggingFaceTokenizer(MegatronTokenizerBase):
+class HuggingFaceTokenizer(_TokenizerBase):
     """A transformers tokenizer read from ``path`` with local files only. Documents are
     tokenized without special tokens (megatron's preprocessing appends the end-of-document
     id, the tokenizer's EOS); ``vocab_size`` counts added tokens too."""
@@ -155,22 +169,14 @@ class HuggingFaceTokenizer(MegatronTokenizerBase):
         return self.hf.eos_token_id
 
     @property
-    def eos(self) -> int:
-        return self.eod
-
-    eos_id = eos
-
-    @property
     def pad(self) -> int:
         return -1 if self.hf.pad_token_id is None else self.hf.pad_token_id
 
-    pad_id = pad
 
     @property
     def bos(self) -> int:
         return -1 if self.hf.bos_token_id is None else self.hf.bos_token_id
 
-    bos_id = bos
 
     @property
     def vocab(self):

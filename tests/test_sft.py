@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -173,18 +172,10 @@ def test_bad_rows_name_file_and_line(tmp_path, row, message):
 
 
 def _settings(tmp_path, **overrides):
-    values = dict(data_path=None, valid_data_path=None, split="75,25,0",
-                  sft_sequence_packing=False, sft_loss_on_all_tokens=False,
-                  sft_no_truncation=False, data_cache_path=str(tmp_path / "cache"))
-    values.update(overrides)
-    settings = SimpleNamespace(**values)
+    from megatron_lora.training.settings import TrainingSettings
 
-    def as_list(value):
-        return [] if value is None else [value] if isinstance(value, str) else value
-
-    settings.data_path_values = lambda: as_list(settings.data_path)
-    settings.valid_data_path_values = lambda: as_list(settings.valid_data_path)
-    return settings
+    return TrainingSettings(**{"sft": True, "split": "75,25,0",
+                               "data_cache_path": str(tmp_path / "cache"), **overrides})
 
 
 def test_long_conversations_truncated_or_refused(tmp_path):

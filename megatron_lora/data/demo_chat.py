@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .demo_corpus import write_if_changed
 
 # --- the tokenizer -----------------------------------------------------------------------------
 
@@ -101,29 +102,26 @@ def make_demo_tokenizer(corpus_texts: Iterable[str], out_dir) -> Path:
     The files are written in a sibling directory and swapped in whole; when ``out_dir``
     already holds the same bytes nothing is touched (its timestamps say since when the
     tokenizer is what it is, which is what the demo's caches compare with). Returns out_dir."""
+    from ..checkpoint import build_directory_atomically
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.saving-", dir=out_dir.parent))
-    previous = None
-    try:
-        build_demo_tokenizer(corpus_texts).save_pretrained(str(staging))
-        missing = [n for n in REQUIRED_FILES if not (staging / n).is_file()]
+    with tempfile.TemporaryDirectory() as scratch:
+        written = Path(scratch)
+        build_demo_tokenizer(corpus_texts).save_pretrained(str(written))
+        missing = [n for n in REQUIRED_FILES if not (written / n).is_file()]
         if missing:
             raise RuntimeError(f"transformers' save_pretrained did not write {missing}")
-        if _same_files(staging, out_dir):
+        if _same_files(written, out_dir):
             return out_dir
-        for path in staging.iterdir():
-            path.chmod(0o644)
-        staging.chmod(0o755)
-        if out_dir.exists():
-            previous = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.previous-",
-                                             dir=out_dir.parent))
-            os.rename(out_dir, previous / out_dir.name)
-        os.rename(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
+
+        def fill(staging: Path) -> None:
+            for path in written.iterdir():
+                shutil.copyfile(path, staging / path.name)
+                (staging / path.name).chmod(0o644)
+            staging.chmod(0o755)
+
+        # the demo owns this directory: an older tokenizer there is always replaced
+        build_directory_atomically(out_dir, fill, not_replaceable=lambda existing: None)
     return out_dir
 
 
@@ -155,20 +153,10 @@ def write_chat_corpus(task_jsonl, out_path, system_prompt: Optional[str] = None)
     ``{"messages": [...]}``: atomically, and not at all when the file already holds those
     bytes (so its timestamp stays). Returns the number of rows."""
     rows = task_conversations(task_jsonl, system_prompt)
-    data = "".join(json.dumps({"messages": messages}) + "\n" for messages in rows).encode()
     out_path = Path(out_path)
-    if out_path.is_file() and out_path.read_bytes() == data:
-        return len(rows)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, out_path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_if_changed(str(out_path),
+                     "".join(json.dumps({"messages": messages}) + "\n" for messages in rows))
     return len(rows)
 
 

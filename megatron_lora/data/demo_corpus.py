@@ -106,7 +106,7 @@ def _task_document(rng: random.Random, exclude=frozenset()) -> str:
     return "\n".join(lines)
 
 
-def _write_if_changed(path: str, content: str) -> None:
+def write_if_changed(path: str, content: str) -> None:
     """Write atomically, and not at all when the file already holds ``content``: an unchanged
     corpus keeps its timestamp, so make_demo_data can tell that its outputs are up to date."""
     data = content.encode("utf-8")
@@ -155,7 +155,7 @@ def make_demo_corpora(
     paths = {}
     for name in DEMO_CORPORA:
         paths[name] = os.path.join(out_dir, f"{name}.jsonl")
-        _write_if_changed(paths[name], "".join(json.dumps({"text": text}) + "\n"
+        write_if_changed(paths[name], "".join(json.dumps({"text": text}) + "\n"
                                                for text in texts[name]))
     return paths
 
