@@ -113,6 +113,29 @@ def gpt_block_spec(config, num_layers_on_stage: int):
     )
 
 
+# The process groups megatron made for the current layout. megatron's destroy_model_parallel
+# forgets its groups but does not destroy them, and each gloo group keeps its worker threads:
+# a process that re-initialises layout after layout (a test spawn, a conversion that visits
+# several layouts) would pile up thousands of threads. Only the groups that our own
+# initialize_model_parallel call made are destroyed, never a group the caller made.
+_GROUPS_OF_THIS_LAYOUT: list = []
+
+
+def _live_groups() -> list:
+    """Every process group torch.distributed knows in this process, but the default one."""
+    # torch keeps them in a private registry; there is no public listing
+    world = dist.distributed_c10d._world
+    return [group for group in list(world.pg_map) if group is not dist.GroupMember.WORLD]
+
+
+def _destroy_groups_of_previous_layout() -> None:
+    live = set(_live_groups())
+    for group in _GROUPS_OF_THIS_LAYOUT:
+        if group in live:
+            dist.destroy_process_group(group)
+    _GROUPS_OF_THIS_LAYOUT.clear()
+
+
 def initialize_model_parallel(experiment) -> None:
     """megatron's parallel state and RNG seeding for this experiment's layout.
 
@@ -122,6 +145,8 @@ def initialize_model_parallel(experiment) -> None:
     experiment.check_world_size(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    _destroy_groups_of_previous_layout()
+    groups_before = set(_live_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=experiment.tensor_model_parallel_size,
         pipeline_model_parallel_size=experiment.pipeline_model_parallel_size,
@@ -129,6 +154,7 @@ def initialize_model_parallel(experiment) -> None:
         expert_tensor_parallel_size=experiment.expert_tensor_parallel_size,
     )
     model_parallel_cuda_manual_seed(experiment.seed)
+    _GROUPS_OF_THIS_LAYOUT[:] = [g for g in _live_groups() if g not in groups_before]
 
 
 def build_gpt_model(experiment, *, initialize: bool = True, layout_invariant_init: bool = True,
