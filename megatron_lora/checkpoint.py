@@ -11,18 +11,13 @@ on every rank *before* touching a parameter, and then reads just this rank's sli
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .agreement import all_gather_bytes, collective_device, is_distributed, raise_if_any_rank_failed
-from .atomic import write_synced
+from .atomic import OutputPathError, build_directory_atomically, write_synced
 from .config import LoraConfig
 from .description import ModelDescription, qkv_rows
 from .errors import MegatronLoraError
@@ -120,36 +115,12 @@ def collect_on_rank0(local: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return collected
 
 
-# --- atomic directory writes ----------------------------------------------------------------
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second),
-                       rename_exchange)
-    if result == 0:
-        return True
-    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False  # filesystem without exchange support: caller falls back
-    raise OSError(ctypes.get_errno(), f"cannot swap {first} and {second}")
+# --- writing an adapter directory ----------------------------------------------------------
 
 
 def write_directory_atomically(path, files: Dict[str, bytes]) -> Path:
-    """Write ``files`` as the directory ``path`` so a crash leaves the old one or the new one.
+    """Write ``files`` as the directory ``path`` so a crash leaves the old one or the new one
+    (megatron_lora.atomic.build_directory_atomically; its refusals as AdapterCheckpointError).
 
     An existing ``path`` is replaced only if it holds nothing but adapter files.
     """
@@ -162,45 +133,10 @@ def write_directory_atomically(path, files: Dict[str, bytes]) -> Path:
         for name, data in files.items():
             write_synced(staging / name, data)
 
-    return build_directory_atomically(path, fill, adapter_files_only)
-
-
-def build_directory_atomically(path, fill: Callable[[Path], None],
-                               not_replaceable: Callable[[Path], Optional[str]]) -> Path:
-    """Build the directory ``path`` with ``fill(staging)`` so a crash (or an error in
-    ``fill``) leaves the old one or the new one.
-
-    ``fill`` writes into a temporary sibling directory, whose files are then fsynced, and the
-    directory is swapped in with one atomic exchange (two renames where the filesystem cannot
-    exchange). An existing ``path`` is replaced only if ``not_replaceable(path)`` gives None;
-    otherwise its reason is in the error.
-    """
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise AdapterCheckpointError(f"{path} exists and is not a directory")
-        reason = not_replaceable(path)
-        if reason:
-            raise AdapterCheckpointError(f"refusing to replace {path}: {reason}; choose an empty "
-                                         f"or new directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
     try:
-        fill(staging)
-        for written in staging.rglob("*"):  # fsync what fill wrote, however it wrote it
-            _fsync_path(written)
-        _fsync_path(staging)
-        if not path.exists():
-            os.rename(staging, path)
-        elif not _exchange(staging, path):
-            previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.previous-", dir=path.parent))
-            os.rename(path, previous / path.name)
-            os.rename(staging, path)
-            shutil.rmtree(previous, ignore_errors=True)
-        _fsync_path(path.parent)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the old directory
-    return path
+        return build_directory_atomically(path, fill, adapter_files_only)
+    except OutputPathError as error:
+        raise AdapterCheckpointError(str(error)) from None
 
 
 # --- save ---------------------------------------------------------------------------------

@@ -109,10 +109,13 @@ def check_output(out_dir: Path, source: Path, overwrite: bool) -> None:
     --overwrite) an existing file or non-empty directory."""
     from .checkpoint import AdapterCheckpointError
 
+    from .atomic import refuse_symlink
+
     if out_dir.exists() and source.exists() and os.path.samefile(out_dir, source):
         raise AdapterCheckpointError(f"{out_dir} is the input directory; write the output "
                                      f"elsewhere")
-    if overwrite or not (out_dir.exists() or out_dir.is_symlink()):
+    refuse_symlink(out_dir)
+    if overwrite or not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise AdapterCheckpointError(f"{out_dir} exists and is not a directory; choose a new "

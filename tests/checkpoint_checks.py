@@ -382,7 +382,7 @@ def _crash_mid_save_single(model, path):
         return real_fsync(fd)
 
     before = {name: (path / name).read_bytes() for name in (checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME)}
-    checkpoint.os.fsync = failing_fsync
+    os.fsync = failing_fsync
     try:
         checkpoint.write_directory_atomically(path, {checkpoint.WEIGHTS_NAME: b"new weights",
                                                      checkpoint.CONFIG_NAME: b"{}"})
@@ -390,7 +390,7 @@ def _crash_mid_save_single(model, path):
     except OSError as caught:
         error = str(caught)
     finally:
-        checkpoint.os.fsync = real_fsync
+        os.fsync = real_fsync
     after = {name: (path / name).read_bytes() for name in before}
     leftovers = sorted(p.name for p in path.parent.iterdir() if ".saving-" in p.name)
     return {"error": error, "previous_intact": after == before, "leftovers": leftovers,
