@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import build_directory_atomically, refuse_symlink
-from .checkpoint import WEIGHTS_NAME, read_adapter
+from .adapter_file import WEIGHTS_NAME, read_adapter
 from .config import LoraConfig
 from .errors import MegatronLoraError
 from .hf import hf_experiment

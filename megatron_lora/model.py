@@ -24,15 +24,13 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 
 from .agreement import first_over_world, sum_over_world
-from .config import LoraConfig, name_matches
+from .config import DEFAULT_TARGETS, LoraConfig, name_matches
 from .dispatch import SUPPORTED_LAYERS, dispatch_megatron, wrapper_class
 from .errors import AdapterError
 from .layer import LoraLayer, LoraParallelLinear
 from .parallel import ParallelLayout, is_packed_gate_up
 from .recompute import connect_recomputed_regions, disconnect_recomputed_regions
 from .topology import Topology
-
-DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 ModelLike = Union[torch.nn.Module, Sequence[torch.nn.Module]]
 
