@@ -301,3 +301,42 @@ def test_preprocess_refuses_an_output_that_is_a_link(tmp_path):
         preprocess_jsonl(corpus, tmp_path / "out")
     assert target.read_bytes() == b"someone's data"
     assert _listing(tmp_path) == ["corpus.jsonl", "elsewhere.bin", "out.bin"]
+
+
+def _directory_with(path: Path, content: str) -> None:
+    path.mkdir()
+    (path / "weights").write_text(content)
+
+
+def test_without_an_exchange_two_renames_replace_the_directory(tmp_path, monkeypatch):
+    """A filesystem without renameat2(RENAME_EXCHANGE): the old directory is moved aside and
+    removed, nothing of either is left."""
+    import megatron_lora.atomic as atomic
+
+    monkeypatch.setattr(atomic, "_exchange", lambda first, second: False)
+    out = tmp_path / "adapter"
+    _directory_with(out, "old")
+    build_directory_atomically(out, lambda s: (s / "weights").write_text("new"), lambda e: None)
+    assert (out / "weights").read_text() == "new" and _listing(tmp_path) == ["adapter"]
+
+
+def test_without_an_exchange_a_failed_second_rename_puts_the_old_directory_back(tmp_path,
+                                                                               monkeypatch):
+    import megatron_lora.atomic as atomic
+
+    monkeypatch.setattr(atomic, "_exchange", lambda first, second: False)
+    real_rename, calls = os.rename, []
+
+    def second_rename_fails(source, target):
+        calls.append(source)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "simulated failure")
+        return real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    out = tmp_path / "adapter"
+    _directory_with(out, "old")
+    with pytest.raises(OSError, match="simulated failure"):
+        build_directory_atomically(out, lambda s: (s / "weights").write_text("new"),
+                                   lambda e: None)
+    assert (out / "weights").read_text() == "old" and _listing(tmp_path) == ["adapter"]
