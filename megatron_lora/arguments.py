@@ -16,7 +16,7 @@ import functools
 from typing import Optional
 
 from .config import LoraConfig, LoraConfigError
-from .model import DEFAULT_TARGETS
+from .config import DEFAULT_TARGETS
 
 
 def add_lora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -44,7 +44,7 @@ def _import_quietly() -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not "
                                                       "installed", category=UserWarning)
-            from . import checkpoint, experiment, hf_export, interop  # noqa: F401
+            from . import adapter_file, experiment, hf_export, interop  # noqa: F401
     finally:
         cpp_extension.setLevel(level)
 
@@ -69,7 +69,7 @@ def _print_keys(shapes, dtypes, out) -> int:
 
 
 def inspect(path: Path, out=None) -> None:
-    from .checkpoint import FORMAT, WEIGHTS_NAME, read_adapter, read_adapter_json
+    from .adapter_file import FORMAT, WEIGHTS_NAME, read_adapter, read_adapter_json
 
     out = out or sys.stdout
     raw, _, _ = read_adapter_json(path, "an adapter directory")
@@ -107,12 +107,15 @@ def inspect(path: Path, out=None) -> None:
 def check_output(out_dir: Path, source: Path, overwrite: bool) -> None:
     """Refuse an OUT_DIR that would lose something: the input itself, or (without
     --overwrite) an existing file or non-empty directory."""
-    from .checkpoint import AdapterCheckpointError
+    from .adapter_file import AdapterCheckpointError
+
+    from .atomic import refuse_symlink
 
     if out_dir.exists() and source.exists() and os.path.samefile(out_dir, source):
         raise AdapterCheckpointError(f"{out_dir} is the input directory; write the output "
                                      f"elsewhere")
-    if overwrite or not (out_dir.exists() or out_dir.is_symlink()):
+    refuse_symlink(out_dir)
+    if overwrite or not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise AdapterCheckpointError(f"{out_dir} exists and is not a directory; choose a new "
@@ -129,7 +132,7 @@ def export_peft_files(adapter_dir: Path, out_dir: Path, architecture=None,
     Hugging Face directory the run started from."""
     from safetensors.torch import load_file
 
-    from .checkpoint import WEIGHTS_NAME, read_adapter, write_directory_atomically
+    from .adapter_file import WEIGHTS_NAME, read_adapter, write_directory_atomically
     from .hf_export import architecture_of, check_base_fits, read_base
     from .interop import peft_adapter_files, shape_from_description
 
@@ -152,13 +155,13 @@ def export_peft_files(adapter_dir: Path, out_dir: Path, architecture=None,
 
 def _shape_source(args):
     if args.like:
-        from .checkpoint import read_adapter
+        from .adapter_file import read_adapter
 
         return read_adapter(Path(args.like)).config.get("base_model", {})
     from .experiment import load_experiment
 
     experiment = load_experiment(args.config)
-    from .checkpoint import describe_transformer_config
+    from .adapter_file import describe_transformer_config
 
     with warnings.catch_warnings():  # megatron's notices on its own defaults say nothing here
         warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
@@ -168,7 +171,7 @@ def _shape_source(args):
 
 def import_peft_files(peft_dir: Path, out_dir: Path, base_model: dict, adapter_name: str,
                       described_by: str = "the base-model description") -> Path:
-    from .checkpoint import write_directory_atomically
+    from .adapter_file import write_directory_atomically
     from .interop import (check_peft_against_model, megatron_adapter_files, peft_modules,
                           read_peft, shape_from_description)
 

@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Union
 
 from .errors import MegatronLoraError
 
+# what apply_lora adapts when a LoraConfig names no target_modules
+DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 INIT_CHOICES = (True, False, "kaiming", "gaussian", "xavier")
 LORA_DTYPE_CHOICES = (None, "float32", "bfloat16", "float16", "float64")
 

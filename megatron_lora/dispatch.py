@@ -26,6 +26,25 @@ WRAPPERS = (
 )
 SUPPORTED_LAYERS = tuple(layer_type for layer_type, _ in WRAPPERS)
 
+# where TransformerEngine's layers are defined: its own package, and megatron's wrappers of them
+# (TELinear, TEColumnParallelLinear, TERowParallelLinear, TELayerNormColumnParallelLinear,
+# TEGroupedLinear, TEFusedMLP, ...). LoRA has no wrapper for them yet.
+_TRANSFORMER_ENGINE_HOMES = (
+    "transformer_engine", "megatron.core.extensions.transformer_engine")
+
+
+def transformer_engine_kind(module: torch.nn.Module) -> Optional[str]:
+    """The class name of a TransformerEngine layer holding weights LoRA would adapt (a linear
+    or a fused MLP), else None. Known by the module its class (or a base class) is defined in,
+    so TransformerEngine need not be importable to tell."""
+    for cls in type(module).__mro__:
+        home = cls.__module__ or ""
+        from_transformer_engine = any(home == h or home.startswith(h + ".")
+                                      for h in _TRANSFORMER_ENGINE_HOMES)
+        if from_transformer_engine and ("Linear" in cls.__name__ or "MLP" in cls.__name__):
+            return type(module).__name__
+    return None
+
 
 def wrapper_class(target: torch.nn.Module):
     """The LoraLayer subclass that wraps ``target``, or None for a layer LoRA cannot wrap."""

@@ -175,7 +175,7 @@ def check_inputs(argv: Sequence[str]) -> Request:
     if args.tokenizer_model and not Path(args.tokenizer_model).is_dir():
         raise GenerateError(f"--tokenizer-model {args.tokenizer_model} is not a directory")
     if args.lora_load:
-        from .checkpoint import read_adapter
+        from .adapter_file import read_adapter
 
         read_adapter(args.lora_load)  # a bad adapter directory is named here, before any work
     return Request(experiment, checkpoint, hf, args, _read_prompts(args), world)

@@ -26,7 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import WEIGHTS_NAME, build_directory_atomically, read_adapter
+from .atomic import build_directory_atomically, refuse_symlink
+from .adapter_file import WEIGHTS_NAME, read_adapter
 from .config import LoraConfig
 from .errors import MegatronLoraError
 from .hf import hf_experiment
@@ -71,7 +72,8 @@ def check_output(out: Path, inputs: Dict[str, Optional[Path]], overwrite: bool) 
                                 f"{path}; write the output elsewhere")
         if target in source.parents:
             raise HFExportError(f"{out} holds the {what} {path}; write the output elsewhere")
-    if not (out.exists() or out.is_symlink()):
+    refuse_symlink(out)
+    if not out.exists():
         return
     if not out.is_dir():
         raise HFExportError(f"{out} exists and is not a directory; choose a new output directory")

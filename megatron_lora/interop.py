@@ -30,25 +30,27 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from .checkpoint import (
+from .adapter_file import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterCheckpointError,
     adapter_directory_files,
+    read_adapter_json,
+    write_directory_atomically,
+)
+from .checkpoint import (
     adapter_tensors,
-    collect_on_rank0,
     describe_base_model,
     describe_layout,
     load_adapter,
-    read_adapter_json,
     shared_lora_config,
-    write_directory_atomically,
 )
 from .agreement import is_distributed
 from .config import LoraConfig
 from .hf import FAMILIES
 from .description import TIED, ModelDescription
 from .errors import MegatronLoraError
+from .gather import collect_on_rank0
 from .model import ModelLike, model_chunks
 from .parallel import split_gate_up
 

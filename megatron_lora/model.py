@@ -14,7 +14,9 @@ keyed by them, so an adapter is the same logical adapter whatever the layout.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -23,16 +25,14 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 
-from .agreement import first_over_world, sum_over_world
-from .config import LoraConfig, name_matches
-from .dispatch import SUPPORTED_LAYERS, dispatch_megatron, wrapper_class
+from .agreement import all_gather_bytes, first_over_world, sum_over_world
+from .config import DEFAULT_TARGETS, LoraConfig, name_matches
+from .dispatch import SUPPORTED_LAYERS, dispatch_megatron, transformer_engine_kind, wrapper_class
 from .errors import AdapterError
 from .layer import LoraLayer, LoraParallelLinear
 from .parallel import ParallelLayout, is_packed_gate_up
 from .recompute import connect_recomputed_regions, disconnect_recomputed_regions
 from .topology import Topology
-
-DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 ModelLike = Union[torch.nn.Module, Sequence[torch.nn.Module]]
 
@@ -88,8 +88,10 @@ def lora_layers(model: ModelLike) -> Iterator[Tuple[str, LoraLayer]]:
             yield name, module
 
 
-def adaptable_modules(model: ModelLike):
-    """(global name, parent, attribute, module) of every supported layer or existing wrapper."""
+def _find_modules(model: ModelLike, wanted) -> list:
+    """(global name, parent, attribute, module) of every module ``wanted(module)`` accepts,
+    without looking inside those nor inside a LoRA wrapper (its base layer is not a target of
+    its own)."""
     found = []
     for chunk in model_chunks(model):
         stack = [(chunk, "", [])]
@@ -100,12 +102,24 @@ def adaptable_modules(model: ModelLike):
                     continue
                 part = _global_child_name(module, child_name, child, ancestors)
                 child_global = f"{name}.{part}" if name else part
-                if isinstance(child, (LoraLayer,) + SUPPORTED_LAYERS):
+                if wanted(child):
                     found.append((child_global, module, child_name, child))
-                else:  # never look inside a wrapper: its base layer is not a target of its own
+                elif not isinstance(child, LoraLayer):
                     stack.append((child, child_global, ancestors + [module]))
     found.sort(key=lambda item: item[0])
     return found
+
+
+def adaptable_modules(model: ModelLike):
+    """(global name, parent, attribute, module) of every supported layer or existing wrapper."""
+    return _find_modules(model, lambda m: isinstance(m, (LoraLayer,) + SUPPORTED_LAYERS))
+
+
+def transformer_engine_layers(model: ModelLike) -> List[Tuple[str, str]]:
+    """(global name, class name) of every TransformerEngine linear (or fused MLP) on this rank:
+    layers LoRA cannot wrap yet (dispatch.transformer_engine_kind)."""
+    return [(name, transformer_engine_kind(module)) for name, _, _, module
+            in _find_modules(model, lambda m: transformer_engine_kind(m) is not None)]
 
 
 # --- matching ------------------------------------------------------------------------------
@@ -284,6 +298,7 @@ def _select_layers(model: ModelLike, config: LoraConfig) -> list:
         [sum(name_matches(pattern, name) for name, *_ in candidates) for pattern in targets]
     )
     unmatched = [pattern for pattern, count in zip(targets, match_counts) if count == 0]
+    _refuse_transformer_engine(model, targets, unmatched)
     if unmatched:
         raise AdapterError(
             f"LoRA target(s) {unmatched} match no supported layer on any rank. Layers that "
@@ -302,6 +317,31 @@ def _select_layers(model: ModelLike, config: LoraConfig) -> list:
             f"the adapter would adapt nothing and train nothing"
         )
     return selected
+
+
+TRANSFORMER_ENGINE_WAY_OUT = (
+    "LoRA has no TransformerEngine wrappers yet: build the model with megatron's local spec "
+    "(get_gpt_layer_local_spec, as megatron_lora.gpt.build_gpt_model does)")
+
+
+def _refuse_transformer_engine(model: ModelLike, targets: List[str], unmatched: List[str]) -> None:
+    """Refuse, on every rank, a model holding TransformerEngine linears: LoRA cannot adapt them,
+    so broad targets would silently leave them untouched and the default targets, whose layers
+    they are, would match nothing. Counted over every rank (pipeline stages hold different
+    layers), each layer once."""
+    mine = json.dumps(transformer_engine_layers(model)).encode()
+    layers = dict(pair for payload in all_gather_bytes(mine) for pair in json.loads(payload))
+    if not layers:
+        return
+    kinds = collections.Counter(layers.values())
+    held = (f"{len(layers)} TransformerEngine layer(s): "
+            + ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())))
+    only_on_them = [p for p in unmatched if any(name_matches(p, name) for name in layers)]
+    if only_on_them:
+        raise AdapterError(f"LoRA target(s) {only_on_them} match no supported layer on any rank: "
+                           f"they match the model's {held}; {TRANSFORMER_ENGINE_WAY_OUT}")
+    raise AdapterError(f"the model holds {held} (e.g. {min(layers)}), which target_modules "
+                       f"{targets} would leave untouched; {TRANSFORMER_ENGINE_WAY_OUT}")
 
 
 def _check_rank_fits(selected: list, config: LoraConfig) -> None:

@@ -38,6 +38,7 @@ import warnings
 from pathlib import Path
 
 import script_setup  # noqa: F401  (repository on sys.path, known warnings filtered)
+from megatron_lora.atomic import write_file_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 # dist-checkpointing's deprecation notices too, in this process only
@@ -127,7 +128,7 @@ def pretrain_base(base: Path, prefix: Path, tokenizer: Path, iters: int, seed_fl
              "--lr-warmup-iters", str(min(20, iters)), "--save", str(base), "--eval-iters", "2",
              "--micro-batch-size", "16", "--global-batch-size", "16",
              "--no-progress-bar", "--log-interval", "50", *seed_flags)
-    (base / BASE_STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+    write_file_atomically(base / BASE_STAMP, json.dumps(stamp, indent=2, sort_keys=True) + "\n")
 
 
 def export_base(base: Path, hf_base: Path, tokenizer: Path) -> None:

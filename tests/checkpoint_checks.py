@@ -79,7 +79,7 @@ def _rewrite(source: Path, target: Path, edit_tensors=None, edit_config=None, ra
 
     from safetensors.torch import load_file, save
 
-    from megatron_lora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from megatron_lora.adapter_file import CONFIG_NAME, WEIGHTS_NAME
 
     target.mkdir(parents=True, exist_ok=True)
     config = json.loads((source / CONFIG_NAME).read_text())
@@ -98,7 +98,7 @@ def _rewrite(source: Path, target: Path, edit_tensors=None, edit_config=None, ra
 
 
 def _broken_adapters(good: Path, scratch: Path):
-    from megatron_lora.checkpoint import WEIGHTS_NAME
+    from megatron_lora.adapter_file import WEIGHTS_NAME
 
     fc1_a = "decoder.layers.1.mlp.linear_fc1.lora_A.weight"
     fc2_a = "decoder.layers.2.mlp.linear_fc2.lora_A.weight"
@@ -165,7 +165,7 @@ def _packed_fc1_layout(model, directory: Path):
     """SwiGLU fc1's B in the file vs. this rank's shard: [gate_i; up_i] of [gate_all; up_all]."""
     from safetensors.torch import load_file
 
-    from megatron_lora.checkpoint import WEIGHTS_NAME
+    from megatron_lora.adapter_file import WEIGHTS_NAME
     from megatron_lora.model import lora_layers
 
     name = "decoder.layers.1.mlp.linear_fc1"
@@ -209,8 +209,9 @@ def save_and_break(rank, world, directory) -> SavedAdapters:
     from megatron_lora import LoraConfig, apply_lora
     from megatron.core import dist_checkpointing
 
-    from megatron_lora.checkpoint import (AdapterCheckpointError, load_adapter, read_adapter,
-                                          save_adapter, save_adapter_distributed)
+    from megatron_lora.adapter_file import AdapterCheckpointError, read_adapter
+    from megatron_lora.checkpoint import load_adapter, save_adapter
+    from megatron_lora.dist_checkpoint import save_adapter_distributed
     from megatron_lora.interop import export_peft
 
     directory = Path(directory)
@@ -274,7 +275,8 @@ def save_and_break(rank, world, directory) -> SavedAdapters:
 
 def _refused_save(model, path: Path):
     """A save rank 0 cannot write (the path is a file): this rank's error, or None."""
-    from megatron_lora.checkpoint import AdapterCheckpointError, save_adapter
+    from megatron_lora.adapter_file import AdapterCheckpointError
+    from megatron_lora.checkpoint import save_adapter
 
     if torch.distributed.get_rank() == 0:
         path.write_text("not an adapter")
@@ -288,7 +290,8 @@ def _refused_save(model, path: Path):
 
 def _refusal(model, path, **kwargs):
     """(error message or None, every parameter and the adapter set unchanged)."""
-    from megatron_lora.checkpoint import AdapterCheckpointError, load_adapter
+    from megatron_lora.adapter_file import AdapterCheckpointError
+    from megatron_lora.checkpoint import load_adapter
 
     state = _model_state(model)
     try:
@@ -371,7 +374,7 @@ def moe_check(ep, path: Path, save: bool):
 
 def _crash_mid_save_single(model, path):
     """Rank 0 only, outside any collective: the atomic write under a simulated crash."""
-    import megatron_lora.checkpoint as checkpoint
+    import megatron_lora.adapter_file as adapter_file
 
     real_fsync, calls = os.fsync, []
 
@@ -381,20 +384,21 @@ def _crash_mid_save_single(model, path):
             raise OSError("simulated crash during save")
         return real_fsync(fd)
 
-    before = {name: (path / name).read_bytes() for name in (checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME)}
-    checkpoint.os.fsync = failing_fsync
+    names = (adapter_file.CONFIG_NAME, adapter_file.WEIGHTS_NAME)
+    before = {name: (path / name).read_bytes() for name in names}
+    os.fsync = failing_fsync
     try:
-        checkpoint.write_directory_atomically(path, {checkpoint.WEIGHTS_NAME: b"new weights",
-                                                     checkpoint.CONFIG_NAME: b"{}"})
+        adapter_file.write_directory_atomically(path, {adapter_file.WEIGHTS_NAME: b"new weights",
+                                                       adapter_file.CONFIG_NAME: b"{}"})
         error = None
     except OSError as caught:
         error = str(caught)
     finally:
-        checkpoint.os.fsync = real_fsync
+        os.fsync = real_fsync
     after = {name: (path / name).read_bytes() for name in before}
     leftovers = sorted(p.name for p in path.parent.iterdir() if ".saving-" in p.name)
     return {"error": error, "previous_intact": after == before, "leftovers": leftovers,
-            "still_loads": checkpoint.read_adapter(path).config["format_version"]}
+            "still_loads": adapter_file.read_adapter(path).config["format_version"]}
 
 
 def load_checks(exp, directory):
@@ -402,7 +406,8 @@ def load_checks(exp, directory):
     dist-checkpointing, adapter only and whole model): logits, and greedy generation at TP=1."""
     from megatron.core import dist_checkpointing
 
-    from megatron_lora.checkpoint import (load_adapter, load_adapter_distributed, save_adapter)
+    from megatron_lora.checkpoint import load_adapter, save_adapter
+    from megatron_lora.dist_checkpoint import load_adapter_distributed
     from megatron_lora.interop import export_peft, import_peft
 
     directory = Path(directory)
@@ -455,7 +460,7 @@ def load_checks(exp, directory):
 def _same_tensors(first: Path, second: Path) -> bool:
     from safetensors.torch import load_file
 
-    from megatron_lora.checkpoint import WEIGHTS_NAME
+    from megatron_lora.adapter_file import WEIGHTS_NAME
 
     a, b = load_file(first / WEIGHTS_NAME), load_file(second / WEIGHTS_NAME)
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -643,7 +648,9 @@ def hf_moe_checks(exp, directory: Path, architecture):
     from safetensors.torch import load_file
 
     from megatron_lora import disable_adapters
-    from megatron_lora.checkpoint import WEIGHTS_NAME, save_adapter, save_adapter_distributed
+    from megatron_lora.adapter_file import WEIGHTS_NAME
+    from megatron_lora.checkpoint import save_adapter
+    from megatron_lora.dist_checkpoint import save_adapter_distributed
     from megatron_lora.interop import _model_shape, export_peft, hf_state_dict, import_peft
     from megatron_lora.model import lora_layers
 
@@ -693,7 +700,8 @@ def hf_moe_checks(exp, directory: Path, architecture):
 def moe_checkpoint_checks(exp, source: Path):
     """The router / embedding / expert / shared-expert adapter saved at another layout, loaded
     here: consolidated into a bare model, dist-checkpoint into one with other values."""
-    from megatron_lora.checkpoint import load_adapter, load_adapter_distributed
+    from megatron_lora.checkpoint import load_adapter
+    from megatron_lora.dist_checkpoint import load_adapter_distributed
 
     tokens = batches(0)[0][:, :-1]
     model = build(exp)

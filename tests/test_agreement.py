@@ -14,7 +14,7 @@ def _outcome(call):
 
 def agreement_checks(rank, world_size):
     from megatron_lora.agreement import all_gather_bytes, raise_if_any_rank_failed, sum_over_world
-    from megatron_lora.checkpoint import AdapterCheckpointError
+    from megatron_lora.adapter_file import AdapterCheckpointError
     from megatron_lora.training.errors import TrainingError
 
     def failing_on_rank_1(error):

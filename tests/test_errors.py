@@ -81,7 +81,7 @@ def test_unreadable_parallel_state_gives_clear_error(spawned, case, expected):
 
 def test_every_user_error_is_a_megatron_lora_error():
     from megatron_lora import AdapterError, MegatronLoraError, ParallelLayoutError
-    from megatron_lora.checkpoint import AdapterCheckpointError
+    from megatron_lora.adapter_file import AdapterCheckpointError
     from megatron_lora.data import DataError
     from megatron_lora.experiment import ExperimentConfigError
     from megatron_lora.interop import InteropError

@@ -68,7 +68,8 @@ def generate_at_tp1(rank, world, scratch):
     from peft import PeftModel
 
     from megatron_lora import apply_lora
-    from megatron_lora.checkpoint import save_adapter, save_dist_checkpoint
+    from megatron_lora.checkpoint import save_adapter
+    from megatron_lora.dist_checkpoint import save_dist_checkpoint
     from megatron_lora.tokenizers import ByteTokenizer
     from megatron_lora.generation import exact_matches, greedy_complete
     from megatron_lora.gpt import build_gpt_model, initialize_model_parallel

@@ -38,7 +38,7 @@ def _perturbed_and_saved(model, path, shard="60KB"):
 
 
 def _write_adapter(path, tensors, base_model, rank_pattern=None):
-    from megatron_lora.checkpoint import adapter_directory_files, write_directory_atomically
+    from megatron_lora.adapter_file import adapter_directory_files, write_directory_atomically
     from megatron_lora.config import LoraConfig
 
     targets = sorted({k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in tensors})
@@ -199,7 +199,7 @@ def test_a_trained_megatron_model_gives_its_logits_in_transformers(tmp_path):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from megatron_lora.checkpoint import save_dist_checkpoint
+    from megatron_lora.dist_checkpoint import save_dist_checkpoint
     from megatron_lora.cpu import make_cpu_ready
     from megatron_lora.experiment import load_experiment
     from megatron_lora.gpt import (build_gpt_model, gathered_logits, gpt_forward_inputs,

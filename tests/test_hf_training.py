@@ -97,7 +97,8 @@ def test_generate_from_a_hugging_face_directory_equals_transformers(tmp_path):
 def _megatron_logits_with_adapter(rank, world, base, adapter, tokens):
     """Spawned at TP=2 + SP: the Hugging Face base loaded, the trained adapter loaded."""
     from megatron_lora import apply_lora
-    from megatron_lora.checkpoint import load_adapter, read_adapter
+    from megatron_lora.adapter_file import read_adapter
+    from megatron_lora.checkpoint import load_adapter
     from megatron_lora.gpt import (build_gpt_model, gathered_logits, gpt_forward_inputs,
                                    initialize_model_parallel)
     from megatron_lora.hf import hf_experiment, load_hf_weights

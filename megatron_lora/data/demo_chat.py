@@ -102,7 +102,7 @@ def make_demo_tokenizer(corpus_texts: Iterable[str], out_dir) -> Path:
     The files are written in a sibling directory and swapped in whole; when ``out_dir``
     already holds the same bytes nothing is touched (its timestamps say since when the
     tokenizer is what it is, which is what the demo's caches compare with). Returns out_dir."""
-    from ..checkpoint import build_directory_atomically
+    from ..atomic import build_directory_atomically
 
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as scratch:

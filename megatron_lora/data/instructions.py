@@ -34,6 +34,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..atomic import staged_files
 from ..errors import DataError
 from .jsonl import read_jsonl
 from .pretraining import parse_split
@@ -236,15 +237,9 @@ def _tokenize_file(path: str, tokenizer) -> TokenizedFile:
 def _save_atomically(path: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]):
     from safetensors.torch import save_file
 
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with staged_files(path) as (temporary,):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary),
                   metadata=metadata)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def cache_key(path: str, tokenizer) -> str:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from typing import List, Optional, Tuple
 
 import torch
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from ..atomic import staged_files
 from ..errors import DataError
 from ..tokenizers import ByteTokenizer
 from .jsonl import read_jsonl_texts
@@ -35,38 +35,30 @@ def _preprocess(input_path, output_prefix, json_key, append_eod, tokenizer):
     bin_path, idx_path = get_bin_path(output_prefix), get_idx_path(output_prefix)
     directory = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(directory, exist_ok=True)
-    # temporary names in the same directory, so the final renames are atomic
-    fd, tmp_prefix = tempfile.mkstemp(prefix=f".{os.path.basename(output_prefix)}.", dir=directory)
-    os.close(fd)
-    tmp_bin, tmp_idx = get_bin_path(tmp_prefix), get_idx_path(tmp_prefix)
     documents = tokens = 0
-    builder = None
-    try:
-        builder = IndexedDatasetBuilder(tmp_bin, dtype=DType.optimal_dtype(tokenizer.vocab_size))
-        for line_number, text in read_jsonl_texts(os.fspath(input_path), json_key):
-            try:
-                ids = list(tokenizer.tokenize(text))
-            except UnicodeEncodeError as error:  # e.g. a lone surrogate escaped in the JSON
-                raise DataError(f"{input_path}:{line_number}: cannot encode the text "
-                                 f"({error.reason})") from None
-            if append_eod:
-                ids.append(tokenizer.eod)
-            if not ids:
-                continue  # an empty document would be a zero-length sequence; megatron skips them
-            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-            documents += 1
-            tokens += len(ids)
-        if documents == 0:
-            raise DataError(f"{input_path}: no documents")
-        builder.finalize(tmp_idx)
-        os.replace(tmp_bin, bin_path)
-        os.replace(tmp_idx, idx_path)
-    finally:
-        if builder is not None and not builder.data_file.closed:
-            builder.data_file.close()
-        for path in (tmp_prefix, tmp_bin, tmp_idx):
-            if os.path.exists(path):
-                os.remove(path)
+    with staged_files(bin_path, idx_path) as (tmp_bin, tmp_idx):
+        builder = IndexedDatasetBuilder(str(tmp_bin),
+                                        dtype=DType.optimal_dtype(tokenizer.vocab_size))
+        try:
+            for line_number, text in read_jsonl_texts(os.fspath(input_path), json_key):
+                try:
+                    ids = list(tokenizer.tokenize(text))
+                except UnicodeEncodeError as error:  # e.g. a lone surrogate escaped in the JSON
+                    raise DataError(f"{input_path}:{line_number}: cannot encode the text "
+                                    f"({error.reason})") from None
+                if append_eod:
+                    ids.append(tokenizer.eod)
+                if not ids:
+                    continue  # an empty document would be a zero-length sequence; megatron skips
+                builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+                documents += 1
+                tokens += len(ids)
+            if documents == 0:
+                raise DataError(f"{input_path}: no documents")
+            builder.finalize(str(tmp_idx))
+        finally:
+            if not builder.data_file.closed:
+                builder.data_file.close()
     return bin_path, idx_path, documents, tokens
 
 

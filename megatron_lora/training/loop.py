@@ -23,7 +23,8 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..atomic import write_file_atomically
-from ..checkpoint import load_adapter, save_adapter, save_dist_checkpoint
+from ..checkpoint import load_adapter, save_adapter
+from ..dist_checkpoint import save_dist_checkpoint
 from ..cpu import cuda_arguments_to_cpu
 from ..data import FORMATS, micro_batches
 from ..data.instructions import packed_attention_mask

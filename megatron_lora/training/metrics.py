@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import torch.distributed as dist
 
-from ..atomic import write_file_atomically
+from ..atomic import staged_files, write_file_atomically
 from .rundir import METRICS
 
 
@@ -92,5 +92,6 @@ def _plot_loss_curve(path: Path, train, valid) -> None:
     axes.set_ylabel("loss")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with staged_files(path) as (temporary,):
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)

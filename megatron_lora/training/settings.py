@@ -13,7 +13,7 @@ from typing import List, Optional, Union
 import torch
 
 from ..arguments import add_lora_args, lora_config_from_args
-from ..checkpoint import read_adapter
+from ..adapter_file import read_adapter
 from ..errors import MegatronLoraError
 from ..experiment import (
     ExperimentConfigError,
