@@ -34,6 +34,7 @@ from .atomic import write_synced
 from .config import LoraConfig
 from .description import ModelDescription, qkv_rows
 from .errors import MegatronLoraError
+from .finite import refuse_non_finite_file
 from .model import (
     DEFAULT_TARGETS,
     ModelLike,
@@ -340,6 +341,7 @@ def read_adapter(path) -> AdapterFile:
             from None
     check_config_against_tensors(config, lora_config, factor_pairs(shapes, dtypes, weights_path),
                                  config_path)
+    refuse_non_finite_file(weights_path, AdapterCheckpointError)  # before any parameter is touched
     return AdapterFile(path, config, lora_config, shapes, dtypes)
 
 
