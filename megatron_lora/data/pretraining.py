@@ -120,9 +120,9 @@ _IDX_FIXED_BYTES = 34  # magic (9), version (8), dtype code (1), sequence and do
 _TOKEN_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 8: "uint16"}
 
 
-def _index_arrays(prefix: str, idx_path: str, bin_size: int):
-    """(token dtype, sequence lengths, pointers, document indices) of a .idx that describes
-    exactly a .bin of ``bin_size`` bytes, else a DataError naming the file and the fault."""
+def _checked_index(prefix: str, idx_path: str, bin_size: int):
+    """The token dtype of a .idx that describes exactly a .bin of ``bin_size`` bytes, else a
+    DataError naming the file and the fault."""
     import numpy
 
     from megatron.core.datasets.indexed_dataset import _INDEX_HEADER
@@ -147,20 +147,24 @@ def _index_arrays(prefix: str, idx_path: str, bin_size: int):
     bounds = numpy.frombuffer(index, numpy.int64, documents, _IDX_FIXED_BYTES + 12 * sequences)
     dtype = numpy.dtype(_TOKEN_DTYPES[code])
     # the builder writes the sequences back to back from byte 0; the index must say so and
-    # end where the .bin ends, or the two files are not a pair
-    ends = numpy.cumsum(lengths.astype(numpy.int64) * dtype.itemsize)
-    starts = numpy.concatenate(([0], ends[:-1]))
-    if (lengths < 0).any() or not numpy.array_equal(pointers, starts) \
-            or (ends[-1] if sequences else 0) != bin_size:
+    # end where the .bin ends, or the two files are not a pair (in slices: bounded memory)
+    end, contiguous, step = 0, True, 1 << 24
+    for first in range(0, sequences, step):
+        sizes = lengths[first:first + step].astype(numpy.int64) * dtype.itemsize
+        ends = end + numpy.cumsum(sizes)
+        contiguous = contiguous and bool((sizes >= 0).all()) \
+            and numpy.array_equal(pointers[first:first + step], ends - sizes)
+        end = int(ends[-1])
+    if not contiguous or end != bin_size:
+        cover = f"cover {end}" if contiguous else "overlap or leave gaps"
         raise DataError(f"{idx_path} does not describe {prefix}.bin ({bin_size} bytes; the "
-                        f"index's sequences cover {int(ends[-1]) if sequences else 0}): the .idx "
-                        f"belongs to another .bin or one of them is truncated; preprocess "
-                        f"{prefix} again")
+                        f"index's sequences {cover}): the .idx belongs to another .bin or one "
+                        f"of them is truncated; preprocess {prefix} again")
     if documents == 0 or bounds[0] != 0 or bounds[-1] != sequences \
             or (numpy.diff(bounds) < 0).any():
         raise DataError(f"{idx_path}: its document boundaries do not cover its {sequences} "
                         f"sequences; preprocess {prefix} again")
-    return dtype, lengths, pointers, bounds
+    return dtype
 
 
 def check_indexed_dataset(data_prefix, vocab_size: int, what: str) -> None:
@@ -172,7 +176,7 @@ def check_indexed_dataset(data_prefix, vocab_size: int, what: str) -> None:
     prefix = os.fspath(data_prefix)
     bin_path = f"{prefix}.bin"
     bin_size = os.path.getsize(bin_path)
-    dtype, _, _, _ = _index_arrays(prefix, f"{prefix}.idx", bin_size)
+    dtype = _checked_index(prefix, f"{prefix}.idx", bin_size)
     if bin_size == 0:
         return
     tokens = numpy.memmap(bin_path, mode="r", dtype=dtype)
