@@ -195,6 +195,20 @@ def _both(key: str, theirs, mine) -> str:
     return f"{_flag(key)}: the run's {_short(theirs)}, this run's {_short(mine)}"
 
 
+def _data_difference(key: str, theirs, mine: dict) -> str:
+    """Other paths, or the same paths with other content (a file edited in place)."""
+    their_paths = theirs.get("paths") if isinstance(theirs, dict) else theirs
+    if their_paths != mine["paths"]:
+        return _both(key, their_paths, mine["paths"])
+    then = theirs.get("content") if isinstance(theirs.get("content"), dict) else {}
+    changed = [path for path in mine["content"] if then.get(path) != mine["content"][path]]
+    if not changed:  # the record has entries this run has not: name both whole
+        return _both(key, theirs, mine)
+    return (f"{_flag(key)}: {', '.join(changed)} changed since the run saved (then "
+            f"{'; '.join(str(then.get(p, 'absent')) for p in changed)}, now "
+            f"{'; '.join(mine['content'][p] for p in changed)})")
+
+
 def _differences(saved: dict, ours: dict) -> List[str]:
     """One short phrase per setting that differs, naming it and both values."""
     found = []
@@ -202,14 +216,8 @@ def _differences(saved: dict, ours: dict) -> List[str]:
         theirs, mine = saved.get(key), ours.get(key)
         if theirs == mine:
             continue
-        if key.endswith("data_path") and theirs and mine and theirs["paths"] == mine["paths"]:
-            changed = [path for path in mine["content"]
-                       if theirs["content"].get(path) != mine["content"][path]]
-            found.append(f"{_flag(key)}: {', '.join(changed)} changed since the run saved "
-                         f"(then {'; '.join(theirs['content'].get(p, 'absent') for p in changed)},"
-                         f" now {'; '.join(mine['content'][p] for p in changed)})")
-        elif key.endswith("data_path"):
-            found.append(_both(key, theirs and theirs["paths"], mine and mine["paths"]))
+        if key.endswith("data_path") and isinstance(mine, dict):
+            found.append(_data_difference(key, theirs, mine))
         elif isinstance(theirs, dict) and isinstance(mine, dict):
             found += [_both(f"{key}.{field}", theirs.get(field), mine.get(field))
                       for field in sorted(set(theirs) | set(mine))
