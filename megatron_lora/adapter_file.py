@@ -26,6 +26,7 @@ from .atomic import OutputPathError, build_directory_atomically, write_synced
 from .config import DEFAULT_TARGETS, LoraConfig
 from .description import ModelDescription, qkv_rows
 from .errors import MegatronLoraError
+from .finite import refuse_non_finite_file
 
 FORMAT = "megatron_lora.adapter"
 FORMAT_VERSION = 1
@@ -149,6 +150,7 @@ def read_adapter(path) -> AdapterFile:
             from None
     check_config_against_tensors(config, lora_config, factor_pairs(shapes, dtypes, weights_path),
                                  config_path)
+    refuse_non_finite_file(weights_path, AdapterCheckpointError)  # before any parameter is touched
     return AdapterFile(path, config, lora_config, shapes, dtypes)
 
 

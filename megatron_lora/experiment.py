@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import enum
 import inspect
+import math
 import os
 import re
 import types
@@ -229,6 +230,8 @@ def checked_value(name: str, value, hint):
 
 
 def _checked(name: str, value, hint):
+    if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan / .inf
+        raise ExperimentConfigError(f"{name} must be a finite number, got {value!r}")
     try:
         return _coerce(value, hint)
     except _Mismatch:

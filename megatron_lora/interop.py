@@ -19,6 +19,7 @@ needs (LoraConfig.rank_pattern). Base weights convert the same way with :func:`h
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from collections import Counter
@@ -50,6 +51,7 @@ from .config import LoraConfig
 from .hf import FAMILIES
 from .description import TIED, ModelDescription
 from .errors import MegatronLoraError
+from .finite import refuse_non_finite
 from .gather import collect_on_rank0
 from .model import ModelLike, model_chunks
 from .parallel import split_gate_up
@@ -392,6 +394,7 @@ def peft_adapter_files(tensors: Dict[str, torch.Tensor], lora: LoraConfig, shape
     canonical megatron tensors, with the module names of the HF ``architecture``;
     ``base_model_name_or_path`` is what PeftModel.from_pretrained and AutoPeftModel load."""
     architecture = check_architecture(architecture, shape)
+    refuse_non_finite(tensors.items(), "export-peft", InteropError)
     hf = megatron_to_hf_factors({k: v.detach().cpu() for k, v in tensors.items()}, shape,
                                 architecture)
     hf_modules = sorted({k.rsplit(".lora_", 1)[0] for k in hf})
@@ -467,6 +470,7 @@ def _read_peft(path: Path):
     except Exception as error:  # safetensors' own error types
         raise AdapterCheckpointError(f"{weights_path} cannot be read as safetensors: {error}") \
             from None
+    refuse_non_finite(tensors.items(), weights_path, AdapterCheckpointError)
     check_peft_config_against_tensors(config, peft_modules(tensors, weights_path), config_path)
     return config, tensors
 
@@ -481,6 +485,7 @@ def peft_modules(tensors: Dict[str, torch.Tensor], weights_path) -> Dict[str, Di
     embedding's factors are lora_embedding_A / _B); every key a LoRA factor with its partner,
     else an error naming the key."""
     factors: Dict[str, dict] = {}
+    seen: Dict[Tuple[str, str], str] = {}  # (module, side) -> the key that gave it
     for key, tensor in sorted(tensors.items()):
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         linear = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
@@ -497,6 +502,11 @@ def peft_modules(tensors: Dict[str, torch.Tensor], weights_path) -> Dict[str, Di
         if pair["embedding"] != (match is embedding):
             raise AdapterCheckpointError(f"{weights_path}: {match.group(1)} has both lora_A/B and "
                                          f"lora_embedding_A/B factors")
+        earlier = seen.setdefault((match.group(1), match.group(2)), key)
+        if earlier != key:  # e.g. with and without the base_model.model. prefix
+            raise AdapterCheckpointError(f"{weights_path}: {earlier!r} and {key!r} are both "
+                                         f"the lora_{match.group(2)} factor of "
+                                         f"{match.group(1)}; keep one of them")
         pair[match.group(2)] = tensor
     for module, pair in factors.items():
         for side in "AB":
@@ -533,7 +543,7 @@ def check_peft_config_against_tensors(config: dict, factors, config_path) -> Non
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise AdapterCheckpointError(f"{config_path}: r is {r!r}; expected a positive integer")
     alpha = config.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
         raise AdapterCheckpointError(f"{config_path}: lora_alpha is {alpha!r}; expected a number "
                                      f"> 0")
     for field in ("rank_pattern", "alpha_pattern"):

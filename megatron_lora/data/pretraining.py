@@ -108,6 +108,84 @@ def _sequence_count(idx_path: str) -> int:
     return count
 
 
+_IDX_FIXED_BYTES = 34  # magic (9), version (8), dtype code (1), sequence and document counts
+_TOKEN_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 8: "uint16"}
+
+
+def _checked_index(prefix: str, idx_path: str, bin_size: int):
+    """The token dtype of a .idx that describes exactly a .bin of ``bin_size`` bytes, else a
+    DataError naming the file and the fault."""
+    import numpy
+
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER
+
+    idx_size = os.path.getsize(idx_path)
+    with open(idx_path, "rb") as stream:
+        header = stream.read(_IDX_FIXED_BYTES)
+    if len(header) < _IDX_FIXED_BYTES or not header.startswith(_INDEX_HEADER):
+        raise DataError(f"{idx_path} is not a megatron indexed-dataset index")
+    version, code, sequences, documents = struct.unpack("<QBQQ", header[len(_INDEX_HEADER):])
+    if version != 1 or code not in _TOKEN_DTYPES:
+        raise DataError(f"{idx_path}: version {version}, dtype code {code} is not an index of "
+                        f"token ids these scripts read (version 1, an integer dtype)")
+    expected = _IDX_FIXED_BYTES + 12 * sequences + 8 * documents
+    if idx_size != expected:
+        raise DataError(f"{idx_path} is {idx_size} bytes, but its header ({sequences} sequences, "
+                        f"{documents} documents) needs {expected}: the index is truncated or "
+                        f"damaged; preprocess {prefix} again")
+    index = numpy.memmap(idx_path, mode="r", dtype=numpy.uint8)
+    lengths = numpy.frombuffer(index, numpy.int32, sequences, _IDX_FIXED_BYTES)
+    pointers = numpy.frombuffer(index, numpy.int64, sequences, _IDX_FIXED_BYTES + 4 * sequences)
+    bounds = numpy.frombuffer(index, numpy.int64, documents, _IDX_FIXED_BYTES + 12 * sequences)
+    dtype = numpy.dtype(_TOKEN_DTYPES[code])
+    # the builder writes the sequences back to back from byte 0; the index must say so and
+    # end where the .bin ends, or the two files are not a pair (in slices: bounded memory)
+    end, contiguous, step = 0, True, 1 << 24
+    for first in range(0, sequences, step):
+        sizes = lengths[first:first + step].astype(numpy.int64) * dtype.itemsize
+        ends = end + numpy.cumsum(sizes)
+        contiguous = contiguous and bool((sizes >= 0).all()) \
+            and numpy.array_equal(pointers[first:first + step], ends - sizes)
+        end = int(ends[-1])
+    if not contiguous or end != bin_size:
+        cover = f"cover {end}" if contiguous else "overlap or leave gaps"
+        raise DataError(f"{idx_path} does not describe {prefix}.bin ({bin_size} bytes; the "
+                        f"index's sequences {cover}): the .idx belongs to another .bin or one "
+                        f"of them is truncated; preprocess {prefix} again")
+    if documents == 0 or bounds[0] != 0 or bounds[-1] != sequences \
+            or (numpy.diff(bounds) < 0).any():
+        raise DataError(f"{idx_path}: its document boundaries do not cover its {sequences} "
+                        f"sequences; preprocess {prefix} again")
+    return dtype
+
+
+def check_indexed_dataset(data_prefix, vocab_size: int, what: str) -> None:
+    """Refuse, with one line naming the file, an indexed dataset whose .idx does not describe
+    its .bin, or whose token ids are outside [0, vocab_size): either would train on garbage
+    or crash mid-run. Reads the .idx and one streaming pass over the .bin (numpy memmap)."""
+    import numpy
+
+    prefix = os.fspath(data_prefix)
+    bin_path = f"{prefix}.bin"
+    bin_size = os.path.getsize(bin_path)
+    dtype = _checked_index(prefix, f"{prefix}.idx", bin_size)
+    if bin_size == 0:
+        return
+    tokens = numpy.memmap(bin_path, mode="r", dtype=dtype)
+    low, high = None, None
+    step = 1 << 26  # bounded work per slice; the pages are the file's, not the heap's
+    for start in range(0, len(tokens), step):
+        part = tokens[start:start + step]
+        part_low, part_high = int(part.min()), int(part.max())
+        low = part_low if low is None else min(low, part_low)
+        high = part_high if high is None else max(high, part_high)
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise DataError(f"{what} {prefix}: {bin_path} holds token id {bad}, outside the model's "
+                        f"vocabulary 0..{vocab_size - 1} (tokenized for another model? "
+                        f"preprocess it with this run's tokenizer, or raise --vocab-size)")
+
+
 def build_gpt_datasets(
     data_prefix,
     *,

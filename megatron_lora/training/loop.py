@@ -40,7 +40,7 @@ from .errors import TrainingError
 from .metrics import MetricsLog, print_on_rank0
 from .rundir import MODEL_DESCRIPTION
 from .settings import TrainingSettings
-from .state import capture_rng, restore_rng, save_checkpoint
+from .state import capture_rng, restore_rng, run_record, save_checkpoint
 
 
 def learning_rate(settings: TrainingSettings, iteration: int) -> float:
@@ -124,6 +124,16 @@ def run_micro_batches(model, batches, settings: TrainingSettings, exp, forward_o
     return float(value), tokens
 
 
+def _stop_if_not_finite(iteration: int, loss: float, norm: float) -> None:
+    """A NaN or inf loss or gradient norm ends the run before the optimiser step would write it
+    into the weights (and a later save onto disk). Both values are all-reduced over the world,
+    so every rank decides alike and raises together."""
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise TrainingError(f"iteration {iteration}: the loss is {loss} and the gradient norm "
+                            f"{norm}; stopped before the optimizer step, the last checkpoint "
+                            f"in --save stays the latest (lower --lr, or check the data)")
+
+
 def _progress_bar(settings: TrainingSettings, start: int):
     # a bar on a terminal; plain log lines in files (SLURM logs, CI), where a bar is noise
     if not settings.progress_bar or dist.get_rank() != 0 or not sys.stdout.isatty():
@@ -153,9 +163,13 @@ class Trainer:
             raise TrainingError(f"--global-batch-size {self.global_batch} is not a multiple of "
                                 f"--micro-batch-size x data-parallel size = {per_step}")
         self.num_micro_batches = self.global_batch // per_step
+        # what a resume of this run must match (saved with every checkpoint)
+        self.run_record = run_record(settings, experiment, lora, self.global_batch)
         self.model = self._build_model()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr,
+                                           betas=(settings.adam_beta1, settings.adam_beta2),
+                                           eps=settings.adam_eps,
                                            weight_decay=settings.weight_decay)
         self.train_data, self.valid_data = self._build_datasets()
         # packed conversations restart their rotary positions (docs/sft.md)
@@ -269,6 +283,7 @@ class Trainer:
         loss = loss_sum / max(counted, 1.0)
         norm = finalize_gradients(self.model, self.params, self.lora is not None,
                                   self.settings.clip_grad)
+        _stop_if_not_finite(self.iteration + 1, loss, norm)
         self.optimizer.step()
         self.iteration += 1
         self.consumed_samples += self.global_batch
@@ -289,7 +304,11 @@ class Trainer:
         progress = _progress_bar(settings, self.iteration)
         last_loss, saved_at = None, None
         while self.iteration < settings.train_iters:
-            record = self.train_step()
+            try:
+                record = self.train_step()
+            except TrainingError:  # a non-finite step: the log and curve up to the last good one
+                metrics.close()
+                raise
             last_loss = record["loss"]
             if settings.eval_interval and self.iteration % settings.eval_interval == 0:
                 record["valid_loss"] = self.evaluate()

@@ -96,7 +96,7 @@ def latest_iteration_directory(load) -> Path:
         raise TrainingError(f"--load {load} is not a checkpoint directory of these scripts: "
                             f"{LATEST} is missing")
     text = marker.read_text(errors="replace").strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # '²'.isdigit() is True, int('²') fails
         raise TrainingError(f"--load {load}: {marker} holds {text[:40]!r}, not an iteration "
                             f"number")
     directory = iteration_directory(load, int(text))

@@ -5,6 +5,8 @@ Everything here runs before any process group exists and has no side effects."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -54,6 +56,9 @@ _MODEL_FLAGS = {
 # settings a YAML file must not carry into every later run: a flag each time it is meant
 _FLAG_ONLY = {"overwrite", "allow_longer_sequences"}
 
+_FLOAT_SETTINGS = ("lr", "min_lr", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2",
+                   "adam_eps")
+
 _POSITIVE_SETTINGS = ("train_iters", "micro_batch_size", "global_batch_size", "save_interval",
                       "eval_interval", "eval_iters", "log_interval")
 
@@ -71,6 +76,10 @@ class TrainingSettings:
     lr_warmup_iters: int = 0
     weight_decay: float = 0.0
     clip_grad: float = 1.0
+    # AdamW's (Megatron-LM's --adam-beta1/--adam-beta2/--adam-eps; torch's defaults)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
     # one indexed-dataset prefix; with --sft, JSONL files: one, or a blend "W1 F1 W2 F2 ..."
     data_path: Union[str, List[str], None] = None
     valid_data_path: Union[str, List[str], None] = None
@@ -135,6 +144,13 @@ class TrainingSettings:
             check_save_directory(self)
 
     def _check_schedule(self) -> None:
+        # a NaN passes every comparison below as False and trains to NaN factors: refuse any
+        # non-finite float first (flags and the YAML alike)
+        for name in _FLOAT_SETTINGS:
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise TrainingError(f"--{name.replace('_', '-')} {value} is invalid: expected "
+                                    f"a finite number")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise TrainingError(f"--lr-decay-style {self.lr_decay_style!r} is invalid: expected "
                                 f"one of {', '.join(LR_DECAY_STYLES)}")
@@ -147,6 +163,19 @@ class TrainingSettings:
         if not self.clip_grad >= 0:
             raise TrainingError(f"--clip-grad {self.clip_grad} is invalid: expected >= 0 "
                                 f"(0 turns clipping off)")
+        if self.weight_decay < 0:
+            raise TrainingError(f"--weight-decay {self.weight_decay} is invalid: expected >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} {getattr(self, name)} is "
+                                    f"invalid: expected 0 <= beta < 1")
+        if not self.adam_eps > 0:
+            raise TrainingError(f"--adam-eps {self.adam_eps} is invalid: expected > 0")
+        # AdamW's first step is lr / (1 - beta1) in float32: past its range torch raises
+        largest = torch.finfo(torch.float32).max * (1 - self.adam_beta1)
+        if self.lr > largest:
+            raise TrainingError(f"--lr {self.lr} is invalid: AdamW's step lr / (1 - "
+                                f"--adam-beta1) overflows float32; expected at most {largest:.3g}")
 
     def _check_paths(self) -> None:
         if not self.data_path:
@@ -277,7 +306,8 @@ def _add_loop_flags(loop) -> None:
     for flag in ("--micro-batch-size", "--global-batch-size", "--train-iters", "--lr-warmup-iters",
                  "--save-interval", "--eval-interval", "--eval-iters", "--log-interval"):
         loop.add_argument(flag, type=int, default=None)
-    for flag in ("--lr", "--min-lr", "--clip-grad", "--weight-decay"):
+    for flag in ("--lr", "--min-lr", "--clip-grad", "--weight-decay", "--adam-beta1",
+                 "--adam-beta2", "--adam-eps"):
         loop.add_argument(flag, type=float, default=None)
     loop.add_argument("--lr-decay-style", default=None, choices=LR_DECAY_STYLES)
     loop.add_argument("--data-path", nargs="+", default=None,
@@ -336,8 +366,42 @@ def parse_arguments(argv, mode: str):
         check_base_fits(experiment, training)
     _choose_tokenizer(training, experiment)
     _check_packing(training, experiment)
+    _check_token_data(training, experiment)
     lora = _lora_config_from(args, experiment, mode)
+    if training.load:
+        _check_resume(training, experiment, lora, args)
     return experiment, training, lora, args
+
+
+def _check_token_data(training: TrainingSettings, experiment) -> None:
+    """Indexed datasets: the .idx describes the .bin and every token id fits the model's
+    vocabulary, checked here once, before any worker starts or anything is written."""
+    from ..data.pretraining import check_indexed_dataset
+
+    if training.sft:
+        return  # JSONL: tokenized with this run's tokenizer, checked against it (docs/sft.md)
+    for name in ("data_path", "valid_data_path"):
+        for prefix in _as_list(getattr(training, name)):
+            try:
+                check_indexed_dataset(prefix, experiment.vocab_size,
+                                      f"--{name.replace('_', '-')}")
+            except MegatronLoraError as error:
+                raise TrainingError(str(error)) from None
+
+
+def _check_resume(training: TrainingSettings, experiment, lora, args) -> None:
+    """--load: this run's settings against those the run saved (state.check_resume_matches)."""
+    from .state import check_resume_matches, run_record
+
+    world = args.nproc_per_node or int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        return  # the launcher names the bad --nproc-per-node
+    try:
+        data_parallel = experiment.check_world_size(world)
+    except MegatronLoraError as error:
+        raise TrainingError(str(error)) from None
+    global_batch = training.global_batch_size or training.micro_batch_size * data_parallel
+    check_resume_matches(training.load, run_record(training, experiment, lora, global_batch))
 
 
 def _check_packing(training: TrainingSettings, experiment) -> None:
