@@ -99,12 +99,48 @@ def _check_inputs(argv: List[str], mode: str):
     global_batch_size(settings, experiment.check_world_size(world_size))
     if settings.load:
         check_resume_layout(settings.load, experiment, world_size)
+    if args.nproc_per_node is not None and lora is not None:
+        check_adapter_on_a_meta_model(experiment, lora)
     if settings.sft:
         # tokenized here, once, into the cache the workers read: a bad row is one line before
         # any worker starts (under torchrun every rank comes here; one tokenizes, the others
         # wait for its cache)
         prepare_instruction_data(settings, experiment)
     return experiment, settings, lora, args
+
+
+def check_adapter_on_a_meta_model(experiment, lora) -> None:
+    """--nproc-per-node: apply_lora's own checks (targets that match nothing, a rank too large,
+    layer types) here, before any worker starts, on the model built on the meta device (no
+    weights) at one process: the layer names do not depend on the layout. A model that cannot
+    be built that way is left to the workers' identical check."""
+    import copy
+
+    from megatron.core import parallel_state
+
+    from ..gpt import build_gpt_model, initialize_model_parallel
+    from ..model import apply_lora
+
+    if dist.is_initialized():
+        return  # not the launching process's own group to replace
+    one = copy.deepcopy(experiment)
+    one.megatron_config.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                               expert_model_parallel_size=1, expert_tensor_parallel_size=1,
+                               sequence_parallel=False)
+    make_cpu_ready()
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        initialize_model_parallel(one)
+        with torch.device("meta"):
+            model = build_gpt_model(one, initialize=False)
+            apply_lora(model, lora, verbose=False)
+    except MegatronLoraError as error:
+        raise TrainingError(str(error)) from None
+    except Exception:  # noqa: BLE001 - a model megatron cannot build on meta: workers check
+        pass
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 def world_size_to_run(nproc_per_node: Optional[int]) -> int:
