@@ -199,6 +199,22 @@ def describe_fault(error: BaseException) -> Optional[str]:
             f"checkpoint stays the one to resume from")
 
 
+# how gloo and NCCL say that the other end of a collective went away
+_LOST_PEER = ("reset by peer", "closed by peer", "Broken pipe", "Connection refused",
+              "remote process exited", "NCCL communicator was aborted")
+
+
+def describe_lost_peer(error: BaseException) -> Optional[str]:
+    """The one line for a collective that failed because another rank ended (a fault there,
+    or a killed rank), or None for anything else."""
+    is_collective = isinstance(error, getattr(dist, "DistError", ())) or (
+        isinstance(error, RuntimeError) and ("gloo" in str(error) or "NCCL" in str(error)))
+    if not is_collective or not any(sign in str(error) for sign in _LOST_PEER):
+        return None
+    return ("a collective failed because another rank ended (its own line, or torchrun's "
+            "summary, names it); the latest complete checkpoint stays the one to resume from")
+
+
 def _report(name: str, message: str, code: int) -> None:
     """A worker's one line. Under the launching process (--nproc-per-node) it goes to the
     cause file, printed by the launcher after torchrun's summary; otherwise to stderr."""
@@ -264,8 +280,8 @@ def run_script(name: str, argv: List[str], check, work, launch_guard=None) -> in
         if dist.get_rank() == 0:
             _report(name, str(error), 2)
         return 2
-    except OSError as error:
-        fault = describe_fault(error)
+    except (OSError, RuntimeError) as error:
+        fault = describe_fault(error) or describe_lost_peer(error)
         if fault is None:
             raise
         _report(name, f"rank {dist.get_rank()}: {fault}" if dist.get_world_size() > 1 else fault,
