@@ -171,3 +171,28 @@ def test_a_read_only_save_mid_run_ends_the_job_with_one_line_naming_it(config, d
     assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
     latest = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert (save / f"iter_{latest:07d}" / "trainer_state.json").is_file()
+
+
+def test_a_write_refused_by_the_kernel_mid_run_ends_with_one_line(config, data, tmp_path):
+    """A full disk's stand-in that needs no privilege: after the first checkpoint the run's
+    file-size limit drops below a checkpoint's size (prlimit), so the next save's write fails
+    with EFBIG. One process: exactly one line on stderr, exit code 1, the checkpoint before
+    it still the latest."""
+    resource = pytest.importorskip("resource")
+    save = tmp_path / "save"
+    run = _start(*_flags(config, data, save, 200, "--save-interval", 1))
+    try:
+        _wait_for(save / "latest_checkpointed_iteration.txt", run)
+        resource.prlimit(run.pid, resource.RLIMIT_FSIZE, (4096, 4096))
+        code, _, err = _finish(run, timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, 9)
+            run.communicate()
+    lines = _lines(err)
+    assert code == 1, err[-3000:]
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("finetune_gpt.py: error: the run stopped on a file-system error")
+    assert "File too large (EFBIG)" in lines[0], lines[0]
+    latest = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert (save / f"iter_{latest:07d}" / "trainer_state.json").is_file()
