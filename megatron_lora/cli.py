@@ -9,7 +9,8 @@
 
 Every error is one line on stderr naming the problem, with exit code 2; nothing is written
 unless the whole conversion succeeded (the output directory is swapped in atomically). An
-OUT_DIR that is an existing file or a non-empty directory is refused unless --overwrite is
+OUT_DIR that is, holds or lies inside an input (the source, --like, --base, --config) is
+refused always; one that is an existing file or a non-empty directory unless --overwrite is
 given; with it, an adapter directory there is replaced atomically (a directory holding other
 files is still refused). Adapters are checked before anything is done: adapter_config.json
 must agree with the tensors (rank, modules, base-model sizes). When stdout is closed early

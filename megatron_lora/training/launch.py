@@ -14,11 +14,11 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from ..agreement import raise_if_any_rank_failed
 from ..cpu import make_cpu_ready
 from ..errors import MegatronLoraError
 from .errors import TrainingError
 from .loop import Trainer
-from ..agreement import raise_if_any_rank_failed
 from .metrics import print_on_rank0
 from .rundir import (
     LOCK_TOKEN_ENV,
