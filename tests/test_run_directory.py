@@ -196,3 +196,22 @@ def test_a_write_refused_by_the_kernel_mid_run_ends_with_one_line(config, data, 
     assert "File too large (EFBIG)" in lines[0], lines[0]
     latest = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert (save / f"iter_{latest:07d}" / "trainer_state.json").is_file()
+
+
+def test_the_lock_leaves_a_new_save_as_it_was_unless_the_run_wrote_there(tmp_path):
+    """Taking the lock makes --save (a refused run then leaves no directory behind); a second
+    taker is refused naming the holder; releasing never removes anything the run wrote."""
+    from megatron_lora.training.errors import TrainingError
+    from megatron_lora.training.rundir import RunLock
+
+    save = tmp_path / "new" / "save"
+    lock = RunLock.acquire(save)
+    with pytest.raises(TrainingError, match=rf"in use by another run \(pid {os.getpid()} on "):
+        RunLock.acquire(save)
+    lock.release()
+    assert not (tmp_path / "new").exists()
+    lock = RunLock.acquire(save)
+    (save / "metrics.jsonl").write_text("")
+    (save / "tensorboard").mkdir()
+    lock.release()
+    assert sorted(os.listdir(save)) == ["metrics.jsonl", "tensorboard"]

@@ -217,7 +217,7 @@ class RunLock:
                     raise
                 if trusted_token and trusted_token in holder.split():
                     return cls(save, None, None, trusted_token)
-                _remove_made(made)
+                _remove_made(save, made)
                 who = holder.splitlines()[0].strip() if holder.strip() else "another process"
                 raise TrainingError(f"--save {save} is in use by another run ({who}); wait "
                                     f"for it to end, or save to another directory") from None
@@ -236,7 +236,7 @@ class RunLock:
             return
         try:
             self.path.unlink(missing_ok=True)
-            _remove_made(self.made)
+            _remove_made(self.save, self.made)
         except OSError:
             pass  # a read-only or vanished --save: the kernel still drops the lock below
         finally:
@@ -260,20 +260,18 @@ def _first_missing(path: Path) -> Optional[Path]:
     return missing
 
 
-def _remove_made(made: Optional[Path]) -> None:
-    """Remove the directories the lock made, if they are still empty (a run that wrote
-    nothing leaves nothing behind); a directory holding anything stays."""
+def _remove_made(save: Path, made: Optional[Path]) -> None:
+    """Remove the directories the lock made (``save`` up to ``made``) while they are empty: a
+    run that wrote nothing leaves nothing behind; one that wrote anything keeps it all."""
     if made is None:
         return
-    for directory in sorted((p for p in made.rglob("*") if p.is_dir()), reverse=True):
+    for directory in (save, *save.parents):
         try:
             directory.rmdir()
         except OSError:
             return
-    try:
-        made.rmdir()
-    except OSError:
-        pass
+        if directory == made:
+            return
 
 
 def _same_file(fd: int, path: Path) -> bool:
