@@ -83,6 +83,10 @@ ROWS = [
              "overlaps --load"),
     BadInput("save_overwrite_holds_the_data", "finetune", _data_inside_save,
              "overlaps --data-path"),
+    BadInput("save_overwrite_holds_the_lora_load", "finetune",
+             lambda w, g: _copy(g.run, w, "run") and _flags(
+                 g, w, "--lora-load", w / "run" / "adapter", "--overwrite", save="run"),
+             "overlaps --lora-load"),
     BadInput("cli_import_peft_into_its_like", "cli", _import_into_like,
              "like is the --like adapter"),
     BadInput("cli_export_peft_into_its_base", "cli", _export_into_base,

@@ -23,6 +23,7 @@ from .metrics import print_on_rank0
 from .rundir import (
     LOCK_TOKEN_ENV,
     RunLock,
+    check_inputs_survive,
     check_resume_layout,
     check_save_directory,
     clear_previous_run,
@@ -97,6 +98,7 @@ def _check_inputs(argv: List[str], mode: str):
     experiment, settings, lora, args = parse_arguments(argv, mode)
     world_size = world_size_to_run(args.nproc_per_node)
     global_batch_size(settings, experiment.check_world_size(world_size))
+    check_inputs_survive(settings, [("--lora-load", getattr(args, "lora_load", None))])
     if settings.load:
         check_resume_layout(settings.load, experiment, world_size)
     if args.nproc_per_node is not None and lora is not None:

@@ -71,10 +71,17 @@ def _inputs_of(settings):
     return [(flag, Path(value)) for flag, value in named if value]
 
 
-def _check_inputs_survive(settings, target: Path) -> None:
+def check_inputs_survive(settings, more=()) -> None:
     """Writing a run never destroys what it reads: --save is none of its input directories
-    nor inside one, and --overwrite (which clears --save) holds none of its inputs."""
-    for flag, path in _inputs_of(settings):
+    nor inside one, and holds none of them (--overwrite would clear them). ``more``: (flag,
+    path) of inputs that are not settings (--lora-load)."""
+    if settings.save:
+        _check_inputs_survive(settings, Path(settings.save).resolve(), more)
+
+
+def _check_inputs_survive(settings, target: Path, more=()) -> None:
+    named = _inputs_of(settings) + [(flag, Path(path)) for flag, path in more if path]
+    for flag, path in named:
         source = path.resolve()
         if _inside(source, target) or _inside(target, source):
             what = "the base checkpoint is never written to" if \
