@@ -59,15 +59,14 @@ def _resuming(settings) -> bool:
 
 def _inputs_of(settings):
     """(flag, path) of every input a run reads that could lie in or around --save."""
-    from .settings import _as_list  # settings imports this module
-
     named = [("--pretrained-checkpoint", settings.pretrained_checkpoint),
              ("--tokenizer-model", settings.tokenizer_model)]
     if not _resuming(settings):
         named.append(("--load", settings.load))
     for flag, values in (("--data-path", settings.data_path),
                          ("--valid-data-path", settings.valid_data_path)):
-        named += [(flag, value) for value in _as_list(values)]
+        values = [] if values is None else [values] if isinstance(values, str) else values
+        named += [(flag, value) for value in values]
     return [(flag, Path(value)) for flag, value in named if value]
 
 
