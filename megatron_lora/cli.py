@@ -9,7 +9,8 @@
 
 Every error is one line on stderr naming the problem, with exit code 2; nothing is written
 unless the whole conversion succeeded (the output directory is swapped in atomically). An
-OUT_DIR that is an existing file or a non-empty directory is refused unless --overwrite is
+OUT_DIR that is, holds or lies inside an input (the source, --like, --base, --config) is
+refused always; one that is an existing file or a non-empty directory unless --overwrite is
 given; with it, an adapter directory there is replaced atomically (a directory holding other
 files is still refused). Adapters are checked before anything is done: adapter_config.json
 must agree with the tensors (rank, modules, base-model sizes). When stdout is closed early
@@ -25,7 +26,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 from .errors import MegatronLoraError
 
@@ -104,18 +105,17 @@ def inspect(path: Path, out=None) -> None:
     print(f"  {total:,} parameters, {_human_bytes(size)} on disk", file=out)
 
 
-def check_output(out_dir: Path, source: Path, overwrite: bool) -> None:
-    """Refuse an OUT_DIR that would lose something: the input itself, or (without
-    --overwrite) an existing file or non-empty directory."""
+def check_output(out_dir: Path, inputs: Dict[str, Optional[Path]], overwrite: bool) -> None:
+    """Refuse an OUT_DIR that would lose something: an input (the source, --like, --base,
+    --config: the output is none of them, inside none, holds none), or (without --overwrite)
+    an existing file or non-empty directory. ``inputs``: what each input is called → path."""
     from .adapter_file import AdapterCheckpointError
-
     from .atomic import refuse_symlink
+    from .hf_export import check_output_spares_inputs
 
-    if out_dir.exists() and source.exists() and os.path.samefile(out_dir, source):
-        raise AdapterCheckpointError(f"{out_dir} is the input directory; write the output "
-                                     f"elsewhere")
+    check_output_spares_inputs(out_dir, inputs, AdapterCheckpointError)
     refuse_symlink(out_dir)
-    if overwrite or not out_dir.exists():
+    if overwrite or not (out_dir.exists() or out_dir.is_symlink()):
         return
     if not out_dir.is_dir():
         raise AdapterCheckpointError(f"{out_dir} exists and is not a directory; choose a new "
@@ -228,14 +228,17 @@ def _run(args) -> None:
     if args.command == "inspect":
         inspect(args.adapter_dir)
     elif args.command == "export-peft":
-        check_output(args.out_dir, args.adapter_dir, args.overwrite)
+        check_output(args.out_dir, {"input directory": args.adapter_dir, "--base directory":
+                                    args.base}, args.overwrite)
         print(f"wrote {export_peft_files(args.adapter_dir, args.out_dir, args.architecture, args.base)}")
     elif args.command == "export-hf":
         from .hf_export import export_hf
 
         print(f"wrote {export_hf(args.source, args.out_dir, args.base, args.tokenizer_model, args.overwrite)}")
     else:
-        check_output(args.out_dir, args.peft_dir, args.overwrite)
+        check_output(args.out_dir, {"input directory": args.peft_dir, "--like adapter":
+                                    args.like and Path(args.like), "--config file":
+                                    args.config and Path(args.config)}, args.overwrite)
         written = import_peft_files(args.peft_dir, args.out_dir, _shape_source(args),
                                     args.adapter_name, args.config or args.like)
         print(f"wrote {written}")

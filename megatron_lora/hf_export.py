@@ -59,21 +59,28 @@ class HFExportError(MegatronLoraError):
 # --- the output directory ----------------------------------------------------------------------
 
 
-def check_output(out: Path, inputs: Dict[str, Optional[Path]], overwrite: bool) -> None:
-    """Refuse an OUT that is (or is inside, or holds) an input, and without --overwrite an
-    existing file or non-empty directory. ``inputs``: what each input is called → its path."""
+def check_output_spares_inputs(out: Path, inputs: Dict[str, Optional[Path]], error) -> None:
+    """Refuse (raising ``error``) an OUT that is, is inside, or holds an input: writing it
+    would replace what the command reads. ``inputs``: what each input is called → its path.
+    Every CLI command's output goes through this."""
     target = out.resolve()
     for what, path in inputs.items():
         if path is None:
             continue
-        source = path.resolve()
+        source = Path(path).resolve()
         if target == source or source in target.parents:
-            raise HFExportError(f"{out} is {'' if target == source else 'inside '}the {what} "
-                                f"{path}; write the output elsewhere")
+            raise error(f"{out} is {'' if target == source else 'inside '}the {what} "
+                        f"{path}; write the output elsewhere")
         if target in source.parents:
-            raise HFExportError(f"{out} holds the {what} {path}; write the output elsewhere")
+            raise error(f"{out} holds the {what} {path}; write the output elsewhere")
+
+
+def check_output(out: Path, inputs: Dict[str, Optional[Path]], overwrite: bool) -> None:
+    """Refuse an OUT that is (or is inside, or holds) an input, and without --overwrite an
+    existing file or non-empty directory. ``inputs``: what each input is called → its path."""
+    check_output_spares_inputs(out, inputs, HFExportError)
     refuse_symlink(out)
-    if not out.exists():
+    if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir():
         raise HFExportError(f"{out} exists and is not a directory; choose a new output directory")

@@ -18,6 +18,7 @@ Checkpoints (``--save DIR``):
     DIR/iter_0000100/trainer_state.json        iteration, consumed samples, layout
     DIR/adapter/ or DIR/model/                 the final result
     DIR/metrics.jsonl, DIR/tensorboard/, DIR/loss_curve.png
+    DIR/run.lock                               flock-ed by the run writing DIR (rundir.RunLock)
 """
 
 from .base import check_base_fits, describe_model, load_base_weights

@@ -39,7 +39,7 @@ from .base import describe_model, load_base_weights
 from .errors import TrainingError
 from .metrics import MetricsLog, print_on_rank0
 from .rundir import MODEL_DESCRIPTION
-from .settings import TrainingSettings
+from .settings import TrainingSettings, global_batch_size
 from .state import capture_rng, restore_rng, run_record, save_checkpoint
 
 
@@ -157,12 +157,8 @@ class Trainer:
                                 f"tokenizer's {self.tokenizer.vocab_size} ({self.tokenizer!r})")
         place = Topology.current()
         self.dp_size, self.dp_rank = place.dp_size, place.dp_rank
-        per_step = settings.micro_batch_size * self.dp_size
-        self.global_batch = settings.global_batch_size or per_step
-        if self.global_batch % per_step:
-            raise TrainingError(f"--global-batch-size {self.global_batch} is not a multiple of "
-                                f"--micro-batch-size x data-parallel size = {per_step}")
-        self.num_micro_batches = self.global_batch // per_step
+        self.global_batch = global_batch_size(settings, self.dp_size)
+        self.num_micro_batches = self.global_batch // (settings.micro_batch_size * self.dp_size)
         # what a resume of this run must match (saved with every checkpoint)
         self.run_record = run_record(settings, experiment, lora, self.global_batch)
         self.model = self._build_model()

@@ -28,7 +28,7 @@ from ..experiment import (
 from ..hf import is_hf_directory
 from .base import check_base_fits, model_checkpoint_dir
 from .errors import TrainingError
-from .rundir import LATEST, check_save_directory, latest_iteration_directory
+from .rundir import LATEST, check_path_flags, check_save_directory, latest_iteration_directory
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
@@ -133,6 +133,7 @@ class TrainingSettings:
         return cls(**values)
 
     def check(self, mode: str) -> None:
+        check_path_flags(self)
         for name in _POSITIVE_SETTINGS:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -140,7 +141,7 @@ class TrainingSettings:
                                     f"a positive integer")
         self._check_schedule()
         self._check_paths()
-        if self.save:
+        if self.save is not None:
             check_save_directory(self)
 
     def _check_schedule(self) -> None:
@@ -373,6 +374,17 @@ def parse_arguments(argv, mode: str):
     return experiment, training, lora, args
 
 
+def global_batch_size(training: TrainingSettings, dp_size: int) -> int:
+    """--global-batch-size (default: one micro-batch per data-parallel rank), checked to be a
+    whole number of micro-batches on every data-parallel rank."""
+    per_step = training.micro_batch_size * dp_size
+    global_batch = training.global_batch_size or per_step
+    if global_batch % per_step:
+        raise TrainingError(f"--global-batch-size {global_batch} is not a multiple of "
+                            f"--micro-batch-size x data-parallel size = {per_step}")
+    return global_batch
+
+
 def _check_token_data(training: TrainingSettings, experiment) -> None:
     """Indexed datasets: the .idx describes the .bin and every token id fits the model's
     vocabulary, checked here once, before any worker starts or anything is written."""
@@ -400,7 +412,7 @@ def _check_resume(training: TrainingSettings, experiment, lora, args) -> None:
         data_parallel = experiment.check_world_size(world)
     except MegatronLoraError as error:
         raise TrainingError(str(error)) from None
-    global_batch = training.global_batch_size or training.micro_batch_size * data_parallel
+    global_batch = global_batch_size(training, data_parallel)
     check_resume_matches(training.load, run_record(training, experiment, lora, global_batch))
 
 
