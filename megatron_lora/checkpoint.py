@@ -48,6 +48,8 @@ from .model import (
 from .parallel import LORA_A, LORA_B, ParallelLayout, is_packed_gate_up
 from .topology import Topology
 from .watchdog import end_process_if_helper_dies
+from .safe_pickle import check_dist_checkpoint
+from .untrusted import check_safetensors_size, loads_json, sha256_of_file
 
 FORMAT = "megatron_lora.adapter"
 FORMAT_VERSION = 1
@@ -301,7 +303,7 @@ def read_adapter_json(path: Path, what: str):
         if not required.is_file():
             raise AdapterCheckpointError(f"{path} is not {what}: {required.name} is missing")
     try:
-        config = json.loads(config_path.read_text())
+        config = loads_json(config_path.read_text(), config_path, AdapterCheckpointError)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterCheckpointError(f"{config_path} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
@@ -321,7 +323,8 @@ def read_adapter(path) -> AdapterFile:
         raise AdapterCheckpointError(
             f"{config_path}: format_version {version!r} is not supported; this megatron_lora "
             f"reads format_version {FORMAT_VERSION}")
-    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    check_safetensors_size(weights_path, AdapterCheckpointError)  # before hashing it
+    digest = sha256_of_file(weights_path)
     if digest != config.get("weights_sha256"):
         raise AdapterCheckpointError(
             f"{weights_path} is truncated, corrupt or from another save: its sha256 {digest[:12]}… "
@@ -712,6 +715,7 @@ def load_adapter_distributed(model: ModelLike, directory) -> None:
     parameters = {key: item.data for key, item in state.items()}
     for item in state.values():  # read into new buffers, not into the parameters
         item.data = torch.empty_like(item.data)
+    check_dist_checkpoint(directory)  # its pickles hold checkpoint data only, or it is refused
     try:
         loaded = dist_checkpointing.load(state, str(directory))
     except Exception as error:  # megatron raises several types (CheckpointingException, …)

@@ -19,6 +19,7 @@ needs (LoraConfig.rank_pattern). Base weights convert the same way with :func:`h
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from collections import Counter
@@ -49,6 +50,7 @@ from .config import LoraConfig
 from .hf import FAMILIES
 from .description import TIED, ModelDescription
 from .errors import MegatronLoraError
+from .untrusted import regex_fullmatch, short
 from .model import ModelLike, model_chunks
 from .parallel import split_gate_up
 
@@ -517,11 +519,17 @@ def _targeted(targets, module: str) -> bool:
     """PEFT's target_modules: a string is a regex over the whole name; a list holds names that
     match the module or a dotted suffix of it."""
     if isinstance(targets, str):
-        try:
-            return re.fullmatch(targets, module) is not None
-        except re.error:
-            return False
+        return regex_fullmatch(targets, module)  # time-bounded: the pattern is the file's
     return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
 
 
 def check_peft_config_against_tensors(config: dict, factors, config_path) -> None:
@@ -531,13 +539,23 @@ def check_peft_config_against_tensors(config: dict, factors, config_path) -> Non
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise AdapterCheckpointError(f"{config_path}: r is {r!r}; expected a positive integer")
     alpha = config.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+    if not _positive_number(alpha):
         raise AdapterCheckpointError(f"{config_path}: lora_alpha is {alpha!r}; expected a number "
                                      f"> 0")
-    for field in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(field) or {}, dict):
-            raise AdapterCheckpointError(f"{config_path}: {field} is {config.get(field)!r}; "
+    for field, valid in (("rank_pattern", _positive_int), ("alpha_pattern", _positive_number)):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterCheckpointError(f"{config_path}: {field} is {short(patterns)}; "
                                          f"expected an object of module name: value")
+        for key, value in patterns.items():
+            if not valid(value):
+                raise AdapterCheckpointError(
+                    f"{config_path}: {field}[{short(key)}] is {short(value)}; expected a "
+                    f"{'positive integer' if valid is _positive_int else 'number > 0'}")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (dropout == 0 or _positive_number(dropout) and dropout < 1.0):
+        raise AdapterCheckpointError(f"{config_path}: lora_dropout is {short(dropout)}; "
+                                     f"expected a number in [0, 1)")
     targets = config.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets
                                          and all(isinstance(t, str) for t in targets))):
@@ -651,14 +669,15 @@ def _peft_scaling(config, module: str, rank: int) -> float:
 def _fuse(parts, config, target_rank: int, target_scaling: float):
     """HF modules sharing an input → one (A, [B per module]) at megatron's rank and scaling.
 
-    A shared A at that rank and scaling (what export_peft writes) is kept as is: bit-exact.
-    Otherwise the A's are stacked (zero-padded up to the rank) and each B is placed in its own
+    A shared A at that rank (what export_peft writes) is kept as is, and each B is rescaled by
+    its own scaling (alpha_pattern) over megatron's: bit-exact when they agree. Otherwise the A's are stacked (zero-padded up to the rank) and each B is placed in its own
     column block, rescaled so that every module's delta is unchanged.
     """
     first_a = parts[0][1]
-    if all(torch.equal(a, first_a) and a.shape[0] == target_rank
-           and _peft_scaling(config, name, a.shape[0]) == target_scaling for name, a, _ in parts):
-        return first_a, [b for _, _, b in parts]
+    if all(torch.equal(a, first_a) and a.shape[0] == target_rank for _, a, _ in parts):
+        # one A: each B carries its own scaling (alpha_pattern) over megatron's
+        ratios = [_peft_scaling(config, name, target_rank) / target_scaling for name, _, _ in parts]
+        return first_a, [b if ratio == 1.0 else b * ratio for (_, _, b), ratio in zip(parts, ratios)]
     stacked_a = torch.zeros(target_rank, first_a.shape[1], dtype=first_a.dtype)
     blocks, offset = [], 0
     for name, a, b in parts:

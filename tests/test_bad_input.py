@@ -13,12 +13,13 @@ import pytest
 import yaml
 
 import bad_inputs_cli
+import bad_inputs_hostile
 import bad_inputs_scripts
 from gpt_checks import TARGETS, TINY_GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # script_setup: the scripts' warning filters
-ROWS = bad_inputs_cli.ROWS + bad_inputs_scripts.ROWS
+ROWS = bad_inputs_cli.ROWS + bad_inputs_scripts.ROWS + bad_inputs_hostile.ROWS
 
 
 class Given:
