@@ -12,6 +12,7 @@ read it. Tensor data itself is read by torch with ``weights_only=True``.
 
 from __future__ import annotations
 
+import _compat_pickle
 import enum
 import io
 import pickle
@@ -66,6 +67,9 @@ class _CheckpointUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module, name):
+        # protocol 2 (torch.save's) spells Python 3 names the Python 2 way (__builtin__.set)
+        module, name = _compat_pickle.NAME_MAPPING.get(
+            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
         if (module, name) in _ALLOWED:
             return getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name)
         if (module, name) in _TENSOR_REBUILDERS:

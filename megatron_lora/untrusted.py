@@ -35,13 +35,16 @@ class UntrustedInputError(MegatronLoraError):
 
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
 _REPR.maxlevel = 3
+_SHORT = 160
 
 
 def short(value) -> str:
-    """repr(value), cut to about 80 characters and 3 levels (linear in what it prints)."""
-    return _REPR.repr(value)
+    """repr(value), at most about 160 characters; the time taken is bounded by what it prints
+    (reprlib visits at most 4 items per container, 3 levels deep), not by the value's size."""
+    text = _REPR.repr(value)
+    return text if len(text) <= _SHORT else text[:_SHORT] + "..."
 
 
 # --- JSON -------------------------------------------------------------------------------------

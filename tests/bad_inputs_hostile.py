@@ -131,13 +131,13 @@ ROWS = [
     BadInput("base_metadata_hides_code_in_a_field", "finetune",
              _base_with(payload_inside_metadata), "model/.metadata refers to 'pathlib.Path.touch'"),
     BadInput("base_common_pt_runs_code", "finetune", _base_with(payload_common),
-             "model/common.pt refers to '__builtin__.getattr'"),  # torch.save's protocol 2
+             "model/common.pt refers to 'builtins.getattr'"),
     BadInput("base_sharded_object_runs_code", "finetune", _base_with(payload_sharded_object),
              "_extra_state"),
     BadInput("load_full_run_metadata_runs_code", "pretrain", _run_with_payload,
              "iter_0000002/model/.metadata refers to 'pathlib.Path.touch'"),
     BadInput("cli_export_hf_common_pt_runs_code", "cli", _export_hf_with_payload,
-             "model/common.pt refers to '__builtin__.getattr'"),
+             "model/common.pt refers to 'builtins.getattr'"),
     # nothing hangs: patterns, aliases, nesting
     BadInput("cli_inspect_catastrophic_rank_pattern", "cli", _catastrophic_rank_pattern,
              "the pattern 're:(.*){1,32000}[bc]' did not finish matching"),
