@@ -38,8 +38,8 @@ def _as_name_list(field_name: str, value) -> Optional[List[str]]:
             try:
                 re.compile(name[3:])
             except re.error as error:
-                raise _invalid(field_name, given, f"{short(name)} is not a valid regular expression "
-                                                  f"({error})") from None
+                raise _invalid(field_name, given, f"{short(name)} is not a valid regular "
+                                                  f"expression ({error})") from None
     return list(value)
 
 

@@ -244,7 +244,8 @@ def _generation_config_eos(directory: str, request: Request) -> List[int]:
         path = folder / "generation_config.json"
         if path.is_file():
             try:
-                ids += _eos_ids(loads_json(path.read_text(), path, GenerateError).get("eos_token_id"))
+                ids += _eos_ids(loads_json(path.read_text(), path, GenerateError)
+                                .get("eos_token_id"))
             except (ValueError, TypeError, AttributeError):
                 raise GenerateError(f"{path} is damaged: expected a JSON object whose "
                                     f"eos_token_id is an integer or a list of them") from None

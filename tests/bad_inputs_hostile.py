@@ -17,7 +17,8 @@ import yaml
 
 from bad_inputs import BadInput
 from bad_inputs_cli import _copy, _edited_json, _peft_config
-from bad_inputs_scripts import TRAIN, _base_copy, _flags, _text_yaml
+from bad_inputs_scripts import (TRAIN, _base_copy, _flags, _hf_copy, _run_copy, _sft, _text_yaml,
+                                _write)
 
 MARKER = "payload_ran"  # the file a payload creates in the row's directory
 
@@ -109,6 +110,18 @@ def _deep_peft_config(w, g):
     return ["import-peft", peft, w / "out", "--like", g.adapter]
 
 
+def _deep_hf_config(hf):
+    text = (hf / "config.json").read_text().rstrip()
+    (hf / "config.json").write_text(text[:-1] + ', "x": ' + _deep(3000) + "}")
+
+
+def _lora_load_deep(w, g):
+    adapter = _copy(g.run / "adapter", w, "adapter")
+    text = (adapter / "adapter_config.json").read_text().rstrip()
+    (adapter / "adapter_config.json").write_text(text[:-1] + ', "x": ' + _deep(3000) + "}")
+    return _flags(g, w, "--lora-load", adapter)
+
+
 def _catastrophic_rank_pattern(w, g):
     adapter = _edited_json(g.adapter, w, "slow", lambda c: c["lora_config"].update(
         rank_pattern={SLOW_PATTERN: 2}))
@@ -119,10 +132,10 @@ def _catastrophic_rank_pattern(w, g):
 # (.*.*)*z at once: there is no z in a module name)
 SLOW_PATTERN = "re:(.*){1,32000}[bc]"
 
-ALIAS_BOMB = "\n".join(
-    ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
-    + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]" for i in range(9)]
-    + ["megatron_config: *j"])
+# "billion laughs": ten lists of ten aliases of the one before, 10**10 items once expanded, as
+# the value of a key whose error message would quote it
+ALIAS_BOMB = "megatron_config: {num_layers: [&a [x, x, x, x, x, x, x, x, x, x], " + ", ".join(
+    f"&{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]" for i in range(9)) + "]}\n"
 
 ROWS = [
     # no code from a dist-checkpoint's pickles
@@ -156,6 +169,16 @@ ROWS = [
              "adapter_config.json nests deeper than 64 levels"),
     BadInput("cli_import_peft_config_nested_too_deeply", "cli", _deep_peft_config,
              "adapter_config.json nests deeper than 64 levels"),
+    BadInput("hf_config_nested_too_deeply", "finetune", _hf_copy(_deep_hf_config),
+             "config.json nests deeper than 64 levels"),
+    BadInput("lora_load_adapter_config_nested_too_deeply", "finetune", _lora_load_deep,
+             "adapter_config.json nests deeper than 64 levels"),
+    BadInput("load_trainer_state_nested_too_deeply", "finetune",
+             _run_copy(_write("iter_0000002/trainer_state.json", _deep(3000))),
+             "trainer_state.json nests deeper than 64 levels"),
+    BadInput("sft_row_nested_too_deeply", "finetune",
+             _sft('{"messages": ' + _deep(3000) + "}", byte=True),
+             "chat.jsonl:1 nests deeper than 64 levels"),
     # PEFT configs: fields the import uses are checked, not crashed on
     BadInput("cli_import_peft_dropout_not_a_number", "cli", _peft_config(lora_dropout="abc"),
              "lora_dropout is 'abc'; expected a number in [0, 1)"),

@@ -95,7 +95,8 @@ def _read_rank_state(load, directory: Path) -> dict:
 
 def _read_trainer_state(load, directory: Path) -> dict:
     try:
-        info = loads_json((directory / TRAINER_STATE).read_text(), directory / TRAINER_STATE, TrainingError)
+        path = directory / TRAINER_STATE
+        info = loads_json(path.read_text(), path, TrainingError)
         info["layout"], info["lora"], info["consumed_samples"]  # noqa: B018 (presence)
     except (ValueError, KeyError, TypeError) as error:
         raise TrainingError(f"--load {load}: {directory / TRAINER_STATE} is damaged ({error})") \
