@@ -74,13 +74,14 @@ class _CheckpointUnpickler(pickle.Unpickler):
             return getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name)
         if (module, name) in _TENSOR_REBUILDERS:
             return _not_built
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        public = name.isidentifier() and not name.startswith("_")  # no lazy submodule imports
+        if module == "torch" and public and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if module in ("torch", "torch.storage") and name.endswith("Storage"):
             return _not_built  # the storage type a tensor names: nothing is allocated
         # megatron's own enums (an AttnBackend in Megatron-LM's args): values, no code
-        found = getattr(sys.modules.get(module), name, None) if module.startswith("megatron.") \
-            else None
+        found = getattr(sys.modules.get(module), name, None) \
+            if public and module.startswith("megatron.") else None
         if isinstance(found, type) and issubclass(found, enum.Enum):
             return found
         raise UnsafeCheckpointError(
