@@ -165,11 +165,12 @@ def check_safetensors_size(path, error=UntrustedInputError) -> None:
     except (AttributeError, KeyError, TypeError, IndexError):
         ends = None
     if ends is None or not all(isinstance(end, int) and not isinstance(end, bool) for end in ends):
-        raise error(f"{path} cannot be read as safetensors (its header is damaged)")
+        raise error(f"{path} is truncated, corrupt or from another save: it cannot be read as "
+                    f"safetensors (its header is damaged)")
     described = 8 + length + max(ends, default=0)
     if size != described:
-        raise error(f"{path} is truncated, corrupt or from another save: it is {size} bytes, but "
-                    f"its safetensors header describes {described}")
+        raise error(f"{path} is truncated, corrupt or from another save: it cannot be read as "
+                    f"safetensors (it is {size} bytes, but its header describes {described})")
 
 
 def sha256_of_file(path) -> str:
