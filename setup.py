@@ -16,6 +16,8 @@ setup(
         # megatron's dist-checkpointing writer process needs it to save any checkpoint
         "psutil>=5.9",
         "pyyaml>=6",
+        # time-limited matching of regexes from files and flags (timeout=); transformers needs it too
+        "regex>=2022.1.18",
         "safetensors>=0.4",
         # a Hugging Face model's own tokenizer (AutoTokenizer, local files only) and the
         # export-hf / generate.py borders

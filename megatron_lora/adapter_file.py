@@ -27,6 +27,7 @@ from .config import DEFAULT_TARGETS, LoraConfig
 from .description import ModelDescription, qkv_rows
 from .errors import MegatronLoraError
 from .finite import refuse_non_finite_file
+from .untrusted import check_safetensors_size, loads_json, sha256_of_file
 
 FORMAT = "megatron_lora.adapter"
 FORMAT_VERSION = 1
@@ -111,7 +112,7 @@ def read_adapter_json(path: Path, what: str):
         if not required.is_file():
             raise AdapterCheckpointError(f"{path} is not {what}: {required.name} is missing")
     try:
-        config = json.loads(config_path.read_text())
+        config = loads_json(config_path.read_text(), config_path, AdapterCheckpointError)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterCheckpointError(f"{config_path} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
@@ -131,7 +132,8 @@ def read_adapter(path) -> AdapterFile:
         raise AdapterCheckpointError(
             f"{config_path}: format_version {version!r} is not supported; this megatron_lora "
             f"reads format_version {FORMAT_VERSION}")
-    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    check_safetensors_size(weights_path, AdapterCheckpointError)  # before hashing it
+    digest = sha256_of_file(weights_path)
     if digest != config.get("weights_sha256"):
         raise AdapterCheckpointError(
             f"{weights_path} is truncated, corrupt or from another save: its sha256 {digest[:12]}… "

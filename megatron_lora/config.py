@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Union
 
 from .errors import MegatronLoraError
+from .untrusted import regex_fullmatch, short
 
 # what apply_lora adapts when a LoraConfig names no target_modules
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -21,7 +22,7 @@ class LoraConfigError(MegatronLoraError):
 
 
 def _invalid(field_name: str, value, valid: str) -> LoraConfigError:
-    return LoraConfigError(f"LoraConfig.{field_name}={value!r} is invalid: {valid}")
+    return LoraConfigError(f"LoraConfig.{field_name}={short(value)} is invalid: {valid}")
 
 
 def _as_name_list(field_name: str, value) -> Optional[List[str]]:
@@ -39,8 +40,8 @@ def _as_name_list(field_name: str, value) -> Optional[List[str]]:
             try:
                 re.compile(name[3:])
             except re.error as error:
-                raise _invalid(field_name, given, f"{name!r} is not a valid regular expression "
-                                                  f"({error})") from None
+                raise _invalid(field_name, given, f"{short(name)} is not a valid regular "
+                                                  f"expression ({error})") from None
     return list(value)
 
 
@@ -52,7 +53,7 @@ def name_matches(pattern: str, name: str) -> bool:
     suffix of it (``linear_fc1``, ``mlp.linear_fc1``).
     """
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        return regex_fullmatch(pattern[3:], name, pattern)  # time-bounded: patterns come from files
     if any(char in pattern for char in "*?["):
         return fnmatch.fnmatchcase(name, pattern)
     return name == pattern or name.endswith("." + pattern)

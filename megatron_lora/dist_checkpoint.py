@@ -9,6 +9,7 @@ import torch
 
 from .adapter_file import AdapterCheckpointError
 from .model import ModelLike, model_chunks
+from .safe_pickle import check_dist_checkpoint
 from .watchdog import end_process_if_helper_dies
 
 
@@ -61,6 +62,7 @@ def load_adapter_distributed(model: ModelLike, directory) -> None:
     parameters = {key: item.data for key, item in state.items()}
     for item in state.values():  # read into new buffers, not into the parameters
         item.data = torch.empty_like(item.data)
+    check_dist_checkpoint(directory)  # its pickles hold checkpoint data only, or it is refused
     try:
         loaded = dist_checkpointing.load(state, str(directory))
     except Exception as error:  # megatron raises several types (CheckpointingException, …)

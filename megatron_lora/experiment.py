@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from .config import LoraConfig
 from .errors import MegatronLoraError
+from .untrusted import BoundedSafeLoader, short
 
 SECTIONS = ("megatron_config", "lora", "training")
 
@@ -236,7 +237,7 @@ def _checked(name: str, value, hint):
         return _coerce(value, hint)
     except _Mismatch:
         raise ExperimentConfigError(
-            f"{name} must be {_describe(hint)}, got {value!r} ({type(value).__name__})"
+            f"{name} must be {_describe(hint)}, got {short(value)} ({type(value).__name__})"
         ) from None
 
 
@@ -304,7 +305,7 @@ def _mapping(value, name: str, *, none_ok: bool = False) -> dict:
         )
     for key in value:
         if not isinstance(key, str):
-            raise ExperimentConfigError(f"{name} has a key that is not a string: {key!r}")
+            raise ExperimentConfigError(f"{name} has a key that is not a string: {short(key)}")
     return dict(value)
 
 
@@ -316,8 +317,9 @@ def _divides(values: dict, name: str, by: str, note: str = ""):
         )
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-5` as a float, as YAML 1.2 does (1.1 makes it a string)."""
+class _Loader(BoundedSafeLoader):
+    """SafeLoader (no aliases, bounded nesting) that also reads `1e-5` as a float, as YAML 1.2
+    does (1.1 makes it a string)."""
 
 
 _Loader.add_implicit_resolver(

@@ -75,6 +75,7 @@ class Request:
 
 from .hf import is_hf_directory  # noqa: E402  (one rule for what a Hugging Face directory is)
 from .tokenizers import holds_tokenizer  # noqa: E402
+from .untrusted import loads_json
 
 def _read_prompts(args) -> List[Prompt]:
     prompts = [Prompt(text=text) for text in args.prompt]
@@ -89,7 +90,7 @@ def _read_prompts(args) -> List[Prompt]:
                 continue
             where = f"--prompts-file {args.prompts_file} line {number}"
             try:
-                row = json.loads(line)
+                row = loads_json(line, where, GenerateError)
             except ValueError:
                 raise GenerateError(f"{where} is not JSON") from None
             if isinstance(row, dict) and isinstance(row.get("prompt"), str):
@@ -130,7 +131,8 @@ def _experiment(args, checkpoint: Path, hf: bool, world: int):
         if not description.is_file():
             raise GenerateError(f"--pretrained-checkpoint {checkpoint} has no "
                                 f"{MODEL_DESCRIPTION}: give the model with --config")
-        saved = {k: v for k, v in json.loads(description.read_text()).items() if v is not None}
+        saved = {k: v for k, v in loads_json(description.read_text(), description, GenerateError)
+                 .items() if v is not None}
         return load_experiment(data={"megatron_config": saved}, overrides=overrides)
     except ExperimentConfigError as error:
         raise GenerateError(str(error)) from None
@@ -242,7 +244,8 @@ def _generation_config_eos(directory: str, request: Request) -> List[int]:
         path = folder / "generation_config.json"
         if path.is_file():
             try:
-                ids += _eos_ids(json.loads(path.read_text()).get("eos_token_id"))
+                ids += _eos_ids(loads_json(path.read_text(), path, GenerateError)
+                                .get("eos_token_id"))
             except (ValueError, TypeError, AttributeError):
                 raise GenerateError(f"{path} is damaged: expected a JSON object whose "
                                     f"eos_token_id is an integer or a list of them") from None

@@ -15,7 +15,6 @@ loaded is not drawn first.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .errors import MegatronLoraError
+from .untrusted import loads_json
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -95,7 +95,7 @@ def read_hf_config(path) -> dict:
         raise HuggingFaceError(f"{path} is not a Hugging Face model directory: {CONFIG_FILE} is "
                                f"missing")
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        config = loads_json(file.read_text(encoding="utf-8"), file, HuggingFaceError)
     except (ValueError, UnicodeDecodeError) as error:
         raise HuggingFaceError(f"{file} is not valid JSON ({error})") from None
     if not isinstance(config, dict):
@@ -316,7 +316,8 @@ class HFCheckpoint:
         index, single = self.path / INDEX_FILE, self.path / SINGLE_FILE
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                weight_map = loads_json(index.read_text(encoding="utf-8"), index,
+                                        HuggingFaceError)["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise ValueError("weight_map is not an object")
             except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:

@@ -40,6 +40,7 @@ from .interop import (
     shape_from_description,
 )
 from .tokenizers import TOKENIZER_ALL_FILES, TOKENIZER_FILES, holds_tokenizer
+from .untrusted import loads_json
 
 MARKER = "megatron_lora_export.json"  # what tells a directory export-hf wrote (--overwrite)
 MARKER_FORMAT = "megatron_lora.export_hf"
@@ -95,7 +96,7 @@ def _written_by_export_hf(existing: Path) -> Optional[str]:
     if not any(existing.iterdir()):
         return None
     try:
-        marker = json.loads((existing / MARKER).read_text())
+        marker = loads_json((existing / MARKER).read_text(), existing / MARKER, ValueError)
         if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT:
             return None
     except (OSError, ValueError):
@@ -119,7 +120,7 @@ def _marker(**facts) -> bytes:
 
 def _read_json(path: Path, what: str) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = loads_json(path.read_text(), path, HFExportError)
     except FileNotFoundError:
         raise HFExportError(f"{path.parent} is not {what}: {path.name} is missing") from None
     except (ValueError, UnicodeDecodeError) as error:

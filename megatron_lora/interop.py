@@ -53,6 +53,7 @@ from .description import TIED, ModelDescription
 from .errors import MegatronLoraError
 from .finite import refuse_non_finite
 from .gather import collect_on_rank0
+from .untrusted import regex_fullmatch, short
 from .model import ModelLike, model_chunks
 from .parallel import split_gate_up
 
@@ -463,8 +464,8 @@ def _read_peft(path: Path):
                                      f"(PEFT's save_pretrained does by default)")
     config, config_path, weights_path = read_adapter_json(path, "a PEFT adapter directory")
     if config.get("peft_type") != "LORA":
-        raise AdapterCheckpointError(f"{config_path}: peft_type {config.get('peft_type')!r} is not "
-                                     f"'LORA'")
+        raise AdapterCheckpointError(f"{config_path}: peft_type {short(config.get('peft_type'))} "
+                                     f"is not 'LORA'")
     try:
         tensors = load_file(weights_path)
     except Exception as error:  # safetensors' own error types
@@ -529,11 +530,17 @@ def _targeted(targets, module: str) -> bool:
     """PEFT's target_modules: a string is a regex over the whole name; a list holds names that
     match the module or a dotted suffix of it."""
     if isinstance(targets, str):
-        try:
-            return re.fullmatch(targets, module) is not None
-        except re.error:
-            return False
+        return regex_fullmatch(targets, module)  # time-bounded: the pattern is the file's
     return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
 
 
 def check_peft_config_against_tensors(config: dict, factors, config_path) -> None:
@@ -541,25 +548,35 @@ def check_peft_config_against_tensors(config: dict, factors, config_path) -> Non
     tensors: AdapterCheckpointError naming the file, the field and both values."""
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise AdapterCheckpointError(f"{config_path}: r is {r!r}; expected a positive integer")
+        raise AdapterCheckpointError(f"{config_path}: r is {short(r)}; expected a positive integer")
     alpha = config.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-        raise AdapterCheckpointError(f"{config_path}: lora_alpha is {alpha!r}; expected a number "
-                                     f"> 0")
-    for field in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(field) or {}, dict):
-            raise AdapterCheckpointError(f"{config_path}: {field} is {config.get(field)!r}; "
+    if not _positive_number(alpha):
+        raise AdapterCheckpointError(f"{config_path}: lora_alpha is {short(alpha)}; expected a "
+                                     f"number > 0")
+    for field, valid in (("rank_pattern", _positive_int), ("alpha_pattern", _positive_number)):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterCheckpointError(f"{config_path}: {field} is {short(patterns)}; "
                                          f"expected an object of module name: value")
+        for key, value in patterns.items():
+            if not valid(value):
+                raise AdapterCheckpointError(
+                    f"{config_path}: {field}[{short(key)}] is {short(value)}; expected a "
+                    f"{'positive integer' if valid is _positive_int else 'number > 0'}")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (dropout == 0 or _positive_number(dropout) and dropout < 1.0):
+        raise AdapterCheckpointError(f"{config_path}: lora_dropout is {short(dropout)}; "
+                                     f"expected a number in [0, 1)")
     targets = config.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets
                                          and all(isinstance(t, str) for t in targets))):
-        raise AdapterCheckpointError(f"{config_path}: target_modules is {targets!r}; expected "
+        raise AdapterCheckpointError(f"{config_path}: target_modules is {short(targets)}; expected "
                                      f"a list of module names or a regex string")
     if isinstance(targets, str):
         try:
             re.compile(targets)
         except re.error as error:
-            raise AdapterCheckpointError(f"{config_path}: target_modules {targets!r} is not a "
+            raise AdapterCheckpointError(f"{config_path}: target_modules {short(targets)} is not a "
                                          f"valid regular expression ({error})") from None
     for module, pair in sorted(factors.items()):
         rank = _pattern_value(config.get("rank_pattern"), module, None)
@@ -571,8 +588,8 @@ def check_peft_config_against_tensors(config: dict, factors, config_path) -> Non
                     f"{_peft_key(module, side, pair['embedding'])} has shape "
                     f"{list(pair[side].shape)}")
         if not _targeted(targets, module):
-            raise AdapterCheckpointError(f"{config_path}: target_modules {targets} does not select "
-                                         f"{module}, which has factors in the file")
+            raise AdapterCheckpointError(f"{config_path}: target_modules {short(targets)} does not "
+                                         f"select {module}, which has factors in the file")
 
 
 def _match_hf(module: str):
@@ -663,14 +680,17 @@ def _peft_scaling(config, module: str, rank: int) -> float:
 def _fuse(parts, config, target_rank: int, target_scaling: float):
     """HF modules sharing an input → one (A, [B per module]) at megatron's rank and scaling.
 
-    A shared A at that rank and scaling (what export_peft writes) is kept as is: bit-exact.
-    Otherwise the A's are stacked (zero-padded up to the rank) and each B is placed in its own
-    column block, rescaled so that every module's delta is unchanged.
+    A shared A at that rank (what export_peft writes) is kept as is, and each B is rescaled by
+    its own scaling (alpha_pattern) over megatron's: bit-exact when they agree. Otherwise the
+    A's are stacked (zero-padded up to the rank) and each B is placed in its own column block,
+    rescaled so that every module's delta is unchanged.
     """
     first_a = parts[0][1]
-    if all(torch.equal(a, first_a) and a.shape[0] == target_rank
-           and _peft_scaling(config, name, a.shape[0]) == target_scaling for name, a, _ in parts):
-        return first_a, [b for _, _, b in parts]
+    if all(torch.equal(a, first_a) and a.shape[0] == target_rank for _, a, _ in parts):
+        # one A: each B carries its own scaling (alpha_pattern) over megatron's
+        ratios = [_peft_scaling(config, name, target_rank) / target_scaling for name, _, _ in parts]
+        return first_a, [b if ratio == 1.0 else b * ratio
+                         for (_, _, b), ratio in zip(parts, ratios)]
     stacked_a = torch.zeros(target_rank, first_a.shape[1], dtype=first_a.dtype)
     blocks, offset = [], 0
     for name, a, b in parts:

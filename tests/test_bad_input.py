@@ -14,6 +14,7 @@ import yaml
 
 import bad_inputs_cli
 import bad_inputs_files
+import bad_inputs_hostile
 import bad_inputs_numbers
 import bad_inputs_rundir
 import bad_inputs_scripts
@@ -22,7 +23,7 @@ from gpt_checks import TARGETS, TINY_GPT
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # script_setup: the scripts' warning filters
 ROWS = (bad_inputs_cli.ROWS + bad_inputs_scripts.ROWS + bad_inputs_files.ROWS
-        + bad_inputs_numbers.ROWS + bad_inputs_rundir.ROWS)
+        + bad_inputs_numbers.ROWS + bad_inputs_rundir.ROWS + bad_inputs_hostile.ROWS)
 
 
 class Given:

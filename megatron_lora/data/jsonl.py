@@ -6,6 +6,7 @@ import json
 from typing import Iterator, Tuple
 
 from ..errors import DataError
+from ..untrusted import loads_json
 
 
 def read_jsonl(path: str) -> Iterator[Tuple[int, dict]]:
@@ -24,7 +25,7 @@ def read_jsonl(path: str) -> Iterator[Tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = loads_json(line, f"{path}:{line_number}", DataError)
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict):

@@ -3,13 +3,14 @@ description beside the dist-checkpoint, the check that it fits this run, and loa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 from ..description import CHECKPOINT_FIELDS, ModelDescription
 from .errors import TrainingError
 from .rundir import MODEL_DESCRIPTION
+from ..safe_pickle import check_dist_checkpoint
+from ..untrusted import loads_json
 
 
 
@@ -29,7 +30,7 @@ def describe_model(experiment) -> dict:
 
 def _read_description(path: Path) -> dict:
     try:
-        saved = json.loads(path.read_text())
+        saved = loads_json(path.read_text(), path, ValueError)
         if not isinstance(saved, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as error:
@@ -58,6 +59,7 @@ def check_base_fits(experiment, settings) -> None:
                                 f"max_position_embeddings ({trained}); pass "
                                 f"--allow-longer-sequences to run positions it never saw")
         return
+    check_dist_checkpoint(model_checkpoint_dir(settings.pretrained_checkpoint))  # before any write
     path = model_checkpoint_dir(settings.pretrained_checkpoint) / MODEL_DESCRIPTION
     if not path.is_file():
         return  # a checkpoint from elsewhere: its shapes are checked when it is loaded
@@ -91,6 +93,7 @@ def load_base_weights(model, path) -> None:
     directory = model_checkpoint_dir(path)
     if directory is None:
         raise TrainingError(f"{path} holds no megatron dist-checkpoint (no metadata.json)")
+    check_dist_checkpoint(directory)  # its pickles hold checkpoint data only, or it is refused
     try:
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(directory)))
     except (CheckpointingException, CheckpointException) as error:

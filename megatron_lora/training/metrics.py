@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from ..atomic import staged_files, write_file_atomically
 from .rundir import METRICS
+from ..untrusted import loads_json
 
 
 def print_on_rank0(*items) -> None:
@@ -21,7 +22,7 @@ def _records_up_to(path: Path, iteration: int) -> List[dict]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            record = json.loads(line)
+            record = loads_json(line, path, ValueError)
         except ValueError:  # a line cut short when the run was killed
             continue
         if isinstance(record, dict) and record.get("iteration", 0) <= iteration:

@@ -24,6 +24,7 @@ from ..atomic import write_file_atomically
 from ..topology import Topology
 from .errors import TrainingError
 from .rundir import LATEST, TRAINER_STATE, iteration_directory, latest_iteration_directory
+from ..untrusted import loads_json
 
 
 def rank_file(directory: Path) -> Path:
@@ -96,7 +97,8 @@ def _read_rank_state(load, directory: Path) -> dict:
 
 def _read_trainer_state(load, directory: Path) -> dict:
     try:
-        info = json.loads((directory / TRAINER_STATE).read_text())
+        path = directory / TRAINER_STATE
+        info = loads_json(path.read_text(), path, TrainingError)
         info["layout"], info["lora"], info["consumed_samples"]  # noqa: B018 (presence)
     except (ValueError, KeyError, TypeError) as error:
         raise TrainingError(f"--load {load}: {directory / TRAINER_STATE} is damaged ({error})") \
