@@ -82,7 +82,9 @@ def _run_with_payload(w, g):
     code."""
     run = _copy(g.base, w, "run")
     payload_metadata(run / "iter_0000002" / "model", w)
-    return _flags(g, w, "--load", run, save="run")
+    # the data it was pretrained on: a resume must match the run it resumes
+    return _flags(g, w, "--load", run, "--data-path", g.data.parent / "pretrain_text_document",
+                  save="run")
 
 
 def _export_hf_with_payload(w, g):
