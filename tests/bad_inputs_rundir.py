@@ -36,6 +36,13 @@ def _empty_save(w, g):
     return ["--config", g.train_config, "--data-path", g.data, "--train-iters", 2, "--save", ""]
 
 
+def _run_with_binary_marker(w, g):
+    """A copy of the finished run whose latest marker holds 4 KB of bytes that are not text."""
+    run = _copy(g.run, w, "run")
+    (run / "latest_checkpointed_iteration.txt").write_bytes(b"\xff\xfe" * 2048)
+    return _flags(g, w, save="run")
+
+
 def _resume_copy(w, g, *extra):
     run = _copy(g.run, w, "run")
     return _flags(g, w, "--load", run, *extra, save="run")
@@ -105,4 +112,6 @@ ROWS = [
              lambda w, g: _flags(g, w, *NPROC),
              "--global-batch-size 2 is not a multiple of --micro-batch-size x data-parallel "
              "size = 4"),
+    BadInput("save_holds_a_run_whose_marker_is_not_text", "finetune", _run_with_binary_marker,
+             "holds another run (at iteration '\ufffd"),
 ]

@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+from ..untrusted import read_json, short
 from .errors import TrainingError
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -129,6 +130,13 @@ def check_save_directory(settings) -> None:
                             f"writable by this user")
 
 
+def _marker_text(marker: Path) -> str:
+    """The latest marker's iteration as written, quoted short if it is not a number (it is the
+    user's file: any bytes, any length)."""
+    text = marker.read_text(errors="replace").strip()
+    return text if text.isdecimal() and len(text) <= 12 else short(text)
+
+
 def _check_run_entries(settings, save: Path, entries) -> None:
     """A non-empty --save: only a run of these scripts, and only this run's or --overwrite."""
     foreign = [name for name in entries if not is_run_entry(name)]
@@ -139,7 +147,7 @@ def _check_run_entries(settings, save: Path, entries) -> None:
             f"empty directory")
     if not _resuming(settings) and not settings.overwrite:
         marker = save / LATEST
-        where = f" (at iteration {marker.read_text().strip()})" if marker.is_file() else ""
+        where = f" (at iteration {_marker_text(marker)})" if marker.is_file() else ""
         raise TrainingError(
             f"--save {settings.save} holds another run{where}; resume it with --load "
             f"{settings.save}, or replace it with --overwrite")
@@ -312,12 +320,10 @@ def check_resume_layout(load, experiment, world_size: int) -> None:
     """--load at another layout is refused here, in the launching process, before any worker
     starts. A trainer_state.json that cannot be read is left to the resume's own check, which
     names the damage."""
-    import json
-
     directory = latest_iteration_directory(load)
     try:
-        saved = json.loads((directory / TRAINER_STATE).read_text())["layout"]
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = read_json(directory / TRAINER_STATE, TrainingError)["layout"]
+    except (OSError, TrainingError, KeyError, TypeError):
         return
     planned = planned_layout(experiment, world_size)
     if isinstance(saved, dict) and saved != planned:
