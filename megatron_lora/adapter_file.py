@@ -121,7 +121,8 @@ def read_adapter_json(path: Path, what: str):
 
 
 def read_adapter(path) -> AdapterFile:
-    """Read and check an adapter directory's JSON and safetensors header (no tensors)."""
+    """Read and check an adapter directory's JSON, its safetensors header and that every factor
+    is finite (tensors are read one at a time for that, none is kept)."""
     path = Path(path)
     config, config_path, weights_path = read_adapter_json(path, "an adapter directory")
     if config.get("format") != FORMAT:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Union
 
 from .errors import MegatronLoraError
-from .untrusted import regex_fullmatch, short
+from .untrusted import pattern_problem, regex_fullmatch, short
 
 # what apply_lora adapts when a LoraConfig names no target_modules
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -37,11 +36,10 @@ def _as_name_list(field_name: str, value) -> Optional[List[str]]:
         raise _invalid(field_name, value, "expected at least one module name (or None)")
     for name in value:  # a bad regex fails here, not later while matching module names
         if name.startswith("re:"):
-            try:
-                re.compile(name[3:])
-            except re.error as error:
+            problem = pattern_problem(name[3:])
+            if problem:
                 raise _invalid(field_name, given, f"{short(name)} is not a valid regular "
-                                                  f"expression ({error})") from None
+                                                  f"expression ({problem})")
     return list(value)
 
 

@@ -336,6 +336,8 @@ def _parse_yaml(text: str, what: str):
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ExperimentConfigError(f"{what} is not valid YAML{where}: {problem}") from None
+    except ValueError as error:  # a value PyYAML cannot build, e.g. an integer too long
+        raise ExperimentConfigError(f"{what}: {short(str(error))}") from None
 
 
 # ---------------------------------------------------------------- the config

@@ -124,15 +124,18 @@ def _experiment(args, checkpoint: Path, hf: bool, world: int):
         if args.config:
             return load_experiment(args.config, overrides=overrides)
         # without --config: the model the checkpoint describes (pretrain_gpt.py writes it)
-        from .training.base import model_checkpoint_dir
+        from .training.base import model_checkpoint_dir, read_model_description
+        from .training.errors import TrainingError
         from .training.rundir import MODEL_DESCRIPTION
 
         description = model_checkpoint_dir(checkpoint) / MODEL_DESCRIPTION
         if not description.is_file():
             raise GenerateError(f"--pretrained-checkpoint {checkpoint} has no "
                                 f"{MODEL_DESCRIPTION}: give the model with --config")
-        saved = {k: v for k, v in loads_json(description.read_text(), description, GenerateError)
-                 .items() if v is not None}
+        try:
+            saved = {k: v for k, v in read_model_description(description).items() if v is not None}
+        except TrainingError as error:
+            raise GenerateError(str(error)) from None
         return load_experiment(data={"megatron_config": saved}, overrides=overrides)
     except ExperimentConfigError as error:
         raise GenerateError(str(error)) from None

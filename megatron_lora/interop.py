@@ -53,7 +53,7 @@ from .description import TIED, ModelDescription
 from .errors import MegatronLoraError
 from .finite import refuse_non_finite
 from .gather import collect_on_rank0
-from .untrusted import regex_fullmatch, short
+from .untrusted import pattern_problem, regex_fullmatch, short
 from .model import ModelLike, model_chunks
 from .parallel import split_gate_up
 
@@ -573,11 +573,10 @@ def check_peft_config_against_tensors(config: dict, factors, config_path) -> Non
         raise AdapterCheckpointError(f"{config_path}: target_modules is {short(targets)}; expected "
                                      f"a list of module names or a regex string")
     if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as error:
+        problem = pattern_problem(targets)
+        if problem:
             raise AdapterCheckpointError(f"{config_path}: target_modules {short(targets)} is not a "
-                                         f"valid regular expression ({error})") from None
+                                         f"valid regular expression ({problem})")
     for module, pair in sorted(factors.items()):
         rank = _pattern_value(config.get("rank_pattern"), module, None)
         field, rank = ("r", r) if rank is None else ("rank_pattern", rank)

@@ -102,14 +102,30 @@ def _unpickle(data: bytes, path):
                                     f"({type(error).__name__}: {short(str(error))})") from None
 
 
-def _check_torch_archive(data: bytes, path) -> None:
-    """A ``torch.save`` archive (a zip holding ``*/data.pkl``); the legacy format is refused."""
+# A checkpoint's pickles describe tensors, they do not hold them: far below these sizes. A
+# larger one (a sparse or zip-bombed file) is refused before it is read into memory.
+MAX_PICKLE_BYTES = 256 << 20
+
+
+def _too_large(size: int, path) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(f"{path}: its pickle is {size} bytes, more than checkpoint "
+                                 f"metadata ever needs ({MAX_PICKLE_BYTES} bytes); refused unread")
+
+
+def _check_torch_archive(data, path) -> None:
+    """A ``torch.save`` archive (a zip holding ``*/data.pkl``: bytes, or a file's path); the
+    legacy format is refused."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data) as archive:
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
             if len(pickles) != 1:
                 raise zipfile.BadZipFile(f"{len(pickles)} data.pkl entries")
+            size = archive.getinfo(pickles[0]).file_size
+            if size > MAX_PICKLE_BYTES:
+                raise _too_large(size, path)
             payload = archive.read(pickles[0])
+    except UnsafeCheckpointError:
+        raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
         raise UnsafeCheckpointError(f"{path} is not a torch.save archive ({short(str(error))}); "
                                     f"only that format is read") from None
@@ -127,13 +143,19 @@ def _read_range(path: Path, offset, length) -> bytes:
 
 
 def _check_metadata(path: Path, directory: Path) -> None:
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 
+    size = path.stat().st_size
+    if size > MAX_PICKLE_BYTES:
+        raise _too_large(size, path)
     metadata = _unpickle(path.read_bytes(), path)
     if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict) \
             or not isinstance(metadata.state_dict_metadata, dict):
         raise UnsafeCheckpointError(f"{path} does not hold torch dist-checkpoint metadata")
     for index, info in metadata.storage_data.items():
+        if not (isinstance(index, MetadataIndex) and isinstance(index.fqn, str)):
+            raise UnsafeCheckpointError(f"{path}: a storage entry is keyed by {short(index)}, "
+                                        f"not a tensor's index")
         name = getattr(info, "relative_path", None)
         if not isinstance(name, str) or not name or "/" in name or "\\" in name \
                 or name in (".", ".."):
@@ -162,6 +184,6 @@ def check_dist_checkpoint(directory) -> None:
                 _check_metadata(path, directory)
         for path in sorted(directory.rglob("*.pt")):  # common.pt and any ShardedObject file
             if path.is_file():
-                _check_torch_archive(path.read_bytes(), path)
+                _check_torch_archive(path, path)
     except OSError as error:
         raise UnsafeCheckpointError(f"{directory} cannot be read: {error}") from None

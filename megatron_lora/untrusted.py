@@ -72,6 +72,10 @@ def loads_json(text, where, error=UntrustedInputError):
     except RecursionError:
         value = None
         too_deep = True
+    except json.JSONDecodeError:
+        raise
+    except ValueError as problem:  # e.g. an integer too long to convert
+        raise error(f"{where}: {short(str(problem))}") from None
     else:
         too_deep = _depth_over(value, MAX_DEPTH)
     if too_deep:
@@ -121,6 +125,16 @@ class BoundedSafeLoader(yaml.SafeLoader):
 @lru_cache(maxsize=1024)
 def _compiled(pattern: str):
     return regex.compile(pattern, flags=regex.VERSION0)
+
+
+def pattern_problem(pattern: str):
+    """Why ``pattern`` is not a valid regular expression for the engine that matches it, or
+    None: patterns are checked by the engine that later runs them."""
+    try:
+        _compiled(pattern)
+    except regex.error as error:
+        return str(error)
+    return None
 
 
 def regex_fullmatch(pattern: str, name: str, shown=None) -> bool:

@@ -28,7 +28,7 @@ def describe_model(experiment) -> dict:
     return ModelDescription.from_experiment(experiment).for_checkpoint()
 
 
-def _read_description(path: Path) -> dict:
+def read_model_description(path: Path) -> dict:
     try:
         saved = loads_json(path.read_text(), path, ValueError)
         if not isinstance(saved, dict):
@@ -63,7 +63,7 @@ def check_base_fits(experiment, settings) -> None:
     path = model_checkpoint_dir(settings.pretrained_checkpoint) / MODEL_DESCRIPTION
     if not path.is_file():
         return  # a checkpoint from elsewhere: its shapes are checked when it is loaded
-    saved = _read_description(path)
+    saved = read_model_description(path)
     ours = describe_model(experiment)
     differing = [f"{key}: checkpoint {theirs!r}, this run {mine!r}" for key, theirs, mine in
                  ModelDescription.from_json(saved).differences(

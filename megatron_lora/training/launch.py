@@ -181,11 +181,13 @@ def _run(experiment, settings, lora, args) -> None:
     trainer = Trainer(experiment, settings, lora, args)
     # taken once the model is built: a refusal while building it leaves --save as it was
     with _hold_save(settings) or contextlib.nullcontext():
+        if settings.load:  # reads and checks the run it resumes; writes nothing
+            load_checkpoint(trainer, settings.load)
+        # only then clear --save: a --load that is refused leaves --save as it was
         if clears_previous_run(settings) and dist.get_rank() == 0:
             clear_previous_run(Path(settings.save))
         dist.barrier()
         if settings.load:
-            load_checkpoint(trainer, settings.load)
             print_on_rank0(f"resumed from {settings.load} at iteration {trainer.iteration}")
         trainer.train()
 

@@ -133,8 +133,9 @@ def check_save_directory(settings) -> None:
 def _marker_text(marker: Path) -> str:
     """The latest marker's iteration as written, quoted short if it is not a number (it is the
     user's file: any bytes, any length)."""
-    text = marker.read_text(errors="replace").strip()
-    return text if text.isdecimal() and len(text) <= 12 else short(text)
+    with open(marker, "rb") as handle:  # a marker is a few digits: read no more than a line
+        text = handle.read(256).decode("utf-8", errors="replace").strip()
+    return text if text.isascii() and text.isdigit() and len(text) <= 12 else short(text)
 
 
 def _check_run_entries(settings, save: Path, entries) -> None:
@@ -179,10 +180,9 @@ def latest_iteration_directory(load) -> Path:
     if not marker.is_file():
         raise TrainingError(f"--load {load} is not a checkpoint directory of these scripts: "
                             f"{LATEST} is missing")
-    text = marker.read_text(errors="replace").strip()
+    text = _marker_text(marker)
     if not (text.isascii() and text.isdigit()):  # '²'.isdigit() is True, int('²') fails
-        raise TrainingError(f"--load {load}: {marker} holds {text[:40]!r}, not an iteration "
-                            f"number")
+        raise TrainingError(f"--load {load}: {marker} holds {text}, not an iteration number")
     directory = iteration_directory(load, int(text))
     if not (directory / TRAINER_STATE).is_file():
         raise TrainingError(f"--load {load}: {LATEST} points at iteration {int(text)}, but "
@@ -228,11 +228,16 @@ class RunLock:
                 holder = os.pread(fd, 4096, 0).decode(errors="replace")
                 os.close(fd)
                 if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
+                    # e.g. ENOLCK: a network file system without locking
+                    _remove_made(save, made)
+                    raise TrainingError(
+                        f"--save {save}: cannot lock {path}: {error.strerror} "
+                        f"({errno.errorcode.get(error.errno, error.errno)}); save to a file "
+                        f"system that supports flock") from None
                 if trusted_token and trusted_token in holder.split():
                     return cls(save, None, None, trusted_token)
                 _remove_made(save, made)
-                who = holder.splitlines()[0].strip() if holder.strip() else "another process"
+                who = holder.splitlines()[0].strip()[:200] if holder.strip() else "another process"
                 raise TrainingError(f"--save {save} is in use by another run ({who}); wait "
                                     f"for it to end, or save to another directory") from None
             # a finishing run removes the file: a lock on a removed file guards nothing

@@ -403,6 +403,7 @@ def _check_token_data(training: TrainingSettings, experiment) -> None:
 
 def _check_resume(training: TrainingSettings, experiment, lora, args) -> None:
     """--load: this run's settings against those the run saved (state.check_resume_matches)."""
+    from .rundir import check_resume_layout
     from .state import check_resume_matches, run_record
 
     world = args.nproc_per_node or int(os.environ.get("WORLD_SIZE", "1"))
@@ -412,6 +413,8 @@ def _check_resume(training: TrainingSettings, experiment, lora, args) -> None:
         data_parallel = experiment.check_world_size(world)
     except MegatronLoraError as error:
         raise TrainingError(str(error)) from None
+    # the layout first: at another layout the batch sizes differ too, and this says why
+    check_resume_layout(training.load, experiment, world)
     global_batch = global_batch_size(training, data_parallel)
     check_resume_matches(training.load, run_record(training, experiment, lora, global_batch))
 

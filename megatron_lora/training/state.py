@@ -8,7 +8,6 @@ states, iteration, consumed samples) on disk, every file through one atomic writ
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -23,8 +22,14 @@ from ..agreement import raise_if_any_rank_failed
 from ..atomic import write_file_atomically
 from ..topology import Topology
 from .errors import TrainingError
-from .rundir import LATEST, TRAINER_STATE, iteration_directory, latest_iteration_directory
-from ..untrusted import loads_json
+from .rundir import (
+    LATEST,
+    TRAINER_STATE,
+    iteration_directory,
+    latest_iteration_directory,
+    layout_mismatch,
+)
+from ..untrusted import loads_json, sha256_of_file
 
 
 def rank_file(directory: Path) -> Path:
@@ -132,11 +137,7 @@ def _fingerprint(path: Path, hashed: bool) -> str:
     size = path.stat().st_size
     if not hashed:
         return f"{size} bytes"
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return f"{size} bytes, sha256 {digest.hexdigest()}"
+    return f"{size} bytes, sha256 {sha256_of_file(path)}"
 
 
 def _data_record(values: List[str]) -> dict:
@@ -202,7 +203,8 @@ def _data_difference(key: str, theirs, mine: dict) -> str:
     their_paths = theirs.get("paths") if isinstance(theirs, dict) else theirs
     if their_paths != mine["paths"]:
         return _both(key, their_paths, mine["paths"])
-    then = theirs.get("content") if isinstance(theirs.get("content"), dict) else {}
+    content = theirs.get("content") if isinstance(theirs, dict) else None
+    then = content if isinstance(content, dict) else {}
     changed = [path for path in mine["content"] if then.get(path) != mine["content"][path]]
     if not changed:  # the record has entries this run has not: name both whole
         return _both(key, theirs, mine)
@@ -258,13 +260,11 @@ def load_checkpoint(trainer, load) -> None:
     Collective."""
     directory = latest_iteration_directory(load)
     info = _read_trainer_state(load, directory)
+    # the layout first: at another layout the batch sizes differ too, and this says why
+    if info["layout"] != parallel_layout():
+        raise layout_mismatch(load, info["layout"], parallel_layout(), directory)
     if "run" in info:  # the effective global batch needs the data-parallel size: here
         check_resume_matches(load, trainer.run_record)
-    if info["layout"] != parallel_layout():
-        raise TrainingError(
-            f"--load {load}: saved with layout {info['layout']}, this run has "
-            f"{parallel_layout()}; exact resume needs the same layout (start a new run with "
-            f"--lora-load {directory}/adapter to continue the adapter at another layout)")
     if info["lora"] != trainer.trains_lora:
         raise TrainingError(f"--load {load}: a {'LoRA' if info['lora'] else 'full'} training "
                             f"checkpoint cannot resume a "
