@@ -337,7 +337,7 @@ def _parse_yaml(text: str, what: str):
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ExperimentConfigError(f"{what} is not valid YAML{where}: {problem}") from None
     except ValueError as error:  # a value PyYAML cannot build, e.g. an integer too long
-        raise ExperimentConfigError(f"{what}: {short(str(error))}") from None
+        raise ExperimentConfigError(f"{what} is not valid YAML: {str(error)[:120]}") from None
 
 
 # ---------------------------------------------------------------- the config

@@ -75,7 +75,7 @@ def loads_json(text, where, error=UntrustedInputError):
     except json.JSONDecodeError:
         raise
     except ValueError as problem:  # e.g. an integer too long to convert
-        raise error(f"{where}: {short(str(problem))}") from None
+        raise error(f"{where} is not valid JSON: {str(problem)[:120]}") from None
     else:
         too_deep = _depth_over(value, MAX_DEPTH)
     if too_deep:

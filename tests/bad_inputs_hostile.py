@@ -105,6 +105,24 @@ def _deep_adapter_config(w, g):
     return ["inspect", adapter]
 
 
+def _long_number_adapter_config(w, g):
+    """A number of 5,000 digits: json.loads raises ValueError (not JSONDecodeError) for it."""
+    adapter = _copy(g.adapter, w, "long")
+    text = (adapter / "adapter_config.json").read_text().rstrip()
+    (adapter / "adapter_config.json").write_text(text[:-1] + ', "x": ' + "9" * 5000 + "}")
+    return ["inspect", adapter]
+
+
+def _overwrite_from_a_payload_run(w, g):
+    """--load of a run whose .metadata runs code, --save of another run with --overwrite: the
+    run --save holds must be untouched when the --load is refused."""
+    run = _copy(g.base, w, "run")
+    payload_metadata(run / "iter_0000002" / "model", w)
+    _copy(g.base, w, "other")
+    return _flags(g, w, "--load", run, "--data-path", g.data.parent / "pretrain_text_document",
+                  "--overwrite", save="other")
+
+
 def _deep_peft_config(w, g):
     peft = _copy(g.peft, w, "peft")
     text = (peft / "adapter_config.json").read_text().rstrip()
@@ -187,4 +205,9 @@ ROWS = [
     BadInput("cli_import_peft_alpha_pattern_not_a_number", "cli",
              _peft_config(alpha_pattern={"q_proj": "big"}),
              "alpha_pattern['q_proj'] is 'big'; expected a number > 0"),
+    BadInput("cli_inspect_adapter_config_number_too_long", "cli", _long_number_adapter_config,
+             "adapter_config.json is not valid JSON: Exceeds the limit (4300 digits)"),
+    BadInput("overwrite_from_a_run_whose_metadata_runs_code", "pretrain",
+             _overwrite_from_a_payload_run,
+             "iter_0000002/model/.metadata refers to 'pathlib.Path.touch'"),
 ]

@@ -43,6 +43,13 @@ def _run_with_binary_marker(w, g):
     return _flags(g, w, save="run")
 
 
+def _run_with_long_marker(w, g):
+    """--load of a run whose latest marker holds 5,000 digits (int() refuses it)."""
+    run = _copy(g.run, w, "run")
+    (run / "latest_checkpointed_iteration.txt").write_text("7" * 5000 + "\n")
+    return _flags(g, w, "--load", run, save="run")
+
+
 def _resume_copy(w, g, *extra):
     run = _copy(g.run, w, "run")
     return _flags(g, w, "--load", run, *extra, save="run")
@@ -114,4 +121,6 @@ ROWS = [
              "size = 4"),
     BadInput("save_holds_a_run_whose_marker_is_not_text", "finetune", _run_with_binary_marker,
              "holds another run (at iteration '\ufffd"),
+    BadInput("load_marker_of_five_thousand_digits", "finetune", _run_with_long_marker,
+             "latest_checkpointed_iteration.txt holds '7777"),
 ]
