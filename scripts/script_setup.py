@@ -13,6 +13,10 @@ from pathlib import Path
 # torch's CUDA build logs "No CUDA runtime is found" when megatron-core imports it on a machine
 # without a GPU: set before torch is imported, so a bad input's one line stays the only line
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+# megatron-core 0.19 logs a deprecation of GPTModel (in favour of its HybridModel) each time one
+# is built, the launcher's weightless check included: the class is ours to choose, not the
+# user's, and the notice would stand before a bad input's one line
+logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
