@@ -106,23 +106,12 @@ def inspect(path: Path, out=None) -> None:
 
 
 def check_output(out_dir: Path, inputs: Dict[str, Optional[Path]], overwrite: bool) -> None:
-    """Refuse an OUT_DIR that would lose something: an input (the source, --like, --base,
-    --config: the output is none of them, inside none, holds none), or (without --overwrite)
-    an existing file or non-empty directory. ``inputs``: what each input is called → path."""
+    """An adapter output directory: hf_export.check_output's rules (no input, no link, no file,
+    not a non-empty directory without --overwrite), as adapter errors."""
     from .adapter_file import AdapterCheckpointError
-    from .atomic import refuse_symlink
-    from .hf_export import check_output_spares_inputs
+    from .hf_export import check_output as check_any_output
 
-    check_output_spares_inputs(out_dir, inputs, AdapterCheckpointError)
-    refuse_symlink(out_dir)
-    if overwrite or not (out_dir.exists() or out_dir.is_symlink()):
-        return
-    if not out_dir.is_dir():
-        raise AdapterCheckpointError(f"{out_dir} exists and is not a directory; choose a new "
-                                     f"output directory")
-    if any(out_dir.iterdir()):
-        raise AdapterCheckpointError(f"{out_dir} already exists and is not empty; choose a new "
-                                     f"output directory or pass --overwrite to replace it")
+    check_any_output(out_dir, inputs, overwrite, AdapterCheckpointError, "it")
 
 
 def export_peft_files(adapter_dir: Path, out_dir: Path, architecture=None,

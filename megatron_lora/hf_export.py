@@ -76,19 +76,21 @@ def check_output_spares_inputs(out: Path, inputs: Dict[str, Optional[Path]], err
             raise error(f"{out} holds the {what} {path}; write the output elsewhere")
 
 
-def check_output(out: Path, inputs: Dict[str, Optional[Path]], overwrite: bool) -> None:
-    """Refuse an OUT that is (or is inside, or holds) an input, and without --overwrite an
-    existing file or non-empty directory. ``inputs``: what each input is called → its path."""
-    check_output_spares_inputs(out, inputs, HFExportError)
+def check_output(out: Path, inputs: Dict[str, Optional[Path]], overwrite: bool,
+                 error=HFExportError, replaces: str = "a previous export-hf output") -> None:
+    """Every CLI command's output directory: refuse (raising ``error``) an OUT that is (or is
+    inside, or holds) an input, a symbolic link, an existing file, and without --overwrite a
+    non-empty directory (--overwrite replaces ``replaces``). ``inputs``: what each input is
+    called → its path."""
+    check_output_spares_inputs(out, inputs, error)
     refuse_symlink(out)
     if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir():
-        raise HFExportError(f"{out} exists and is not a directory; choose a new output directory")
+        raise error(f"{out} exists and is not a directory; choose a new output directory")
     if not overwrite and any(out.iterdir()):
-        raise HFExportError(f"{out} already exists and is not empty; choose a new output "
-                            f"directory or pass --overwrite to replace a previous export-hf "
-                            f"output")
+        raise error(f"{out} already exists and is not empty; choose a new output directory or "
+                    f"pass --overwrite to replace {replaces}")
 
 
 def _written_by_export_hf(existing: Path) -> Optional[str]:
