@@ -28,7 +28,7 @@ from ..experiment import (
 from ..hf import is_hf_directory
 from .base import check_base_fits, model_checkpoint_dir
 from .errors import TrainingError
-from .rundir import LATEST, check_path_flags, check_save_directory, latest_iteration_directory
+from .rundir import check_path_flags, check_save_directory, latest_iteration_directory
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
@@ -188,13 +188,10 @@ class TrainingSettings:
             self._check_instruction_files()
         else:
             self._check_indexed_datasets()
-        if self.load and not (Path(self.load) / LATEST).is_file():
-            raise TrainingError(f"--load {self.load} is not a checkpoint directory of these "
-                                f"scripts: {LATEST} is missing")
+        if self.load:  # its latest marker names a complete save (the same message everywhere)
+            latest_iteration_directory(self.load)
         if self.pretrained_checkpoint:
             _check_pretrained_path(self.pretrained_checkpoint)
-        if self.load:
-            latest_iteration_directory(self.load)
 
 
     def _check_indexed_datasets(self) -> None:
