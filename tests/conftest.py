@@ -82,3 +82,16 @@ def gpt_spawned(saved_adapters):
         return cache[world]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The demo corpora (scripts/make_demo_data.py), made once for the script-running tests;
+    read-only for them."""
+    import subprocess
+
+    directory = tmp_path_factory.mktemp("demo_data")
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts"
+                                        / "make_demo_data.py"), str(directory)],
+                   check=True, capture_output=True, timeout=300)
+    return directory

@@ -22,11 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), str(directory)],
-                   check=True, capture_output=True, timeout=300)
-    return directory / "finetune_text_document"
+def data(demo_data):
+    return demo_data / "finetune_text_document"
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,6 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), str(directory)],
-                   check=True, capture_output=True, timeout=300)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def config(tmp_path_factory):
     path = tmp_path_factory.mktemp("config") / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY))
